@@ -1,4 +1,5 @@
 //! Types shared by the ksmplus shim, agent and control CLI.
+pub mod ksm;
 pub mod protocol;
 
 pub use protocol::{
