@@ -1,1 +1,55 @@
+//! Library for the end-to-end tests of ksmplus: real programs run under `libksmplus.so`
+//! against the real kernel, talking to a [`HarnessAgent`] that stands in for `ksmplus-agentd`.
+//!
+//! - [`shim`]: find `libksmplus.so` and put a command under it;
+//! - [`cc`]: compile the C workloads of `tests/c` (cached by source hash);
+//! - [`agent`]: the harness agent — records every message of every client, answers `Hello`,
+//!   sends commands, and waits for conditions with deadlines;
+//! - [`process`]: spawn programs with deadlines, drive interactive ones line by line;
+//! - [`procfs`]: `/proc/PID/{smaps,mem,statm,ksm_stat}` of a workload;
+//! - [`ksmd`]: [`KsmdGuard`] (exclusive use of ksmd with fast settings) and [`require_ksm`].
+//!
+//! Rule for every test built on this: wait for a condition with a deadline
+//! ([`HarnessAgent::wait_for`], [`process::Interactive::line`]), never for a tuned sleep.
+pub mod agent;
+pub mod cc;
+pub mod ksmd;
+pub mod process;
+pub mod procfs;
+pub mod shim;
 
+pub use agent::{AgentState, ClientRecord, HarnessAgent, HelloAnswer};
+pub use cc::compile;
+pub use ksmd::{require_ksm, KsmdGuard};
+pub use process::{run, Interactive, RunOutput};
+pub use shim::{shim_lib, ShimMode};
+
+/// Parses `0x...` or decimal, as the C workloads print pointers and numbers.
+pub fn parse_num(s: &str) -> u64 {
+    let s = s.trim();
+    if let Some(h) = s.strip_prefix("0x") {
+        u64::from_str_radix(h, 16).unwrap_or_else(|_| panic!("bad hex number {s:?}"))
+    } else if s == "(nil)" {
+        0
+    } else {
+        s.parse()
+            .unwrap_or_else(|_| panic!("bad decimal number {s:?}"))
+    }
+}
+
+/// The value of `key=value` in a line of `key=value` words (as the C workloads print).
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// [`field`] parsed as a number; panics naming the line when it is missing.
+pub fn num_field(line: &str, key: &str) -> u64 {
+    parse_num(field(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}")))
+}
+
+/// The system page size.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
+}
