@@ -1,0 +1,2 @@
+//! Placeholder; the shim micro-benchmark lands in the next commit.
+fn main() {}
