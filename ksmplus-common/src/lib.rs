@@ -1,7 +1,10 @@
 //! Types shared by the ksmplus shim, agent and control CLI.
 pub mod ksm;
+#[cfg(feature = "policy")]
+pub mod policy;
 pub mod protocol;
 
+pub use protocol::track_flags;
 pub use protocol::{
     decode_frame, page_hash, Advice, DecodeError, FrameReader, Hello, Message, Origin, PageHash,
     ShimStats, Status, MAX_FINGERPRINT_PAGES, MAX_FRAME, PROTOCOL_VERSION,

@@ -1,0 +1,1477 @@
+//! The KSM+ engine: a pure state machine, no I/O. Time (`now_ms`), randomness (seed) and the
+//! kernel's feedback are inputs; agent→shim commands are outputs ([`Engine::take_output`]).
+//!
+//! Per region (thesis 4.1.3, 4.2.2), rounds of sampling: with coefficient `c`, the region's
+//! `n` pages are cut into `m = max(1, n·c/100)` equal gaps and one random page of each gap is
+//! fingerprinted. A page is a *candidate* when its hash equals the one of its previous sample
+//! (KSM's checksum rule against volatile pages) and at least one other page anywhere (this
+//! region, another region, another process) has that hash now. A candidate grows into a run by
+//! fingerprinting its neighbours in both directions, stopping at a page whose hash has no
+//! duplicate; runs closer than `coalesce_gap_pages` are coalesced, then marked MERGEABLE through
+//! the shim. After each round `c` decreases by `step`; a region whose round at the floor ends
+//! with nothing marked is dropped: its fingerprints are forgotten and it is not sampled again
+//! unless it grows or is replaced. A marked run whose VMAs show no `KSM:` kB after
+//! `unmerge_after_full_scans` full ksmd scans is marked UNMERGEABLE again.
+//!
+//! Invariants:
+//! - a client has at most one `Fingerprint` command in flight; replies are matched by id and
+//!   region generation, so a reply for a region removed meanwhile is ignored;
+//! - `index[h]` is the number of remembered pages whose latest hash is `h` (each page counts
+//!   once), so "another page has this hash" is `index[h] >= 2`;
+//! - remembered fingerprints never exceed `max_fingerprints` (least recently sampled regions
+//!   are evicted first). Memory: see [`BYTES_PER_FINGERPRINT`].
+//! - `NotResident` and `Unavailable` pages are never candidates and never extend a run.
+
+use ksmplus_common::policy::Policy;
+use ksmplus_common::{Advice, Message, PageHash, Status, MAX_FINGERPRINT_PAGES};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Identifies a connected shim.
+pub type ClientId = u64;
+
+/// Upper estimate of the agent's memory per remembered page fingerprint: the per-region map
+/// entry (u32 page index + u64 hash, hashbrown at ≤ 7/8 load: ~16 B + 1 control byte, ×8/7)
+/// plus, for a unique page, one entry of the global hash→count index (u64 + u32 → 16 B + 1, ×8/7).
+pub const BYTES_PER_FINGERPRINT: u64 = 40;
+
+/// Engine tunables, taken from the policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub start: u32,
+    pub step: u32,
+    pub floor: u32,
+    pub round_interval_ms: u64,
+    pub coalesce_gap_pages: u64,
+    pub unmerge_after_full_scans: u64,
+    pub min_region_bytes: u64,
+    pub rate_client: u64,
+    pub rate_total: u64,
+    pub max_marked_ranges: u64,
+    pub max_fingerprints: u64,
+}
+
+impl Config {
+    pub fn from_policy(p: &Policy) -> Config {
+        Config {
+            start: p.sampling.start,
+            step: p.sampling.step,
+            floor: p.sampling.floor,
+            round_interval_ms: p.sampling.round_interval_ms,
+            coalesce_gap_pages: p.sampling.coalesce_gap_pages,
+            unmerge_after_full_scans: p.sampling.unmerge_after_full_scans,
+            min_region_bytes: p.min_region_bytes,
+            rate_client: p.limits.fingerprint_pages_per_sec,
+            rate_total: p.limits.fingerprint_pages_per_sec_total,
+            max_marked_ranges: p.limits.max_marked_ranges,
+            max_fingerprints: p.limits.max_fingerprints,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_policy(&Policy::default())
+    }
+}
+
+/// A token bucket holding at most one second of its rate.
+#[derive(Clone, Debug)]
+struct Bucket {
+    tokens: u64,
+    last_ms: u64,
+}
+
+impl Bucket {
+    fn new(rate: u64, now: u64) -> Bucket {
+        Bucket {
+            tokens: rate,
+            last_ms: now,
+        }
+    }
+    fn refill(&mut self, rate: u64, now: u64) {
+        let dt = now.saturating_sub(self.last_ms);
+        let add = rate.saturating_mul(dt) / 1000;
+        if add > 0 {
+            self.tokens = (self.tokens + add).min(rate);
+            self.last_ms = now;
+        } else if self.tokens >= rate {
+            self.last_ms = now;
+        }
+    }
+}
+
+/// Small deterministic PRNG (xorshift64*), seeded by the caller.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        if n == 0 {
+            0
+        } else {
+            v % n
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunState {
+    /// Madvise(MERGEABLE) sent, reply pending.
+    Marking(u32),
+    /// Marked; `checked_at` is the full_scans count when last marked or confirmed merging.
+    Marked { checked_at: u64, merged: bool },
+}
+
+#[derive(Clone, Debug)]
+struct Run {
+    lo: u64,
+    /// Exclusive.
+    hi: u64,
+    state: RunState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Next round starts at `at`.
+    Waiting { at: u64 },
+    /// Round in progress: gaps `next..m` still to issue.
+    Sampling { m: u64, next: u64 },
+    /// Schedule ran out with nothing merged: fingerprints forgotten.
+    Dropped,
+}
+
+#[derive(Clone, Debug)]
+struct Region {
+    pages: u64,
+    gen: u64,
+    /// Coefficient of the current (or last) round; 0 before the first round.
+    coefficient: u32,
+    rounds: u64,
+    phase: Phase,
+    hashes: HashMap<u32, u64>,
+    runs: Vec<Run>,
+    /// Ranges unmarked for merging nothing: not marked again.
+    rejected: Vec<(u64, u64)>,
+    last_sampled_ms: u64,
+}
+
+impl Region {
+    fn new(pages: u64, gen: u64, now: u64) -> Region {
+        Region {
+            pages,
+            gen,
+            coefficient: 0,
+            rounds: 0,
+            phase: Phase::Waiting { at: now },
+            hashes: HashMap::new(),
+            runs: Vec::new(),
+            rejected: Vec::new(),
+            last_sampled_ms: now,
+        }
+    }
+    fn in_run(&self, idx: u64) -> bool {
+        self.runs.iter().any(|r| r.lo <= idx && idx < r.hi)
+    }
+    fn rejected(&self, idx: u64) -> bool {
+        self.rejected.iter().any(|&(lo, hi)| lo <= idx && idx < hi)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Up,
+    Down,
+}
+
+#[derive(Clone, Debug)]
+struct Grow {
+    region: u64,
+    gen: u64,
+    lo: u64,
+    /// Inclusive.
+    hi: u64,
+    dir: Dir,
+    up_done: bool,
+    down_done: bool,
+    batch: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Pending {
+    Sample {
+        region: u64,
+        gen: u64,
+        pages: Vec<u64>,
+    },
+    Grow {
+        job: Grow,
+        pages: Vec<u64>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Proc {
+    pid: u32,
+    comm: String,
+    page_size: u64,
+    regions: BTreeMap<u64, Region>,
+    /// Regions kept across a resync when the shim re-announces them unchanged.
+    resync_old: Option<BTreeMap<u64, Region>>,
+    inflight: Option<(u32, Pending)>,
+    grows: VecDeque<Grow>,
+    bucket: Bucket,
+    dormant: bool,
+    stats: ProcCounters,
+}
+
+/// Counters kept per client, reported by `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcCounters {
+    pub fingerprinted_pages: u64,
+    pub candidates: u64,
+    pub runs_marked: u64,
+    pub runs_unmarked: u64,
+    pub marks_refused: u64,
+    pub regions_dropped: u64,
+    pub madvise_errors: u64,
+}
+
+/// What `status` shows for one client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStatus {
+    pub pid: u32,
+    pub comm: String,
+    pub regions: u64,
+    pub regions_sampling: u64,
+    pub regions_dropped: u64,
+    pub tracked_bytes: u64,
+    pub marked_bytes: u64,
+    pub marked_ranges: u64,
+    pub fingerprints: u64,
+    pub min_coefficient: u32,
+    pub counters: ProcCounters,
+}
+
+/// One madvise the I/O layer must check against smaps: `(client, start, end)` byte addresses.
+pub type RunToCheck = (ClientId, u64, u64);
+
+pub struct Engine {
+    cfg: Config,
+    procs: BTreeMap<ClientId, Proc>,
+    index: HashMap<u64, u32>,
+    fingerprints: u64,
+    rng: Rng,
+    out: Vec<(ClientId, Message)>,
+    next_id: u32,
+    next_gen: u64,
+    global: Bucket,
+    rr: ClientId,
+    full_scans: u64,
+    pub evictions: u64,
+}
+
+impl Engine {
+    pub fn new(cfg: Config, seed: u64, now: u64) -> Engine {
+        Engine {
+            global: Bucket::new(cfg.rate_total, now),
+            cfg,
+            procs: BTreeMap::new(),
+            index: HashMap::new(),
+            fingerprints: 0,
+            rng: Rng::new(seed),
+            out: Vec::new(),
+            next_id: 1,
+            next_gen: 1,
+            rr: 0,
+            full_scans: 0,
+            evictions: 0,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Applies a new configuration; regions in progress keep their coefficient.
+    pub fn set_config(&mut self, cfg: Config) {
+        self.cfg = cfg;
+        self.evict(u64::MAX, 0);
+    }
+
+    /// Fingerprints remembered, all clients.
+    pub fn fingerprints(&self) -> u64 {
+        self.fingerprints
+    }
+
+    /// Distinct hashes in the global index.
+    pub fn distinct_hashes(&self) -> u64 {
+        self.index.len() as u64
+    }
+
+    pub fn clients(&self) -> impl Iterator<Item = ClientId> + '_ {
+        self.procs.keys().copied()
+    }
+
+    /// Records ksmd's `full_scans` counter (read by the I/O layer).
+    pub fn set_full_scans(&mut self, v: u64) {
+        self.full_scans = v;
+    }
+
+    /// A tracked shim said Hello.
+    pub fn add_client(&mut self, id: ClientId, pid: u32, comm: &str, page_size: u64, now: u64) {
+        let page_size = if page_size.is_power_of_two() && page_size >= 4096 {
+            page_size
+        } else {
+            4096
+        };
+        self.procs.insert(
+            id,
+            Proc {
+                pid,
+                comm: comm.to_owned(),
+                page_size,
+                regions: BTreeMap::new(),
+                resync_old: None,
+                inflight: None,
+                grows: VecDeque::new(),
+                bucket: Bucket::new(self.cfg.rate_client, now),
+                dormant: false,
+                stats: ProcCounters::default(),
+            },
+        );
+    }
+
+    /// The client went away: everything about it is forgotten.
+    pub fn remove_client(&mut self, id: ClientId) {
+        if let Some(p) = self.procs.remove(&id) {
+            for r in p.regions.values() {
+                self.forget(r);
+            }
+            if let Some(old) = p.resync_old {
+                for r in old.values() {
+                    self.forget(r);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, r: &Region) {
+        for h in r.hashes.values() {
+            dec(&mut self.index, *h);
+        }
+        self.fingerprints -= r.hashes.len() as u64;
+    }
+
+    fn new_gen(&mut self) -> u64 {
+        self.next_gen += 1;
+        self.next_gen
+    }
+
+    fn new_id(&mut self) -> u32 {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id
+    }
+
+    /// A message from a tracked shim (anything after Hello).
+    pub fn on_message(&mut self, id: ClientId, msg: Message, now: u64) {
+        if !self.procs.contains_key(&id) {
+            return;
+        }
+        match msg {
+            Message::RegionAdded { start, len, .. } => self.region_added(id, start, len, now),
+            Message::RegionRemoved { start, len, .. } => self.region_removed(id, start, len),
+            Message::RegionResized {
+                old_start,
+                old_len,
+                new_start,
+                new_len,
+                ..
+            } => {
+                let p = &self.procs[&id];
+                let same =
+                    p.regions.get(&old_start).map(|r| r.pages * p.page_size) == Some(old_len);
+                if same && new_start == old_start && new_len < old_len {
+                    self.region_removed(id, old_start + new_len, old_len - new_len);
+                } else {
+                    self.region_removed(id, old_start, old_len);
+                    self.region_added(id, new_start, new_len, now);
+                }
+            }
+            Message::ResyncBegin { .. } => {
+                let p = self.procs.get_mut(&id).unwrap();
+                let cur = std::mem::take(&mut p.regions);
+                p.grows.clear();
+                let prev = p.resync_old.replace(cur);
+                if let Some(prev) = prev {
+                    for r in prev.values() {
+                        self.forget(r);
+                    }
+                }
+            }
+            Message::ResyncEnd { .. } => {
+                let p = self.procs.get_mut(&id).unwrap();
+                if let Some(old) = p.resync_old.take() {
+                    for r in old.values() {
+                        self.forget(r);
+                    }
+                }
+            }
+            Message::FingerprintReply {
+                id: rid,
+                status,
+                hashes,
+            } => self.fingerprint_reply(id, rid, status, hashes, now),
+            Message::Reply { id: rid, status } => self.madvise_reply(id, rid, status),
+            _ => {}
+        }
+    }
+
+    fn region_added(&mut self, id: ClientId, start: u64, len: u64, now: u64) {
+        let ps = self.procs[&id].page_size;
+        if start % ps != 0 || len < self.cfg.min_region_bytes.max(ps) {
+            return;
+        }
+        let pages = len / ps;
+        // Whatever overlaps the new region is gone.
+        self.region_removed(id, start, pages * ps);
+        let gen = self.new_gen();
+        let p = self.procs.get_mut(&id).unwrap();
+        if let Some(old) = p.resync_old.as_mut() {
+            if let Some(r) = old.remove(&start) {
+                if r.pages == pages {
+                    p.regions.insert(start, r);
+                    return;
+                }
+                let r2 = r;
+                self.forget(&r2);
+            }
+        }
+        let p = self.procs.get_mut(&id).unwrap();
+        p.regions.insert(start, Region::new(pages, gen, now));
+    }
+
+    /// Removes the byte range `[start, start+len)` from the client's regions, cutting regions
+    /// that straddle it. Pieces keep their fingerprints and runs.
+    fn region_removed(&mut self, id: ClientId, start: u64, len: u64) {
+        let p = self.procs.get_mut(&id).unwrap();
+        let ps = p.page_size;
+        let end = start.saturating_add(len);
+        let hit: Vec<u64> = p
+            .regions
+            .range(..end)
+            .filter(|(s, r)| **s + r.pages * ps > start)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut forgotten = Vec::new();
+        let mut pieces = Vec::new();
+        for s in hit {
+            let r = p.regions.remove(&s).unwrap();
+            let rend = s + r.pages * ps;
+            // Left piece [s, start), right piece [end, rend), in pages of r.
+            let left = if start > s { (start - s) / ps } else { 0 };
+            let right_lo = if end < rend {
+                end.div_ceil(ps) * ps
+            } else {
+                rend
+            };
+            let right_first = (right_lo - s) / ps;
+            let mut r = r;
+            let mut left_hashes = HashMap::new();
+            let mut rh = HashMap::new();
+            for (k, h) in r.hashes.drain() {
+                let k64 = k as u64;
+                if k64 < left {
+                    left_hashes.insert(k, h);
+                } else if k64 >= right_first {
+                    rh.insert((k64 - right_first) as u32, h);
+                } else {
+                    forgotten.push(h);
+                }
+            }
+            let clip = |runs: &[Run], lo: u64, hi: u64| -> Vec<Run> {
+                runs.iter()
+                    .filter(|x| x.lo < hi && x.hi > lo)
+                    .map(|x| Run {
+                        lo: x.lo.max(lo) - lo,
+                        hi: x.hi.min(hi) - lo,
+                        state: x.state,
+                    })
+                    .collect()
+            };
+            if left > 0 {
+                let mut l = r.clone();
+                l.pages = left;
+                l.hashes = left_hashes;
+                l.runs = clip(&r.runs, 0, left);
+                pieces.push((s, l));
+            }
+            if right_first < r.pages {
+                let mut rr = r.clone();
+                rr.pages = r.pages - right_first;
+                rr.hashes = rh;
+                rr.runs = clip(&r.runs, right_first, r.pages);
+                rr.rejected.clear();
+                pieces.push((right_lo, rr));
+            }
+            r.runs.clear();
+        }
+        let n = forgotten.len() as u64;
+        for h in forgotten {
+            dec(&mut self.index, h);
+        }
+        self.fingerprints -= n;
+        for (s, mut r) in pieces {
+            r.gen = self.new_gen();
+            if matches!(r.phase, Phase::Sampling { .. }) {
+                r.phase = Phase::Waiting { at: 0 };
+            }
+            self.procs.get_mut(&id).unwrap().regions.insert(s, r);
+        }
+    }
+
+    /// Runs the schedule: starts due rounds and issues fingerprint commands within the rate limits.
+    pub fn tick(&mut self, now: u64) {
+        self.global.refill(self.cfg.rate_total, now);
+        let ids: Vec<ClientId> = self
+            .procs
+            .range(self.rr..)
+            .chain(self.procs.range(..self.rr))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in ids {
+            self.rr = id + 1;
+            self.schedule_client(id, now);
+            if self.global.tokens == 0 {
+                break;
+            }
+        }
+    }
+
+    fn chunk_limit(&self) -> u64 {
+        (MAX_FINGERPRINT_PAGES as u64)
+            .min((self.cfg.rate_client / 4).max(64))
+            .min(self.cfg.rate_total.max(1))
+    }
+
+    fn schedule_client(&mut self, id: ClientId, now: u64) {
+        let limit = self.chunk_limit();
+        let (cfg_start, cfg_step, cfg_floor) = (self.cfg.start, self.cfg.step, self.cfg.floor);
+        let rate = self.cfg.rate_client;
+        let p = self.procs.get_mut(&id).unwrap();
+        if p.dormant || p.inflight.is_some() || p.resync_old.is_some() {
+            return;
+        }
+        p.bucket.refill(rate, now);
+        // Start due rounds, drop exhausted regions.
+        let mut dropped = Vec::new();
+        for (s, r) in p.regions.iter_mut() {
+            if let Phase::Waiting { at } = r.phase {
+                if now < at {
+                    continue;
+                }
+                let growing = p.grows.iter().any(|g| g.region == *s);
+                if r.rounds > 0 && r.coefficient <= cfg_floor && r.runs.is_empty() && !growing {
+                    r.phase = Phase::Dropped;
+                    dropped.push(*s);
+                    continue;
+                }
+                r.coefficient = if r.rounds == 0 {
+                    cfg_start
+                } else {
+                    r.coefficient.saturating_sub(cfg_step).max(cfg_floor)
+                };
+                r.rounds += 1;
+                let m = (r.pages * r.coefficient as u64 / 100).max(1);
+                r.phase = Phase::Sampling { m, next: 0 };
+            }
+        }
+        let mut forgotten = Vec::new();
+        for s in dropped {
+            let r = p.regions.get_mut(&s).unwrap();
+            forgotten.extend(r.hashes.drain().map(|(_, h)| h));
+            p.stats.regions_dropped += 1;
+        }
+        let budget = limit.min(p.bucket.tokens).min(self.global.tokens);
+        let mut work: Option<Pending> = None;
+        if budget > 0 {
+            // Growth first: it finishes what sampling found.
+            while let Some(mut g) = p.grows.pop_front() {
+                let Some(r) = p.regions.get(&g.region).filter(|r| r.gen == g.gen) else {
+                    continue;
+                };
+                // A seed already covered by a run grown from an earlier seed is done.
+                let fresh = g.lo == g.hi && !g.up_done && !g.down_done;
+                if fresh && (r.in_run(g.lo) || r.rejected(g.lo)) {
+                    continue;
+                }
+                let mut pages = Vec::new();
+                loop {
+                    if g.up_done && g.down_done {
+                        break;
+                    }
+                    let n = g.batch.min(budget);
+                    match g.dir {
+                        Dir::Up if !g.up_done => {
+                            let a = g.hi + 1;
+                            let b = (a + n).min(r.pages);
+                            if a >= b || r.in_run(a) {
+                                g.up_done = true;
+                                g.dir = Dir::Down;
+                                continue;
+                            }
+                            pages.extend((a..b).map(|i| g.region + i * p.page_size));
+                        }
+                        Dir::Down if !g.down_done => {
+                            if g.lo == 0 || r.in_run(g.lo - 1) {
+                                g.down_done = true;
+                                g.dir = Dir::Up;
+                                continue;
+                            }
+                            let b = g.lo.saturating_sub(n);
+                            pages.extend((b..g.lo).rev().map(|i| g.region + i * p.page_size));
+                        }
+                        _ => {
+                            g.dir = if g.dir == Dir::Up { Dir::Down } else { Dir::Up };
+                            continue;
+                        }
+                    }
+                    break;
+                }
+                if pages.is_empty() {
+                    // Both directions done: the run is final.
+                    let job = g.clone();
+                    self.finish_grow(id, job);
+                    return self.schedule_client_after(id, now, forgotten);
+                }
+                work = Some(Pending::Grow { job: g, pages });
+                break;
+            }
+            if work.is_none() {
+                let p = self.procs.get_mut(&id).unwrap();
+                let ps = p.page_size;
+                for (s, r) in p.regions.iter_mut() {
+                    if let Phase::Sampling { m, next } = r.phase {
+                        let k = budget.min(m - next);
+                        let mut pages = Vec::with_capacity(k as usize);
+                        for g in next..next + k {
+                            let lo = g * r.pages / m;
+                            let hi = ((g + 1) * r.pages / m).max(lo + 1);
+                            let idx = lo + self.rng.below(hi - lo);
+                            pages.push(s + idx * ps);
+                        }
+                        r.phase = Phase::Sampling { m, next: next + k };
+                        r.last_sampled_ms = now;
+                        work = Some(Pending::Sample {
+                            region: *s,
+                            gen: r.gen,
+                            pages,
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(w) = work {
+            let pages = match &w {
+                Pending::Sample { pages, .. } | Pending::Grow { pages, .. } => pages.clone(),
+            };
+            let n = pages.len() as u64;
+            let rid = self.new_id();
+            let p = self.procs.get_mut(&id).unwrap();
+            p.bucket.tokens -= n.min(p.bucket.tokens);
+            p.inflight = Some((rid, w));
+            self.global.tokens -= n.min(self.global.tokens);
+            self.out.push((id, Message::Fingerprint { id: rid, pages }));
+        }
+        self.schedule_client_after(id, now, forgotten);
+    }
+
+    fn schedule_client_after(&mut self, _id: ClientId, _now: u64, forgotten: Vec<u64>) {
+        let n = forgotten.len() as u64;
+        for h in forgotten {
+            dec(&mut self.index, h);
+        }
+        self.fingerprints -= n;
+    }
+
+    /// Records a page's latest hash; returns the previous one.
+    fn remember(&mut self, id: ClientId, region: u64, idx: u64, h: Option<u64>) -> Option<u64> {
+        let r = self
+            .procs
+            .get_mut(&id)
+            .and_then(|p| p.regions.get_mut(&region))
+            .unwrap();
+        let prev = match h {
+            Some(h) => r.hashes.insert(idx as u32, h),
+            None => r.hashes.remove(&(idx as u32)),
+        };
+        if let Some(old) = prev {
+            dec(&mut self.index, old);
+            self.fingerprints -= 1;
+        }
+        if let Some(h) = h {
+            *self.index.entry(h).or_insert(0) += 1;
+            self.fingerprints += 1;
+        }
+        prev
+    }
+
+    fn dup(&self, h: u64) -> bool {
+        self.index.get(&h).copied().unwrap_or(0) >= 2
+    }
+
+    fn fingerprint_reply(
+        &mut self,
+        id: ClientId,
+        rid: u32,
+        status: Status,
+        hashes: Vec<PageHash>,
+        now: u64,
+    ) {
+        let p = self.procs.get_mut(&id).unwrap();
+        let Some((want, pending)) = p.inflight.take() else {
+            return;
+        };
+        if want != rid {
+            p.inflight = Some((want, pending));
+            return;
+        }
+        if status == Status::Dormant {
+            p.dormant = true;
+            return;
+        }
+        let ps = p.page_size;
+        match pending {
+            Pending::Sample { region, gen, pages } => {
+                let Some(r) = p.regions.get(&region).filter(|r| r.gen == gen) else {
+                    return;
+                };
+                let round_done = matches!(r.phase, Phase::Sampling { m, next } if next >= m);
+                let nreg = r.pages;
+                p.stats.fingerprinted_pages += hashes.len() as u64;
+                let mut candidates = Vec::new();
+                for (addr, ph) in pages.iter().zip(hashes.iter()) {
+                    let idx = (addr - region) / ps;
+                    if idx >= nreg {
+                        continue;
+                    }
+                    let h = match ph {
+                        PageHash::Hash(h) => Some(*h),
+                        _ => None,
+                    };
+                    let prev = self.remember(id, region, idx, h);
+                    if let Some(h) = h {
+                        if prev == Some(h) && self.dup(h) {
+                            candidates.push(idx);
+                        }
+                    }
+                }
+                let p = self.procs.get_mut(&id).unwrap();
+                let r = p.regions.get_mut(&region).unwrap();
+                for idx in candidates {
+                    if r.in_run(idx)
+                        || r.rejected(idx)
+                        || p.grows
+                            .iter()
+                            .any(|g| g.region == region && g.lo <= idx && idx <= g.hi)
+                    {
+                        continue;
+                    }
+                    p.stats.candidates += 1;
+                    p.grows.push_back(Grow {
+                        region,
+                        gen,
+                        lo: idx,
+                        hi: idx,
+                        dir: Dir::Up,
+                        up_done: false,
+                        down_done: false,
+                        batch: 64,
+                    });
+                }
+                if round_done {
+                    r.phase = Phase::Waiting {
+                        at: now + self.cfg.round_interval_ms,
+                    };
+                }
+                self.evict(now, region);
+            }
+            Pending::Grow { mut job, pages } => {
+                let Some(r) = p.regions.get(&job.region).filter(|r| r.gen == job.gen) else {
+                    return;
+                };
+                let nreg = r.pages;
+                p.stats.fingerprinted_pages += hashes.len() as u64;
+                let mut stopped = hashes.len() < pages.len();
+                for (addr, ph) in pages.iter().zip(hashes.iter()) {
+                    let idx = (addr - job.region) / ps;
+                    if idx >= nreg {
+                        stopped = true;
+                        break;
+                    }
+                    let h = match ph {
+                        PageHash::Hash(h) => Some(*h),
+                        _ => None,
+                    };
+                    self.remember(id, job.region, idx, h);
+                    let ok = h.is_some_and(|h| self.dup(h));
+                    if !ok {
+                        stopped = true;
+                        break;
+                    }
+                    if job.dir == Dir::Up {
+                        job.hi = idx;
+                    } else {
+                        job.lo = idx;
+                    }
+                }
+                if stopped {
+                    match job.dir {
+                        Dir::Up => {
+                            job.up_done = true;
+                            job.dir = Dir::Down;
+                        }
+                        Dir::Down => {
+                            job.down_done = true;
+                            job.dir = Dir::Up;
+                        }
+                    }
+                    job.batch = 64;
+                } else {
+                    job.batch = (job.batch * 2).min(MAX_FINGERPRINT_PAGES as u64);
+                }
+                let p = self.procs.get_mut(&id).unwrap();
+                if job.up_done && job.down_done {
+                    self.finish_grow(id, job);
+                } else {
+                    p.grows.push_front(job);
+                }
+                self.evict(now, u64::MAX);
+            }
+        }
+    }
+
+    /// A grown run `[lo, hi]` is coalesced with nearby runs and marked MERGEABLE.
+    fn finish_grow(&mut self, id: ClientId, g: Grow) {
+        let gap = self.cfg.coalesce_gap_pages;
+        let max_runs = self.cfg.max_marked_ranges;
+        let rid = self.new_id();
+        let p = self.procs.get_mut(&id).unwrap();
+        let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
+        let ps = p.page_size;
+        let Some(r) = p.regions.get_mut(&g.region).filter(|r| r.gen == g.gen) else {
+            return;
+        };
+        let (mut lo, mut hi) = (g.lo, g.hi + 1);
+        // A single page is not worth a VMA split unless it joins a neighbour.
+        let near: Vec<usize> = r
+            .runs
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.lo <= hi + gap && lo <= x.hi + gap)
+            .map(|(i, _)| i)
+            .collect();
+        if near.is_empty() && total_runs >= max_runs {
+            p.stats.marks_refused += 1;
+            return;
+        }
+        for &i in near.iter().rev() {
+            let x = r.runs.remove(i);
+            lo = lo.min(x.lo);
+            hi = hi.max(x.hi);
+        }
+        r.runs.push(Run {
+            lo,
+            hi,
+            state: RunState::Marking(rid),
+        });
+        r.runs.sort_by_key(|x| x.lo);
+        p.stats.runs_marked += 1;
+        self.out.push((
+            id,
+            Message::Madvise {
+                id: rid,
+                start: g.region + lo * ps,
+                len: (hi - lo) * ps,
+                advice: Advice::Mergeable,
+            },
+        ));
+    }
+
+    fn madvise_reply(&mut self, id: ClientId, rid: u32, status: Status) {
+        let scans = self.full_scans;
+        let p = self.procs.get_mut(&id).unwrap();
+        for r in p.regions.values_mut() {
+            if let Some(i) = r
+                .runs
+                .iter()
+                .position(|x| x.state == RunState::Marking(rid))
+            {
+                if status == Status::Ok {
+                    r.runs[i].state = RunState::Marked {
+                        checked_at: scans,
+                        merged: false,
+                    };
+                } else {
+                    p.stats.madvise_errors += 1;
+                    let x = r.runs.remove(i);
+                    r.rejected.push((x.lo, x.hi));
+                }
+                return;
+            }
+        }
+    }
+
+    /// Marked runs due for a check against smaps (`unmerge_after_full_scans` scans since marked
+    /// or last seen merging). The caller reads the client's smaps and calls [`Engine::feedback`].
+    pub fn due_checks(&self) -> Vec<ClientId> {
+        let n = self.cfg.unmerge_after_full_scans.max(1);
+        self.procs
+            .iter()
+            .filter(|(_, p)| {
+                p.regions.values().any(|r| {
+                    r.runs.iter().any(|x| {
+                        matches!(x.state, RunState::Marked { checked_at, .. }
+                            if self.full_scans >= checked_at + n)
+                    })
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Kernel feedback: the client's VMAs as `(start, end, ksm_kib)`. Due runs showing no merged
+    /// kB are marked UNMERGEABLE (freeing their rmap_items); merging ones are confirmed.
+    pub fn feedback(&mut self, id: ClientId, vmas: &[(u64, u64, u64)]) {
+        let n = self.cfg.unmerge_after_full_scans.max(1);
+        let scans = self.full_scans;
+        let Some(p) = self.procs.get_mut(&id) else {
+            return;
+        };
+        let ps = p.page_size;
+        let mut cmds = Vec::new();
+        for (s, r) in p.regions.iter_mut() {
+            let mut keep = Vec::new();
+            for mut x in r.runs.drain(..) {
+                if let RunState::Marked { checked_at, .. } = x.state {
+                    if scans >= checked_at + n {
+                        let (a, b) = (s + x.lo * ps, s + x.hi * ps);
+                        let ksm: u64 = vmas
+                            .iter()
+                            .filter(|v| v.0 < b && v.1 > a)
+                            .map(|v| v.2)
+                            .sum();
+                        if ksm == 0 {
+                            cmds.push((a, b - a));
+                            r.rejected.push((x.lo, x.hi));
+                            p.stats.runs_unmarked += 1;
+                            continue;
+                        }
+                        x.state = RunState::Marked {
+                            checked_at: scans,
+                            merged: true,
+                        };
+                    }
+                }
+                keep.push(x);
+            }
+            r.runs = keep;
+        }
+        for (start, len) in cmds {
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            self.out.push((
+                id,
+                Message::Madvise {
+                    id: self.next_id,
+                    start,
+                    len,
+                    advice: Advice::Unmergeable,
+                },
+            ));
+        }
+    }
+
+    /// Evicts fingerprints of least recently sampled regions while over `max_fingerprints`.
+    fn evict(&mut self, _now: u64, keep_region: u64) {
+        while self.fingerprints > self.cfg.max_fingerprints {
+            let victim = self
+                .procs
+                .iter()
+                .flat_map(|(id, p)| {
+                    p.regions
+                        .iter()
+                        .filter(|(s, r)| **s != keep_region && !r.hashes.is_empty())
+                        .map(move |(s, r)| (r.last_sampled_ms, *id, *s))
+                })
+                .min();
+            let victim = victim.or_else(|| {
+                // Only the region being sampled is left: it loses its history too.
+                self.procs.iter().find_map(|(id, p)| {
+                    p.regions
+                        .get(&keep_region)
+                        .filter(|r| !r.hashes.is_empty())
+                        .map(|_| (0, *id, keep_region))
+                })
+            });
+            let Some((_, id, s)) = victim else {
+                break;
+            };
+            let r = self
+                .procs
+                .get_mut(&id)
+                .unwrap()
+                .regions
+                .get_mut(&s)
+                .unwrap();
+            let hs: Vec<u64> = r.hashes.drain().map(|(_, h)| h).collect();
+            self.fingerprints -= hs.len() as u64;
+            for h in hs {
+                dec(&mut self.index, h);
+            }
+            self.evictions += 1;
+        }
+    }
+
+    /// Commands to send, in order.
+    pub fn take_output(&mut self) -> Vec<(ClientId, Message)> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn status(&self, id: ClientId) -> Option<ClientStatus> {
+        let p = self.procs.get(&id)?;
+        let mut s = ClientStatus {
+            pid: p.pid,
+            comm: p.comm.clone(),
+            counters: p.stats,
+            min_coefficient: 100,
+            ..Default::default()
+        };
+        for r in p.regions.values() {
+            s.regions += 1;
+            match r.phase {
+                Phase::Dropped => s.regions_dropped += 1,
+                _ => {
+                    s.regions_sampling += 1;
+                    s.min_coefficient = s.min_coefficient.min(r.coefficient.max(1));
+                }
+            }
+            s.tracked_bytes += r.pages * p.page_size;
+            s.fingerprints += r.hashes.len() as u64;
+            for x in &r.runs {
+                s.marked_ranges += 1;
+                s.marked_bytes += (x.hi - x.lo) * p.page_size;
+            }
+        }
+        Some(s)
+    }
+
+    /// Marked byte ranges of a client (for tests and status).
+    pub fn marked(&self, id: ClientId) -> Vec<(u64, u64)> {
+        let Some(p) = self.procs.get(&id) else {
+            return Vec::new();
+        };
+        let mut v = Vec::new();
+        for (s, r) in &p.regions {
+            for x in &r.runs {
+                v.push((s + x.lo * p.page_size, (x.hi - x.lo) * p.page_size));
+            }
+        }
+        v
+    }
+
+    /// Whether every region of every client has finished its schedule (dropped or at floor).
+    pub fn idle(&self) -> bool {
+        self.procs.values().all(|p| {
+            p.grows.is_empty()
+                && p.inflight.is_none()
+                && p.regions.values().all(|r| {
+                    r.phase == Phase::Dropped || (r.rounds > 0 && r.coefficient <= self.cfg.floor)
+                })
+        })
+    }
+}
+
+fn dec(index: &mut HashMap<u64, u32>, h: u64) {
+    if let Some(c) = index.get_mut(&h) {
+        *c -= 1;
+        if *c == 0 {
+            index.remove(&h);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PS: u64 = 4096;
+
+    /// A fake shim side: page contents per client region (`None` = not resident).
+    struct Sim {
+        eng: Engine,
+        mem: HashMap<ClientId, BTreeMap<u64, Vec<Option<u64>>>>,
+        madvised: Vec<(ClientId, u64, u64, Advice)>,
+        volatile: bool,
+        now: u64,
+        counter: u64,
+    }
+
+    fn cfg() -> Config {
+        Config {
+            round_interval_ms: 100,
+            min_region_bytes: 64 * 1024,
+            ..Config::default()
+        }
+    }
+
+    impl Sim {
+        fn new(cfg: Config) -> Sim {
+            Sim {
+                eng: Engine::new(cfg, 42, 0),
+                mem: HashMap::new(),
+                madvised: Vec::new(),
+                volatile: false,
+                now: 0,
+                counter: 1 << 40,
+            }
+        }
+        fn client(&mut self, id: ClientId, regions: Vec<(u64, Vec<Option<u64>>)>) {
+            self.eng
+                .add_client(id, 1000 + id as u32, "prog", PS, self.now);
+            self.eng
+                .on_message(id, Message::ResyncBegin { seq: 0 }, self.now);
+            let mut m = BTreeMap::new();
+            for (start, pages) in regions {
+                self.eng.on_message(
+                    id,
+                    Message::RegionAdded {
+                        seq: 1,
+                        start,
+                        len: pages.len() as u64 * PS,
+                        origin: ksmplus_common::Origin::Malloc,
+                    },
+                    self.now,
+                );
+                m.insert(start, pages);
+            }
+            self.eng
+                .on_message(id, Message::ResyncEnd { seq: 2, regions: 0 }, self.now);
+            self.mem.insert(id, m);
+        }
+        fn page(&mut self, id: ClientId, addr: u64) -> PageHash {
+            let m = &self.mem[&id];
+            let Some((s, v)) = m.range(..=addr).next_back() else {
+                return PageHash::Unavailable;
+            };
+            let i = ((addr - s) / PS) as usize;
+            match v.get(i) {
+                Some(Some(h)) => {
+                    if self.volatile {
+                        self.counter += 1;
+                        PageHash::Hash(*h ^ self.counter)
+                    } else {
+                        PageHash::Hash(*h)
+                    }
+                }
+                Some(None) => PageHash::NotResident,
+                None => PageHash::Unavailable,
+            }
+        }
+        fn step(&mut self) {
+            self.eng.tick(self.now);
+            for (c, m) in self.eng.take_output() {
+                match m {
+                    Message::Fingerprint { id, pages } => {
+                        let hashes = pages.iter().map(|a| self.page(c, *a)).collect();
+                        self.eng.on_message(
+                            c,
+                            Message::FingerprintReply {
+                                id,
+                                status: Status::Ok,
+                                hashes,
+                            },
+                            self.now,
+                        );
+                    }
+                    Message::Madvise {
+                        id,
+                        start,
+                        len,
+                        advice,
+                    } => {
+                        self.madvised.push((c, start, len, advice));
+                        self.eng.on_message(
+                            c,
+                            Message::Reply {
+                                id,
+                                status: Status::Ok,
+                            },
+                            self.now,
+                        );
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert!(self.eng.fingerprints() <= self.eng.config().max_fingerprints);
+            self.now += 10;
+        }
+        fn run(&mut self, ms: u64) {
+            let end = self.now + ms;
+            while self.now < end {
+                self.step();
+            }
+        }
+        fn marks(&self, c: ClientId) -> Vec<(u64, u64)> {
+            self.madvised
+                .iter()
+                .filter(|m| m.0 == c && m.3 == Advice::Mergeable)
+                .map(|m| (m.1, m.2))
+                .collect()
+        }
+    }
+
+    fn unique(n: u64, salt: u64) -> Vec<Option<u64>> {
+        (0..n).map(|i| Some((salt << 32) | i)).collect()
+    }
+
+    #[test]
+    fn table_5_2_two_regions_256_dup_pages_each() {
+        let mut s = Sim::new(cfg());
+        let mut a = unique(2560, 1);
+        let mut b = unique(2560, 2);
+        for i in 0..256 {
+            a[i] = Some(0xff);
+            b[i] = Some(0xff);
+        }
+        let (ra, rb) = (0x1000_0000, 0x2000_0000);
+        s.client(1, vec![(ra, a), (rb, b)]);
+        s.run(5_000);
+        assert!(s.eng.idle(), "{:?}", s.eng.status(1));
+        let mut marked = s.eng.marked(1);
+        marked.sort();
+        assert_eq!(marked, vec![(ra, 256 * PS), (rb, 256 * PS)]);
+        // Unique regions' tails are never marked.
+        for (start, len) in s.marks(1) {
+            assert!(start == ra || start == rb, "{start:x}");
+            assert_eq!(len, 256 * PS);
+        }
+    }
+
+    #[test]
+    fn unique_pages_are_dropped_and_forgotten() {
+        let mut s = Sim::new(cfg());
+        s.client(1, vec![(0x1000_0000, unique(4096, 1))]);
+        s.client(2, vec![(0x1000_0000, unique(4096, 2))]);
+        s.run(10_000);
+        assert!(s.marks(1).is_empty() && s.marks(2).is_empty());
+        assert_eq!(s.eng.fingerprints(), 0);
+        assert_eq!(s.eng.distinct_hashes(), 0);
+        let st = s.eng.status(1).unwrap();
+        assert_eq!(st.regions_dropped, 1);
+        assert!(st.counters.fingerprinted_pages >= 4096 * 55 / 10 - 100);
+        // Nothing more is sampled.
+        let before = st.counters.fingerprinted_pages;
+        s.run(2_000);
+        assert_eq!(
+            s.eng.status(1).unwrap().counters.fingerprinted_pages,
+            before
+        );
+    }
+
+    #[test]
+    fn dense_two_processes_fully_marked() {
+        let mut s = Sim::new(cfg());
+        let same: Vec<Option<u64>> = vec![Some(7); 5120];
+        s.client(1, vec![(0x1000_0000, same.clone())]);
+        s.client(2, vec![(0x5000_0000, same)]);
+        s.run(3_000);
+        assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 5120 * PS)]);
+        assert_eq!(s.eng.marked(2), vec![(0x5000_0000, 5120 * PS)]);
+    }
+
+    #[test]
+    fn volatile_pages_never_marked() {
+        let mut s = Sim::new(cfg());
+        s.volatile = true;
+        s.client(1, vec![(0x1000_0000, vec![Some(3); 1024])]);
+        s.client(2, vec![(0x2000_0000, vec![Some(3); 1024])]);
+        s.run(10_000);
+        assert!(s.madvised.is_empty());
+        assert_eq!(s.eng.fingerprints(), 0);
+    }
+
+    #[test]
+    fn not_resident_pages_are_nothing() {
+        let mut s = Sim::new(cfg());
+        s.client(1, vec![(0x1000_0000, vec![None; 1024])]);
+        s.client(2, vec![(0x2000_0000, vec![None; 1024])]);
+        s.run(10_000);
+        assert!(s.madvised.is_empty());
+        assert_eq!(s.eng.status(1).unwrap().regions_dropped, 1);
+    }
+
+    #[test]
+    fn runs_coalesce_within_gap() {
+        let mut s = Sim::new(cfg());
+        let mut a = unique(1024, 1);
+        // Two dup runs 4 pages apart (coalesced, gap 8) and one far away.
+        for i in (100..200).chain(204..300).chain(600..650) {
+            a[i] = Some(0xaa);
+        }
+        s.client(1, vec![(0x1000_0000, a)]);
+        s.run(5_000);
+        let mut m = s.eng.marked(1);
+        m.sort();
+        assert_eq!(
+            m,
+            vec![
+                (0x1000_0000 + 100 * PS, 200 * PS),
+                (0x1000_0000 + 600 * PS, 50 * PS)
+            ]
+        );
+    }
+
+    #[test]
+    fn unmerged_run_is_unmarked_after_full_scans() {
+        let mut s = Sim::new(cfg());
+        let same: Vec<Option<u64>> = vec![Some(7); 256];
+        s.client(1, vec![(0x1000_0000, same.clone())]);
+        s.client(2, vec![(0x5000_0000, same)]);
+        s.run(1_000);
+        assert_eq!(s.eng.marked(1).len(), 1);
+        s.eng.set_full_scans(2);
+        assert!(s.eng.due_checks().is_empty());
+        s.eng.set_full_scans(3);
+        let due = s.eng.due_checks();
+        assert_eq!(due, vec![1, 2]);
+        // Client 1 merged something, client 2 nothing.
+        s.eng
+            .feedback(1, &[(0x1000_0000, 0x1000_0000 + 256 * PS, 1024)]);
+        s.eng
+            .feedback(2, &[(0x5000_0000, 0x5000_0000 + 256 * PS, 0)]);
+        let out = s.eng.take_output();
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            out[0],
+            (
+                2,
+                Message::Madvise {
+                    start: 0x5000_0000,
+                    advice: Advice::Unmergeable,
+                    ..
+                }
+            )
+        ));
+        assert!(s.eng.marked(2).is_empty());
+        assert_eq!(s.eng.marked(1).len(), 1);
+        // Client 2's region is not re-marked.
+        s.run(5_000);
+        assert!(
+            s.eng.marked(2).is_empty(),
+            "{:?} {:?}",
+            s.eng.marked(2),
+            s.eng.status(2)
+        );
+    }
+
+    #[test]
+    fn fingerprint_memory_is_bounded() {
+        let mut c = cfg();
+        c.max_fingerprints = 1000;
+        let mut s = Sim::new(c);
+        for id in 1..=4 {
+            s.client(id, vec![(0x1000_0000, unique(2048, id))]);
+        }
+        s.run(3_000); // Sim::step asserts the bound after every step.
+        assert!(s.eng.evictions > 0);
+    }
+
+    #[test]
+    fn rate_limits_hold() {
+        let mut c = cfg();
+        c.rate_client = 1000;
+        c.rate_total = 1500;
+        let mut s = Sim::new(c);
+        s.client(1, vec![(0x1000_0000, unique(100_000, 1))]);
+        s.client(2, vec![(0x1000_0000, unique(100_000, 2))]);
+        s.run(10_000);
+        let a = s.eng.status(1).unwrap().counters.fingerprinted_pages;
+        let b = s.eng.status(2).unwrap().counters.fingerprinted_pages;
+        // 10 s at 1500/s total, plus one second of burst.
+        assert!(a + b <= 16_500, "{a} + {b}");
+        assert!(a <= 11_000 && b <= 11_000, "{a} {b}");
+        assert!(a > 4000 && b > 4000, "unfair: {a} {b}");
+    }
+
+    #[test]
+    fn removal_and_resync_keep_index_consistent() {
+        let mut s = Sim::new(cfg());
+        let same: Vec<Option<u64>> = vec![Some(9); 512];
+        s.client(
+            1,
+            vec![(0x1000_0000, same.clone()), (0x3000_0000, same.clone())],
+        );
+        s.client(2, vec![(0x5000_0000, same)]);
+        s.run(300);
+        // Punch a hole in the middle of the first region.
+        s.eng.on_message(
+            1,
+            Message::RegionRemoved {
+                seq: 5,
+                start: 0x1000_0000 + 100 * PS,
+                len: 50 * PS,
+                origin: ksmplus_common::Origin::Malloc,
+            },
+            s.now,
+        );
+        let st = s.eng.status(1).unwrap();
+        assert_eq!(st.regions, 3);
+        assert_eq!(st.tracked_bytes, (1024 - 50) * PS);
+        // Resync re-announcing one region only.
+        s.eng.on_message(1, Message::ResyncBegin { seq: 6 }, s.now);
+        s.eng.on_message(
+            1,
+            Message::RegionAdded {
+                seq: 7,
+                start: 0x3000_0000,
+                len: 512 * PS,
+                origin: ksmplus_common::Origin::Malloc,
+            },
+            s.now,
+        );
+        s.eng
+            .on_message(1, Message::ResyncEnd { seq: 8, regions: 1 }, s.now);
+        assert_eq!(s.eng.status(1).unwrap().regions, 1);
+        s.mem.get_mut(&1).unwrap().remove(&0x1000_0000);
+        s.run(2_000);
+        s.eng.remove_client(1);
+        s.eng.remove_client(2);
+        assert_eq!(s.eng.fingerprints(), 0);
+        assert_eq!(s.eng.distinct_hashes(), 0);
+    }
+
+    #[test]
+    fn replies_for_wrong_id_are_ignored() {
+        let mut s = Sim::new(cfg());
+        s.client(1, vec![(0x1000_0000, unique(64, 1))]);
+        s.eng.tick(0);
+        let _ = s.eng.take_output();
+        s.eng.on_message(
+            1,
+            Message::FingerprintReply {
+                id: 999_999,
+                status: Status::Ok,
+                hashes: vec![PageHash::Hash(1); 10_000],
+            },
+            0,
+        );
+        assert_eq!(s.eng.fingerprints(), 0);
+    }
+}
