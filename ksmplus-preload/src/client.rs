@@ -1,0 +1,872 @@
+//! The client thread: the only part of the shim that does I/O, allocates freely (through the
+//! Rust global allocator, which goes straight to glibc), or reads program memory.
+//!
+//! Invariants:
+//! - One client thread per process, created with every signal blocked, so the program's signal
+//!   handlers never run on it.
+//! - `STATE` (view + outbox) is guarded by a spin lock taken only by this thread and by the fork
+//!   handlers — never by a hook — and held only for in-memory work, never across socket I/O.
+//!   The ring is popped only under that lock, so it has a single consumer.
+//! - fork: `prepare` takes the lock and drains the ring into the view; the child then owns a
+//!   consistent view, resets the ring, drops the inherited socket and starts its own thread,
+//!   which connects as a new client and resyncs.
+//! - Program memory is only read with `mincore` first (never fault a page in) and then
+//!   `process_vm_readv` on ourselves, so a page unmapped meanwhile is an error, not a crash.
+//! - Diagnostics go to fd 2 with raw `write` (std's stderr lock may be held by a thread that no
+//!   longer exists after fork), and only when `KSMPLUS_LOG` is set.
+
+use crate::ring::{Event, Kind, CONSUMER_WAITING, DROPPED, NEED_RESYNC, RING, WAKE_FD};
+use crate::sys::{PAGE, PAGE_MASK};
+use crate::table::TABLE;
+use crate::view::View;
+use crate::{DORMANT, REGISTRY_FULL, THRESHOLD};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
+use ksmplus_common::{
+    page_hash, read_message, track_flags, Advice, FrameReader, Hello, Message, Origin, PageHash,
+    ShimStats, Status, MAX_FINGERPRINT_PAGES,
+};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Settings read once from the environment at load time.
+pub struct Config {
+    pub socket: String,
+    pub min_region: usize,
+    pub log: bool,
+    /// KSMPLUS_MADVISE_ALL=1: mark every region MERGEABLE at once; no agent needed.
+    pub madvise_all: bool,
+}
+
+pub static CONFIG: OnceLock<Config> = OnceLock::new();
+
+/// The client machinery is running (initialised, not dormant, not disabled).
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// The connected socket's fd, so the fork child can close its inherited copy.
+static SOCK_FD: AtomicI32 = AtomicI32::new(-1);
+/// `fork_prepare` took the state lock: its partner handler must release it.
+static FORK_HELD: AtomicBool = AtomicBool::new(false);
+
+static EVENTS_SENT: AtomicU64 = AtomicU64::new(0);
+static RESYNCS: AtomicU64 = AtomicU64::new(0);
+static FINGERPRINT_PAGES: AtomicU64 = AtomicU64::new(0);
+static MADVISE_CALLS: AtomicU64 = AtomicU64::new(0);
+
+fn log(msg: &str) {
+    if CONFIG.get().is_some_and(|c| c.log) {
+        // SAFETY: getpid has no preconditions.
+        let line = format!("ksmplus[{}]: {msg}\n", unsafe { libc::getpid() });
+        // SAFETY: writing a live buffer to fd 2; a short or failed write only loses a diagnostic.
+        unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    }
+}
+
+/// The view of registered regions plus the messages waiting to be sent.
+struct State {
+    view: View,
+    outbox: Vec<Message>,
+    /// Forward ring events to the agent (connected and tracked).
+    forwarding: bool,
+    madvise_all: bool,
+    seq: u64,
+}
+
+struct StateLock {
+    locked: AtomicBool,
+    state: UnsafeCell<Option<State>>,
+}
+
+// SAFETY: `state` is only touched while `locked` is held (see `lock`).
+unsafe impl Sync for StateLock {}
+
+static STATE: StateLock = StateLock {
+    locked: AtomicBool::new(false),
+    state: UnsafeCell::new(None),
+};
+
+struct Guard;
+
+impl StateLock {
+    fn acquire(&self) {
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Acquire, Relaxed)
+            .is_err()
+        {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+    fn release(&self) {
+        self.locked.store(false, Release);
+    }
+    fn lock(&self) -> Guard {
+        self.acquire();
+        Guard
+    }
+}
+
+impl Guard {
+    #[allow(clippy::mut_from_ref)]
+    fn state(&mut self) -> &mut State {
+        // SAFETY: the guard proves the lock is held; only one guard exists at a time.
+        unsafe { &mut *STATE.state.get() }.get_or_insert_with(|| State {
+            view: View::default(),
+            outbox: Vec::new(),
+            forwarding: false,
+            madvise_all: false,
+            seq: 0,
+        })
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        STATE.release();
+    }
+}
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Applies one ring event to the view and queues what the agent must hear of it.
+    fn apply(&mut self, ev: Event) {
+        let origin = origin_of(ev.origin);
+        match ev.kind {
+            Kind::Added => {
+                self.view.add(ev.start, ev.len, ev.origin);
+                if self.madvise_all {
+                    mark(ev.start, ev.len, Advice::Mergeable);
+                }
+                if self.forwarding {
+                    let seq = self.next_seq();
+                    self.outbox.push(Message::RegionAdded {
+                        seq,
+                        start: ev.start as u64,
+                        len: ev.len as u64,
+                        origin,
+                    });
+                }
+            }
+            Kind::Removed => {
+                if self.view.remove(ev.start, ev.len) && self.forwarding {
+                    let seq = self.next_seq();
+                    self.outbox.push(Message::RegionRemoved {
+                        seq,
+                        start: ev.start as u64,
+                        len: ev.len as u64,
+                        origin,
+                    });
+                }
+            }
+            Kind::Resized => {
+                let known = self.view.resize(ev.start, ev.len, ev.new_start, ev.new_len);
+                if known.is_some() && self.madvise_all && ev.new_len > ev.len {
+                    mark(ev.new_start, ev.new_len, Advice::Mergeable);
+                }
+                if !self.forwarding {
+                    return;
+                }
+                let seq = self.next_seq();
+                self.outbox.push(match known {
+                    Some(o) => Message::RegionResized {
+                        seq,
+                        origin: origin_of(o),
+                        old_start: ev.start as u64,
+                        old_len: ev.len as u64,
+                        new_start: ev.new_start as u64,
+                        new_len: ev.new_len as u64,
+                    },
+                    None => Message::RegionRemoved {
+                        seq,
+                        start: ev.start as u64,
+                        len: ev.len as u64,
+                        origin,
+                    },
+                });
+            }
+        }
+    }
+
+    /// Pops every queued event into the view.
+    fn drain(&mut self) {
+        while let Some(ev) = RING.pop() {
+            self.apply(ev);
+        }
+    }
+
+    /// Rebuilds the view after lost events: malloc-family regions from the registry (the truth),
+    /// mmap regions kept only where `/proc/self/maps` still shows a private anonymous writable
+    /// mapping.
+    fn rebuild(&mut self) {
+        self.drain();
+        let anon = anon_mappings();
+        self.view.retain(|r| {
+            r.origin != Origin::Malloc as u8
+                && anon
+                    .iter()
+                    .any(|&(s, e)| s <= r.start && r.start + r.len <= e)
+        });
+        TABLE.for_each(|addr, len| self.view.add(addr, len, Origin::Malloc as u8));
+    }
+
+    /// Queues a full resync of the view.
+    fn queue_resync(&mut self) {
+        RESYNCS.fetch_add(1, Relaxed);
+        self.outbox.clear();
+        let seq = self.next_seq();
+        self.outbox.push(Message::ResyncBegin { seq });
+        let regions: Vec<_> = self.view.iter().collect();
+        for r in &regions {
+            let seq = self.next_seq();
+            self.outbox.push(Message::RegionAdded {
+                seq,
+                start: r.start as u64,
+                len: r.len as u64,
+                origin: origin_of(r.origin),
+            });
+        }
+        let seq = self.next_seq();
+        self.outbox.push(Message::ResyncEnd {
+            seq,
+            regions: regions.len() as u64,
+        });
+    }
+}
+
+fn origin_of(o: u8) -> Origin {
+    match o {
+        0 => Origin::Malloc,
+        1 => Origin::Mmap,
+        _ => Origin::Maps,
+    }
+}
+
+/// `[start, end)` of every private anonymous writable mapping in `/proc/self/maps`.
+fn anon_mappings() -> Vec<(usize, usize)> {
+    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, perms) = (f.next()?, f.next()?);
+            let inode = f.nth(2)?;
+            let named = f.next().is_some();
+            if !perms.starts_with("rw") || !perms.ends_with('p') || inode != "0" || named {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn mark(start: usize, len: usize, advice: Advice) -> Status {
+    let adv = match advice {
+        Advice::Mergeable => libc::MADV_MERGEABLE,
+        Advice::Unmergeable => libc::MADV_UNMERGEABLE,
+    };
+    MADVISE_CALLS.fetch_add(1, Relaxed);
+    // SAFETY: MADV_(UN)MERGEABLE never changes the contents the program sees; on a range that is
+    // no longer mapped the kernel returns ENOMEM.
+    if unsafe { libc::madvise(start as *mut _, len, adv) } == 0 {
+        Status::Ok
+    } else {
+        Status::Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// Hash of one page of our own memory: `NotResident` pages are never read.
+fn fingerprint_page(addr: usize, buf: &mut [u8; PAGE]) -> PageHash {
+    let mut vec = 0u8;
+    // SAFETY: mincore writes one byte for one page into `vec`; an unmapped page gives ENOMEM.
+    if unsafe { libc::mincore(addr as *mut _, PAGE, &mut vec) } != 0 {
+        return PageHash::Unavailable;
+    }
+    if vec & 1 == 0 {
+        return PageHash::NotResident;
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: PAGE,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut _,
+        iov_len: PAGE,
+    };
+    // SAFETY: process_vm_readv on ourselves copies into `buf` (PAGE bytes) and reports EFAULT,
+    // instead of faulting, if the page vanished since mincore.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n != PAGE as isize {
+        return PageHash::Unavailable;
+    }
+    PageHash::Hash(page_hash(&buf[..]))
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Executes one agent command; `None` for messages that need no reply.
+fn execute(msg: Message) -> Option<Message> {
+    match msg {
+        Message::Fingerprint { id, pages } => {
+            if pages.len() > MAX_FINGERPRINT_PAGES {
+                return Some(Message::FingerprintReply {
+                    id,
+                    status: Status::Invalid,
+                    hashes: Vec::new(),
+                });
+            }
+            let valid: Vec<bool> = {
+                let mut g = STATE.lock();
+                let st = g.state();
+                st.drain();
+                pages
+                    .iter()
+                    .map(|&p| {
+                        let p = p as usize;
+                        p & PAGE_MASK == 0 && st.view.containing(p, PAGE).is_some()
+                    })
+                    .collect()
+            };
+            let mut buf = [0u8; PAGE];
+            let hashes: Vec<PageHash> = pages
+                .iter()
+                .zip(valid)
+                .map(|(&p, ok)| {
+                    if ok {
+                        FINGERPRINT_PAGES.fetch_add(1, Relaxed);
+                        fingerprint_page(p as usize, &mut buf)
+                    } else {
+                        PageHash::Unavailable
+                    }
+                })
+                .collect();
+            Some(Message::FingerprintReply {
+                id,
+                status: Status::Ok,
+                hashes,
+            })
+        }
+        Message::Madvise {
+            id,
+            start,
+            len,
+            advice,
+        } => {
+            let (start, len) = (start as usize, len as usize);
+            let registered = || {
+                let mut g = STATE.lock();
+                let st = g.state();
+                st.drain();
+                st.view.containing(start, len).is_some()
+            };
+            let status = if start & PAGE_MASK != 0 || len == 0 || len & PAGE_MASK != 0 {
+                Status::Invalid
+            } else if !registered() {
+                Status::NotRegistered
+            } else {
+                mark(start, len, advice)
+            };
+            Some(Message::Reply { id, status })
+        }
+        Message::GetStats { id } => {
+            let (regions, bytes) = {
+                let mut g = STATE.lock();
+                let st = g.state();
+                st.drain();
+                (st.view.len() as u64, st.view.bytes() as u64)
+            };
+            Some(Message::StatsReply {
+                id,
+                stats: ShimStats {
+                    regions,
+                    region_bytes: bytes,
+                    events_sent: EVENTS_SENT.load(Relaxed),
+                    events_dropped: DROPPED.load(Relaxed),
+                    resyncs: RESYNCS.load(Relaxed),
+                    fingerprint_pages: FINGERPRINT_PAGES.load(Relaxed),
+                    madvise_calls: MADVISE_CALLS.load(Relaxed),
+                    registry_full: REGISTRY_FULL.load(Relaxed),
+                    thread_cpu_ns: thread_cpu_ns(),
+                },
+            })
+        }
+        _ => None,
+    }
+}
+
+#[derive(Debug)]
+enum ConnectError {
+    Io(std::io::Error),
+    PeerUid(u32),
+    Ignored,
+    Protocol(String),
+}
+
+impl From<std::io::Error> for ConnectError {
+    fn from(e: std::io::Error) -> Self {
+        ConnectError::Io(e)
+    }
+}
+
+fn hello(cfg: &Config) -> Hello {
+    let comm = std::fs::read_to_string("/proc/self/comm")
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default();
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // SAFETY: these getters have no preconditions.
+    let (pid, ppid, uid) = unsafe { (libc::getpid(), libc::getppid(), libc::getuid()) };
+    Hello {
+        pid: pid as u32,
+        ppid: ppid as u32,
+        uid,
+        page_size: PAGE as u32,
+        min_region: cfg.min_region as u64,
+        comm,
+        exe,
+    }
+}
+
+/// Connects, checks the peer, says Hello and reads the agent's verdict (`Track` flags).
+fn connect(cfg: &Config) -> Result<(UnixStream, u32), ConnectError> {
+    let mut s = UnixStream::connect(&cfg.socket)?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    if cred.uid != me && cred.uid != 0 {
+        return Err(ConnectError::PeerUid(cred.uid));
+    }
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(&Message::Hello(hello(cfg)).to_frame())?;
+    match read_message(&mut s)? {
+        Some(Message::Track { flags }) => {
+            s.set_read_timeout(None)?;
+            s.set_nonblocking(true)?;
+            Ok((s, flags))
+        }
+        Some(Message::Ignore) => Err(ConnectError::Ignored),
+        Some(other) => Err(ConnectError::Protocol(format!(
+            "unexpected first reply {other:?}"
+        ))),
+        None => Err(ConnectError::Protocol("agent closed the connection".into())),
+    }
+}
+
+/// Writes a whole buffer on the non-blocking socket, waiting for room up to a deadline.
+fn send_all(s: &mut UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !buf.is_empty() {
+        match s.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                poll_fd(s.as_raw_fd(), libc::POLLOUT, 100);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn poll_fd(fd: i32, events: i16, timeout_ms: i32) {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: poll on one live pollfd.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) };
+}
+
+struct Conn {
+    sock: UnixStream,
+    frames: FrameReader,
+}
+
+/// The client thread's body.
+fn run(cfg: &'static Config) {
+    // SAFETY: eventfd has no memory preconditions.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    WAKE_FD.store(efd, Release);
+    {
+        let mut g = STATE.lock();
+        let st = g.state();
+        st.madvise_all = cfg.madvise_all;
+        st.forwarding = false;
+        st.outbox.clear();
+    }
+    let mut conn: Option<Conn> = None;
+    let mut backoff = Duration::from_millis(100);
+    let mut next_attempt = Instant::now();
+    let mut warned = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // 1. Registry events (and a rebuild after lost events) into the view and the outbox.
+        let out = {
+            let mut g = STATE.lock();
+            let st = g.state();
+            if NEED_RESYNC.swap(false, AcqRel) {
+                st.rebuild();
+                if st.forwarding {
+                    st.queue_resync();
+                }
+            }
+            st.drain();
+            std::mem::take(&mut st.outbox)
+        };
+        if let (Some(c), false) = (conn.as_mut(), out.is_empty()) {
+            let mut bytes = Vec::new();
+            for m in &out {
+                m.encode(&mut bytes);
+            }
+            if let Err(e) = send_all(&mut c.sock, &bytes) {
+                log(&format!("agent connection lost while sending: {e}"));
+                conn = disconnect();
+                next_attempt = Instant::now() + backoff;
+            } else {
+                EVENTS_SENT.fetch_add(out.len() as u64, Relaxed);
+            }
+        }
+        // 2. Connect when due.
+        if conn.is_none() && !cfg.madvise_all && Instant::now() >= next_attempt {
+            match connect(cfg) {
+                Ok((sock, flags)) => {
+                    log(&format!("connected to {}", cfg.socket));
+                    warned = false;
+                    SOCK_FD.store(sock.as_raw_fd(), Release);
+                    backoff = Duration::from_millis(100);
+                    let mut g = STATE.lock();
+                    let st = g.state();
+                    st.drain();
+                    st.forwarding = true;
+                    st.madvise_all = flags & track_flags::MADVISE_ALL != 0;
+                    if st.madvise_all {
+                        let all: Vec<_> = st.view.iter().collect();
+                        for r in all {
+                            mark(r.start, r.len, Advice::Mergeable);
+                        }
+                    }
+                    st.queue_resync();
+                    conn = Some(Conn {
+                        sock,
+                        frames: FrameReader::new(),
+                    });
+                    continue;
+                }
+                Err(ConnectError::Ignored) => {
+                    log("agent says ignore: going dormant");
+                    go_dormant();
+                    return;
+                }
+                Err(e) => {
+                    if !warned {
+                        warned = true;
+                        log(&match e {
+                            ConnectError::PeerUid(uid) => format!(
+                                "refusing agent socket {}: its peer is uid {uid}",
+                                cfg.socket
+                            ),
+                            ConnectError::Io(e) => {
+                                format!("cannot reach agent at {}: {e}", cfg.socket)
+                            }
+                            ConnectError::Protocol(m) => format!("agent at {}: {m}", cfg.socket),
+                            ConnectError::Ignored => "agent said ignore".to_owned(),
+                        });
+                    }
+                    next_attempt = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // 3. Sleep until an event, a command, or the next connection attempt.
+        let timeout = match &conn {
+            Some(_) => 5000,
+            None if cfg.madvise_all => 5000,
+            None => next_attempt
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .clamp(1, 5000) as i32,
+        };
+        CONSUMER_WAITING.store(true, SeqCst);
+        if !RING.is_empty() || NEED_RESYNC.load(SeqCst) {
+            CONSUMER_WAITING.store(false, SeqCst);
+            continue;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: efd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: conn.as_ref().map_or(-1, |c| c.sock.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on two live pollfds (fd -1 is ignored by the kernel).
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        CONSUMER_WAITING.store(false, SeqCst);
+        if fds[0].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: reading 8 bytes into a live u64 clears the eventfd counter.
+            unsafe { libc::read(efd, (&mut v as *mut u64).cast(), 8) };
+        }
+        // 4. Commands from the agent.
+        if fds[1].revents != 0 {
+            if let Some(c) = conn.as_mut() {
+                if let Err(why) = serve(c, &mut buf) {
+                    log(&format!("agent connection closed: {why}"));
+                    conn = disconnect();
+                    backoff = Duration::from_millis(100);
+                    next_attempt = Instant::now() + backoff;
+                }
+            }
+        }
+    }
+}
+
+/// Reads what the agent sent and answers each command. `Err` closes the connection.
+fn serve(c: &mut Conn, buf: &mut [u8]) -> Result<(), String> {
+    loop {
+        match c.sock.read(buf) {
+            Ok(0) => return Err("end of stream".into()),
+            Ok(n) => c.frames.push(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    loop {
+        let msg = match c.frames.next_message() {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("bad frame: {e}")),
+        };
+        if let Message::Ignore = msg {
+            return Err("agent now says ignore".into());
+        }
+        if let Some(reply) = execute(msg) {
+            send_all(&mut c.sock, &reply.to_frame()).map_err(|e| e.to_string())?;
+        }
+    }
+}
+
+fn disconnect() -> Option<Conn> {
+    SOCK_FD.store(-1, Release);
+    let mut g = STATE.lock();
+    let st = g.state();
+    st.forwarding = false;
+    st.outbox.clear();
+    None
+}
+
+/// Pure pass-through from now on: new allocations go to glibc; existing shim blocks stay valid.
+fn go_dormant() {
+    THRESHOLD.store(usize::MAX, Release);
+    DORMANT.store(true, Release);
+    ACTIVE.store(false, Release);
+    let mut g = STATE.lock();
+    let st = g.state();
+    st.forwarding = false;
+    st.outbox.clear();
+    st.view = View::default();
+    while RING.pop().is_some() {}
+}
+
+extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
+    if let Some(cfg) = CONFIG.get() {
+        if std::panic::catch_unwind(|| run(cfg)).is_err() {
+            log("client thread failed; going dormant");
+            go_dormant();
+        }
+    }
+    core::ptr::null_mut()
+}
+
+/// Starts the client thread with every signal blocked.
+fn spawn_thread() -> bool {
+    // SAFETY: sigset/pthread calls on live stack values; the old mask is restored right after.
+    unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let mut tid: libc::pthread_t = 0;
+        let r = libc::pthread_create(
+            &mut tid,
+            core::ptr::null(),
+            thread_main,
+            core::ptr::null_mut(),
+        );
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        if r != 0 {
+            return false;
+        }
+        libc::pthread_setname_np(tid, c"ksmplus".as_ptr());
+        libc::pthread_detach(tid);
+    }
+    true
+}
+
+extern "C" fn fork_prepare() {
+    if ACTIVE.load(Acquire) {
+        STATE.acquire();
+        FORK_HELD.store(true, Relaxed);
+        // SAFETY: we hold the lock (acquired just above) until fork_parent / fork_child.
+        if let Some(st) = unsafe { &mut *STATE.state.get() } {
+            st.drain();
+        }
+    }
+}
+
+extern "C" fn fork_parent() {
+    if FORK_HELD.swap(false, Relaxed) {
+        STATE.release();
+    }
+}
+
+extern "C" fn fork_child() {
+    if !FORK_HELD.swap(false, Relaxed) {
+        return;
+    }
+    // SAFETY: we still hold the lock taken in fork_prepare, and this is the only thread.
+    if let Some(st) = unsafe { &mut *STATE.state.get() } {
+        st.drain();
+        st.outbox.clear();
+        st.forwarding = false;
+        st.seq = 0;
+    }
+    RING.reset();
+    NEED_RESYNC.store(false, Relaxed);
+    CONSUMER_WAITING.store(false, Relaxed);
+    for fd in [SOCK_FD.swap(-1, AcqRel), WAKE_FD.swap(-1, AcqRel)] {
+        if fd >= 0 {
+            // SAFETY: these fds belong to the parent's client thread, which does not exist here.
+            unsafe { libc::close(fd) };
+        }
+    }
+    STATE.release();
+    if !spawn_thread() {
+        go_dormant();
+    }
+}
+
+fn env(name: &core::ffi::CStr) -> Option<String> {
+    // SAFETY: getenv returns null or a NUL-terminated string owned by the environment; it is
+    // copied before anything can change the environment (we run in the library constructor).
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    (!p.is_null()).then(|| {
+        // SAFETY: non-null getenv result is a valid C string.
+        unsafe { core::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// Library constructor: read the environment, then switch the hooks on and start the client.
+pub fn init() {
+    if env(c"KSMPLUS_DISABLE").is_some_and(|v| v != "0" && !v.is_empty()) {
+        return;
+    }
+    let log_on = env(c"KSMPLUS_LOG").is_some_and(|v| v != "0" && !v.is_empty());
+    // SAFETY: sysconf has no preconditions.
+    if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
+        if log_on {
+            let m = b"ksmplus: page size is not 4096; staying disabled\n";
+            // SAFETY: writing a static buffer to fd 2.
+            unsafe { libc::write(2, m.as_ptr().cast(), m.len()) };
+        }
+        return;
+    }
+    let mut bad_min = None;
+    let min_region = match env(c"KSMPLUS_MIN_REGION") {
+        None => 64 * 1024,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= PAGE => n,
+            _ => {
+                bad_min = Some(v);
+                64 * 1024
+            }
+        },
+    };
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let socket = env(c"KSMPLUS_SOCKET")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            ksmplus_common::default_socket_path(env(c"XDG_RUNTIME_DIR").as_deref(), uid)
+                .to_string_lossy()
+                .into_owned()
+        });
+    let madvise_all = env(c"KSMPLUS_MADVISE_ALL").is_some_and(|v| v != "0" && !v.is_empty());
+    if CONFIG
+        .set(Config {
+            socket,
+            min_region,
+            log: log_on,
+            madvise_all,
+        })
+        .is_err()
+    {
+        return;
+    }
+    if let Some(v) = bad_min {
+        log(&format!(
+            "KSMPLUS_MIN_REGION={v:?} is not a size in bytes >= {PAGE}; using 65536"
+        ));
+    }
+    // SAFETY: dlsym with a static name; RTLD_NEXT finds glibc's definition behind ours.
+    let real = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };
+    crate::REAL_USABLE_SIZE.store(real as usize, Release);
+    // SAFETY: registering three extern "C" handlers with no preconditions.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    DORMANT.store(false, Release);
+    ACTIVE.store(true, Release);
+    THRESHOLD.store(min_region, Release);
+    if !spawn_thread() {
+        log("cannot start the client thread; going dormant");
+        go_dormant();
+    }
+}

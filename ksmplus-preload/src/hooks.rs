@@ -1,0 +1,436 @@
+//! The interposed allocator entry points.
+//!
+//! Invariants (each hook):
+//! - calls only glibc's `__libc_*` functions, raw syscalls (`sys`), the lock-free registry
+//!   (`table`), cache (`cache`) and event ring (`ring`): no allocation through the hooked
+//!   allocator, no lock, no blocking I/O, no panic;
+//! - a request below `THRESHOLD` (everything, before init or once dormant) goes straight to glibc;
+//! - a pointer is looked up in the registry only when it is page-aligned, and one that is not
+//!   found there is glibc's and goes back to glibc;
+//! - the registry is updated before the event is queued, so a resync never misses a region whose
+//!   removal is still in the ring.
+
+use crate::cache::CACHE;
+use crate::ring::{emit, Event, Kind};
+use crate::sys::{self, page_round, PAGE, PAGE_MASK};
+use crate::table::TABLE;
+use crate::{DORMANT, REAL_USABLE_SIZE, REGISTRY_FULL, THRESHOLD};
+use core::ffi::c_void;
+use core::ptr::null_mut;
+use core::sync::atomic::Ordering::*;
+use ksmplus_common::Origin;
+
+#[inline]
+fn threshold() -> usize {
+    THRESHOLD.load(Relaxed)
+}
+
+fn event(kind: Kind, origin: Origin, start: usize, len: usize) -> Event {
+    Event {
+        kind,
+        origin: origin as u8,
+        start,
+        len,
+        new_start: 0,
+        new_len: 0,
+    }
+}
+
+/// A shim-owned page-aligned mapping of at least `size` bytes, registered and reported.
+/// `None` when it cannot be made (the caller falls back to glibc).
+fn large_alloc(size: usize, align: usize, zeroed: bool) -> Option<*mut c_void> {
+    let len = page_round(size)?;
+    if len > isize::MAX as usize {
+        return None;
+    }
+    let (addr, len) = match (align <= PAGE && !zeroed)
+        .then(|| CACHE.take(len))
+        .flatten()
+    {
+        Some(hit) => hit,
+        None => (map_aligned(len, align)?, len),
+    };
+    if !TABLE.insert(addr, len) {
+        REGISTRY_FULL.fetch_add(1, Relaxed);
+        // SAFETY: we just mapped (or took from the cache) this range and handed it to nobody.
+        let _ = unsafe { sys::munmap(addr, len) };
+        return None;
+    }
+    emit(event(Kind::Added, Origin::Malloc, addr, len));
+    Some(addr as *mut c_void)
+}
+
+/// Maps `len` bytes aligned to `align` (a power of two ≥ PAGE gives that alignment).
+fn map_aligned(len: usize, align: usize) -> Option<usize> {
+    if align <= PAGE {
+        return sys::mmap_anon(len).ok();
+    }
+    let span = len.checked_add(align)?;
+    let raw = sys::mmap_anon(span).ok()?;
+    let start = (raw + align - 1) & !(align - 1);
+    // SAFETY: both trims lie inside the mapping made just above and owned by nobody else.
+    unsafe {
+        if start > raw {
+            let _ = sys::munmap(raw, start - raw);
+        }
+        let end = start + len;
+        if raw + span > end {
+            let _ = sys::munmap(end, raw + span - end);
+        }
+    }
+    Some(start)
+}
+
+/// Gives a shim-owned mapping back: to the cache, else to the kernel.
+fn release(addr: usize, len: usize) {
+    emit(event(Kind::Removed, Origin::Malloc, addr, len));
+    if !CACHE.put(addr, len) {
+        // SAFETY: the registry entry was just removed, so this mapping is ours alone.
+        let _ = unsafe { sys::munmap(addr, len) };
+    }
+}
+
+/// The registry's length for `p` if `p` is one of ours.
+#[inline]
+fn ours(p: *mut c_void) -> Option<usize> {
+    if p as usize & PAGE_MASK != 0 || p.is_null() {
+        return None;
+    }
+    TABLE.get(p as usize)
+}
+
+/// glibc's usable size for one of its own pointers.
+fn glibc_usable_size(p: *mut c_void) -> usize {
+    let f = REAL_USABLE_SIZE.load(Relaxed);
+    if f != 0 {
+        // SAFETY: REAL_USABLE_SIZE holds glibc's malloc_usable_size, resolved at init.
+        let f: unsafe extern "C" fn(*mut c_void) -> usize = unsafe { core::mem::transmute(f) };
+        // SAFETY: p is a live glibc pointer.
+        return unsafe { f(p) };
+    }
+    // Before init: glibc's chunk header (size | flags) sits just before the pointer.
+    // SAFETY: every live glibc pointer is preceded by its 16-byte chunk header.
+    let size = unsafe { *(p as *const usize).sub(1) } & !7;
+    size - if size & 2 != 0 { 16 } else { 8 }
+}
+
+#[no_mangle]
+pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    if size >= threshold() {
+        if let Some(p) = large_alloc(size, PAGE, false) {
+            return p;
+        }
+    }
+    // SAFETY: plain forwarding to glibc.
+    unsafe { sys::__libc_malloc(size) }
+}
+
+#[no_mangle]
+pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    if let Some(total) = n.checked_mul(size) {
+        if total >= threshold() {
+            if let Some(p) = large_alloc(total, PAGE, true) {
+                return p;
+            }
+        }
+    }
+    // SAFETY: plain forwarding to glibc (which also reports the overflow as ENOMEM).
+    unsafe { sys::__libc_calloc(n, size) }
+}
+
+#[no_mangle]
+pub extern "C" fn free(p: *mut c_void) {
+    if let Some(addr) = (p as usize & PAGE_MASK == 0 && !p.is_null()).then_some(p as usize) {
+        if let Some(len) = TABLE.remove(addr) {
+            release(addr, len);
+            return;
+        }
+    }
+    // SAFETY: p is null or not ours, so it is glibc's.
+    unsafe { sys::__libc_free(p) }
+}
+
+#[no_mangle]
+pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    if p.is_null() {
+        return malloc(size);
+    }
+    let Some(old_len) = ours(p) else {
+        if size >= threshold() {
+            // glibc → shim: copy what the old block holds.
+            if let Some(q) = large_alloc(size, PAGE, false) {
+                let n = glibc_usable_size(p).min(size);
+                // SAFETY: p holds n readable bytes, q has room for size ≥ n; they don't overlap.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, n);
+                    sys::__libc_free(p);
+                }
+                return q;
+            }
+        }
+        // SAFETY: p is glibc's.
+        return unsafe { sys::__libc_realloc(p, size) };
+    };
+    if size == 0 {
+        // glibc frees and returns NULL for realloc(p, 0).
+        free(p);
+        return null_mut();
+    }
+    if size < threshold() {
+        // shim → glibc.
+        // SAFETY: plain forwarding to glibc.
+        let q = unsafe { sys::__libc_malloc(size) };
+        if !q.is_null() {
+            // SAFETY: size < old_len bytes of p are readable; q has size bytes.
+            unsafe { core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, size) };
+            if let Some(len) = TABLE.remove(p as usize) {
+                release(p as usize, len);
+            }
+        }
+        return q;
+    }
+    let Some(new_len) = page_round(size) else {
+        sys::set_errno(libc::ENOMEM);
+        return null_mut();
+    };
+    if new_len == old_len {
+        return p;
+    }
+    let addr = p as usize;
+    // SAFETY: [addr, addr+old_len) is our mapping, owned by the caller's block.
+    match unsafe { sys::mremap(addr, old_len, new_len, libc::MREMAP_MAYMOVE, 0) } {
+        Err(e) => {
+            sys::set_errno(e);
+            null_mut()
+        }
+        Ok(new) if new == addr => {
+            TABLE.set_len(addr, new_len);
+            emit(Event {
+                kind: Kind::Resized,
+                origin: Origin::Malloc as u8,
+                start: addr,
+                len: old_len,
+                new_start: new,
+                new_len,
+            });
+            p
+        }
+        Ok(new) => {
+            TABLE.remove(addr);
+            if TABLE.insert(new, new_len) {
+                emit(Event {
+                    kind: Kind::Resized,
+                    origin: Origin::Malloc as u8,
+                    start: addr,
+                    len: old_len,
+                    new_start: new,
+                    new_len,
+                });
+                return new as *mut c_void;
+            }
+            // No registry slot for the new address: move the contents to glibc.
+            REGISTRY_FULL.fetch_add(1, Relaxed);
+            emit(event(Kind::Removed, Origin::Malloc, addr, old_len));
+            // SAFETY: plain forwarding to glibc.
+            let q = unsafe { sys::__libc_malloc(size) };
+            if !q.is_null() {
+                // SAFETY: the new mapping holds size readable bytes; q has room for them.
+                unsafe { core::ptr::copy_nonoverlapping(new as *const u8, q as *mut u8, size) };
+            }
+            // SAFETY: the moved mapping is ours and unregistered.
+            let _ = unsafe { sys::munmap(new, new_len) };
+            q
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    match n.checked_mul(size) {
+        Some(total) => realloc(p, total),
+        None => {
+            sys::set_errno(libc::ENOMEM);
+            null_mut()
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    if p.is_null() {
+        return 0;
+    }
+    match ours(p) {
+        Some(len) => len,
+        None => glibc_usable_size(p),
+    }
+}
+
+/// memalign semantics: a large request gets a shim mapping aligned to `max(align, PAGE)`.
+fn aligned(align: usize, size: usize) -> *mut c_void {
+    if size >= threshold() && align.is_power_of_two() {
+        if let Some(p) = large_alloc(size, align.max(PAGE), false) {
+            return p;
+        }
+    }
+    // SAFETY: plain forwarding to glibc.
+    unsafe { sys::__libc_memalign(align, size) }
+}
+
+#[no_mangle]
+pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    aligned(align, size)
+}
+
+#[no_mangle]
+pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    aligned(align, size)
+}
+
+#[no_mangle]
+pub extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 {
+    if !align.is_power_of_two() || !align.is_multiple_of(core::mem::size_of::<usize>()) {
+        return libc::EINVAL;
+    }
+    let p = aligned(align, size);
+    if p.is_null() && size != 0 {
+        return libc::ENOMEM;
+    }
+    // SAFETY: the caller passes a valid out-pointer, as posix_memalign requires.
+    unsafe { *out = p };
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn valloc(size: usize) -> *mut c_void {
+    if size >= threshold() {
+        if let Some(p) = large_alloc(size, PAGE, false) {
+            return p;
+        }
+    }
+    // SAFETY: plain forwarding to glibc.
+    unsafe { sys::__libc_valloc(size) }
+}
+
+#[no_mangle]
+pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    let rounded = if size == 0 {
+        Some(PAGE)
+    } else {
+        page_round(size)
+    };
+    if let Some(r) = rounded.filter(|&r| r >= threshold()) {
+        if let Some(p) = large_alloc(r, PAGE, false) {
+            return p;
+        }
+    }
+    // SAFETY: plain forwarding to glibc.
+    unsafe { sys::__libc_pvalloc(size) }
+}
+
+fn registrable(len: usize, prot: i32, flags: i32) -> bool {
+    len >= threshold()
+        && flags & libc::MAP_ANONYMOUS != 0
+        && flags & libc::MAP_TYPE == libc::MAP_PRIVATE
+        && flags & (libc::MAP_STACK | libc::MAP_GROWSDOWN) == 0
+        && prot & libc::PROT_WRITE != 0
+}
+
+#[no_mangle]
+pub extern "C" fn mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: forwarding the caller's arguments unchanged to the kernel.
+    match unsafe { sys::mmap(addr, len, prot, flags, fd, off) } {
+        Err(e) => {
+            sys::set_errno(e);
+            libc::MAP_FAILED
+        }
+        Ok(a) => {
+            if !DORMANT.load(Relaxed) {
+                let plen = page_round(len).unwrap_or(len);
+                if registrable(len, prot, flags) {
+                    emit(event(Kind::Added, Origin::Mmap, a, plen));
+                } else if flags & libc::MAP_FIXED != 0 {
+                    // A fixed mapping may have replaced part of a registered region.
+                    emit(event(Kind::Removed, Origin::Mmap, a, plen));
+                }
+            }
+            a as *mut c_void
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: libc::off_t,
+) -> *mut c_void {
+    mmap(addr, len, prot, flags, fd, off)
+}
+
+#[no_mangle]
+pub extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
+    // SAFETY: forwarding the caller's arguments unchanged to the kernel.
+    match unsafe { sys::munmap(addr as usize, len) } {
+        Err(e) => {
+            sys::set_errno(e);
+            -1
+        }
+        Ok(_) => {
+            if !DORMANT.load(Relaxed) {
+                emit(event(
+                    Kind::Removed,
+                    Origin::Mmap,
+                    addr as usize,
+                    page_round(len).unwrap_or(len),
+                ));
+            }
+            0
+        }
+    }
+}
+
+/// `mremap(old, old_len, new_len, flags, ... /* new_address */)`. On x86-64 and aarch64 the
+/// variadic pointer travels in the same register as a fifth fixed argument; it is read only when
+/// MREMAP_FIXED says the caller passed it.
+#[no_mangle]
+pub extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let fixed = flags & libc::MREMAP_FIXED != 0;
+    let target = if fixed { new_addr as usize } else { 0 };
+    // SAFETY: forwarding the caller's arguments unchanged to the kernel.
+    match unsafe { sys::mremap(old as usize, old_len, new_len, flags, target) } {
+        Err(e) => {
+            sys::set_errno(e);
+            libc::MAP_FAILED
+        }
+        Ok(a) => {
+            if !DORMANT.load(Relaxed) {
+                emit(Event {
+                    kind: Kind::Resized,
+                    origin: Origin::Mmap as u8,
+                    start: old as usize,
+                    len: page_round(old_len).unwrap_or(old_len),
+                    new_start: a,
+                    new_len: page_round(new_len).unwrap_or(new_len),
+                });
+            }
+            a as *mut c_void
+        }
+    }
+}
