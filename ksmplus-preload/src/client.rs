@@ -15,6 +15,7 @@
 //! - Diagnostics go to fd 2 with raw `write` (std's stderr lock may be held by a thread that no
 //!   longer exists after fork), and only when `KSMPLUS_LOG` is set.
 
+use crate::conn::{Conn, ConnectError, OwnFd};
 use crate::ring::{Event, Kind, CONSUMER_WAITING, DROPPED, NEED_RESYNC, RING, WAKE_FD};
 use crate::sys::{PAGE, PAGE_MASK};
 use crate::table::TABLE;
@@ -23,12 +24,9 @@ use crate::{DORMANT, REGISTRY_FULL, THRESHOLD};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
 use ksmplus_common::{
-    page_hash, read_message, track_flags, Advice, FrameReader, Hello, Message, Origin, PageHash,
-    ShimStats, Status, MAX_FINGERPRINT_PAGES,
+    page_hash, track_flags, Advice, Message, Origin, PageHash, ShimStats, Status,
+    MAX_FINGERPRINT_PAGES,
 };
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -411,124 +409,21 @@ fn execute(msg: Message) -> Option<Message> {
     }
 }
 
-#[derive(Debug)]
-enum ConnectError {
-    Io(std::io::Error),
-    PeerUid(u32),
-    Ignored,
-    Protocol(String),
-}
-
-impl From<std::io::Error> for ConnectError {
-    fn from(e: std::io::Error) -> Self {
-        ConnectError::Io(e)
-    }
-}
-
-fn hello(cfg: &Config) -> Hello {
-    let comm = std::fs::read_to_string("/proc/self/comm")
-        .map(|s| s.trim_end().to_owned())
-        .unwrap_or_default();
-    let exe = std::fs::read_link("/proc/self/exe")
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // SAFETY: these getters have no preconditions.
-    let (pid, ppid, uid) = unsafe { (libc::getpid(), libc::getppid(), libc::getuid()) };
-    Hello {
-        pid: pid as u32,
-        ppid: ppid as u32,
-        uid,
-        page_size: PAGE as u32,
-        min_region: cfg.min_region as u64,
-        comm,
-        exe,
-    }
-}
-
-/// Connects, checks the peer, says Hello and reads the agent's verdict (`Track` flags).
-fn connect(cfg: &Config) -> Result<(UnixStream, u32), ConnectError> {
-    let mut s = UnixStream::connect(&cfg.socket)?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: getuid has no preconditions.
-    let me = unsafe { libc::getuid() };
-    if cred.uid != me && cred.uid != 0 {
-        return Err(ConnectError::PeerUid(cred.uid));
-    }
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(&Message::Hello(hello(cfg)).to_frame())?;
-    match read_message(&mut s)? {
-        Some(Message::Track { flags }) => {
-            s.set_read_timeout(None)?;
-            s.set_nonblocking(true)?;
-            Ok((s, flags))
-        }
-        Some(Message::Ignore) => Err(ConnectError::Ignored),
-        Some(other) => Err(ConnectError::Protocol(format!(
-            "unexpected first reply {other:?}"
-        ))),
-        None => Err(ConnectError::Protocol("agent closed the connection".into())),
-    }
-}
-
-/// Writes a whole buffer on the non-blocking socket, waiting for room up to a deadline.
-fn send_all(s: &mut UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !buf.is_empty() {
-        match s.write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(std::io::ErrorKind::TimedOut.into());
-                }
-                poll_fd(s.as_raw_fd(), libc::POLLOUT, 100);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn poll_fd(fd: i32, events: i16, timeout_ms: i32) {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: poll on one live pollfd.
-    unsafe { libc::poll(&mut p, 1, timeout_ms) };
-}
-
-struct Conn {
-    sock: UnixStream,
-    frames: FrameReader,
+/// A fresh wake-up eventfd, published for the hooks.
+fn new_wake_fd() -> Option<OwnFd> {
+    // SAFETY: eventfd has no memory preconditions.
+    let fd = OwnFd::adopt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    WAKE_FD.store(fd.raw(), Release);
+    Some(fd)
 }
 
 /// The client thread's body.
 fn run(cfg: &'static Config) {
-    // SAFETY: eventfd has no memory preconditions.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    WAKE_FD.store(efd, Release);
+    let Some(mut wake) = new_wake_fd() else {
+        log("cannot create an eventfd; going dormant");
+        go_dormant();
+        return;
+    };
     {
         let mut g = STATE.lock();
         let st = g.state();
@@ -540,7 +435,6 @@ fn run(cfg: &'static Config) {
     let mut backoff = Duration::from_millis(100);
     let mut next_attempt = Instant::now();
     let mut warned = false;
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
         // 1. Registry events (and a rebuild after lost events) into the view and the outbox.
         let out = {
@@ -560,9 +454,9 @@ fn run(cfg: &'static Config) {
             for m in &out {
                 m.encode(&mut bytes);
             }
-            if let Err(e) = send_all(&mut c.sock, &bytes) {
+            if let Err(e) = c.send_all(&bytes) {
                 log(&format!("agent connection lost while sending: {e}"));
-                conn = disconnect();
+                disconnect(conn.take());
                 next_attempt = Instant::now() + backoff;
             } else {
                 EVENTS_SENT.fetch_add(out.len() as u64, Relaxed);
@@ -570,11 +464,11 @@ fn run(cfg: &'static Config) {
         }
         // 2. Connect when due.
         if conn.is_none() && !cfg.madvise_all && Instant::now() >= next_attempt {
-            match connect(cfg) {
-                Ok((sock, flags)) => {
+            match Conn::open(cfg) {
+                Ok((c, flags)) => {
                     log(&format!("connected to {}", cfg.socket));
                     warned = false;
-                    SOCK_FD.store(sock.as_raw_fd(), Release);
+                    SOCK_FD.store(c.fd.raw(), Release);
                     backoff = Duration::from_millis(100);
                     let mut g = STATE.lock();
                     let st = g.state();
@@ -588,14 +482,12 @@ fn run(cfg: &'static Config) {
                         }
                     }
                     st.queue_resync();
-                    conn = Some(Conn {
-                        sock,
-                        frames: FrameReader::new(),
-                    });
+                    conn = Some(c);
                     continue;
                 }
                 Err(ConnectError::Ignored) => {
                     log("agent says ignore: going dormant");
+                    wake.release();
                     go_dormant();
                     return;
                 }
@@ -635,12 +527,12 @@ fn run(cfg: &'static Config) {
         }
         let mut fds = [
             libc::pollfd {
-                fd: efd,
+                fd: wake.raw(),
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: conn.as_ref().map_or(-1, |c| c.sock.as_raw_fd()),
+                fd: conn.as_ref().map_or(-1, |c| c.fd.raw()),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -649,16 +541,30 @@ fn run(cfg: &'static Config) {
         unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         CONSUMER_WAITING.store(false, SeqCst);
         if fds[0].revents != 0 {
-            let mut v = 0u64;
-            // SAFETY: reading 8 bytes into a live u64 clears the eventfd counter.
-            unsafe { libc::read(efd, (&mut v as *mut u64).cast(), 8) };
+            if fds[0].revents & libc::POLLNVAL != 0 || !wake.still_ours() {
+                // The program closed our eventfd: forget that number and make a new one.
+                WAKE_FD.store(-1, Release);
+                match new_wake_fd() {
+                    Some(w) => wake = w,
+                    None => {
+                        log("cannot recreate the eventfd; going dormant");
+                        disconnect(conn.take());
+                        go_dormant();
+                        return;
+                    }
+                }
+            } else {
+                let mut v = 0u64;
+                // SAFETY: reading 8 bytes into a live u64 clears the eventfd counter.
+                unsafe { libc::read(wake.raw(), (&mut v as *mut u64).cast(), 8) };
+            }
         }
         // 4. Commands from the agent.
         if fds[1].revents != 0 {
             if let Some(c) = conn.as_mut() {
-                if let Err(why) = serve(c, &mut buf) {
+                if let Err(why) = serve(c) {
                     log(&format!("agent connection closed: {why}"));
-                    conn = disconnect();
+                    disconnect(conn.take());
                     backoff = Duration::from_millis(100);
                     next_attempt = Instant::now() + backoff;
                 }
@@ -668,38 +574,36 @@ fn run(cfg: &'static Config) {
 }
 
 /// Reads what the agent sent and answers each command. `Err` closes the connection.
-fn serve(c: &mut Conn, buf: &mut [u8]) -> Result<(), String> {
-    loop {
-        match c.sock.read(buf) {
-            Ok(0) => return Err("end of stream".into()),
-            Ok(n) => c.frames.push(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.to_string()),
-        }
+fn serve(c: &mut Conn) -> Result<(), String> {
+    if !c.fd.still_ours() {
+        return Err("the program closed or reused our socket's descriptor".into());
     }
+    let open = c.receive().map_err(|e| e.to_string())?;
     loop {
         let msg = match c.frames.next_message() {
             Ok(Some(m)) => m,
-            Ok(None) => return Ok(()),
+            Ok(None) if open => return Ok(()),
+            Ok(None) => return Err("end of stream".into()),
             Err(e) => return Err(format!("bad frame: {e}")),
         };
         if let Message::Ignore = msg {
             return Err("agent now says ignore".into());
         }
         if let Some(reply) = execute(msg) {
-            send_all(&mut c.sock, &reply.to_frame()).map_err(|e| e.to_string())?;
+            c.send_all(&reply.to_frame()).map_err(|e| e.to_string())?;
         }
     }
 }
 
-fn disconnect() -> Option<Conn> {
+fn disconnect(conn: Option<Conn>) {
     SOCK_FD.store(-1, Release);
+    if let Some(c) = conn {
+        c.close();
+    }
     let mut g = STATE.lock();
     let st = g.state();
     st.forwarding = false;
     st.outbox.clear();
-    None
 }
 
 /// Pure pass-through from now on: new allocations go to glibc; existing shim blocks stay valid.

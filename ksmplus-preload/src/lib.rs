@@ -23,6 +23,8 @@ mod view;
 #[cfg(not(test))]
 mod client;
 #[cfg(not(test))]
+mod conn;
+#[cfg(not(test))]
 mod hooks;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
