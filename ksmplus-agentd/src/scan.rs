@@ -1,0 +1,1 @@
+//! Duplicate-page scanner over /proc/PID/{maps,pagemap,mem} (issue 5).

@@ -1,0 +1,1 @@
+//! The systemd user unit for ksmplus-agentd (issue 5).
