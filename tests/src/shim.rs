@@ -94,3 +94,16 @@ pub fn assert_preloaded(stderr: &[u8]) {
         "the shim was not preloaded: {s}"
     );
 }
+
+/// `Command::new(program)` with the environment of `mode` applied (shim from [`shim_lib`]).
+pub fn command(program: impl AsRef<std::ffi::OsStr>, mode: &ShimMode) -> Command {
+    let mut c = Command::new(program);
+    mode.apply(&mut c, &shim_lib());
+    c
+}
+
+/// The `comm` the kernel gives a process running `exe`: its file name cut to 15 bytes.
+pub fn expected_comm(exe: &Path) -> String {
+    let name = exe.file_name().unwrap().to_string_lossy();
+    name.bytes().take(15).map(char::from).collect()
+}
