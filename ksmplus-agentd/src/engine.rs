@@ -435,7 +435,7 @@ impl Engine {
 
     fn region_added(&mut self, id: ClientId, start: u64, len: u64, now: u64) {
         let ps = self.procs[&id].page_size;
-        if start % ps != 0 || len < self.cfg.min_region_bytes.max(ps) {
+        if start & (ps - 1) != 0 || len < self.cfg.min_region_bytes.max(ps) {
             return;
         }
         let pages = len / ps;
