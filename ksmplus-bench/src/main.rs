@@ -1,1 +1,469 @@
-fn main() {}
+//! `ksmplus-bench`: runs each workload under each approach with identical ksmd settings and
+//! prints one table (see docs/BENCH.md). Needs root and a kernel with KSM (6.4+ for merge_any).
+//!
+//! Invariants: the exclusive flock on /tmp/ksmplus-ksmd.lock is held for the whole run; the ksmd
+//! settings saved at the start are restored on every exit path that unwinds (normal end, error,
+//! panic, SIGINT/SIGTERM/SIGHUP); no cell starts while the previous one's processes live or ksmd
+//! still holds more pages than before the run.
+
+mod approach;
+mod cell;
+mod report;
+mod sys;
+mod workload;
+
+use approach::{Approach, Tools};
+use cell::{CellResult, Ctx, Params};
+use clap::Parser;
+use ksmplus_common::ksm::{self, KsmSettings};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use workload::Workload;
+
+const LOCK: &str = "/tmp/ksmplus-ksmd.lock";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ksmplus-bench",
+    about = "Head-to-head KSM benchmark: none / madvise-all / merge_any / smart_scan / ksmplus"
+)]
+struct Cli {
+    /// CI smoke mode: every cell at 1/8 size, short waits, assert only what must hold.
+    #[arg(long)]
+    smoke: bool,
+    /// Print the results as JSON on stdout instead of the text table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON results to this file.
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<PathBuf>,
+    /// Write the W2 plot (merged MiB and rmap_items over time) here [default: ksmplus-bench-w2.svg,
+    /// none in smoke mode].
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// ksmd pages_to_scan during every cell.
+    #[arg(long, default_value_t = 5000)]
+    pages_to_scan: u32,
+    /// ksmd sleep_millisecs during every cell.
+    #[arg(long, default_value_t = 10)]
+    sleep_millisecs: u32,
+    /// ksmd use_zero_pages during every cell.
+    #[arg(long, default_value_t = 0)]
+    use_zero_pages: u32,
+    /// ksmd max_page_sharing during every cell (only changeable while no page is shared).
+    #[arg(long, default_value_t = 256)]
+    max_page_sharing: u32,
+    /// Comma-separated workloads (W1,W2,W3,W5,W6 or dense,sparse,none,churn,many).
+    #[arg(long, default_value = "W1,W2,W3,W5,W6")]
+    workloads: String,
+    /// Comma-separated approaches.
+    #[arg(long, default_value = "none,madvise-all,merge_any,smart_scan,ksmplus")]
+    approaches: String,
+    /// Size divisor [default: 1, smoke 8].
+    #[arg(long)]
+    div: Option<u64>,
+    /// Seconds without a change of the merging pages that count as converged [default: 3, smoke 1.5].
+    #[arg(long)]
+    stable_secs: Option<f64>,
+    /// Never declare convergence earlier than this many seconds after ksmd starts [default: 5, smoke 3].
+    #[arg(long)]
+    min_secs: Option<f64>,
+    /// Give up on convergence after this many seconds [default: 90, smoke 30].
+    #[arg(long)]
+    deadline_secs: Option<f64>,
+    /// Sampling period of /proc/PID/ksm_stat, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    sample_ms: u64,
+    /// The shim [default: libksmplus.so next to this binary, in $CARGO_TARGET_DIR/release or target/release].
+    #[arg(long)]
+    preload: Option<PathBuf>,
+    /// The agent [default: ksmplus-agentd, searched like --preload].
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// A policy file for the agent; `{comm}` in it becomes the workload's comm.
+    #[arg(long)]
+    agent_policy: Option<PathBuf>,
+    /// Extra argument for the agent (repeatable), after `--socket S --policy P`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Smoke mode: fail (instead of skipping the ksmplus assertions) when ksmplus is unavailable.
+    #[arg(long)]
+    require_ksmplus: bool,
+}
+
+/// Restores the saved ksmd settings when dropped, so an error, a panic or a signal that unwinds
+/// leaves ksmd as it was found.
+struct SettingsGuard {
+    saved: KsmSettings,
+    done: bool,
+}
+
+impl SettingsGuard {
+    fn restore(&mut self) -> Result<(), String> {
+        self.done = true;
+        // max_page_sharing refuses changes while pages are shared: retry while ksmd cleans up.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.saved.restore(Path::new("/")) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    let _ = ksm::write_sysfs(Path::new("/"), "run", "1");
+                    eprintln!("ksmplus-bench: restoring ksmd settings: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(format!("cannot restore the ksmd settings: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for SettingsGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            match self.restore() {
+                Ok(()) => eprintln!("ksmplus-bench: ksmd settings restored"),
+                Err(e) => eprintln!("ksmplus-bench: {e}"),
+            }
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    date: String,
+    kernel: String,
+    smoke: bool,
+    settings: Vec<(String, String)>,
+    params: &'a Params,
+    cells: &'a [CellResult],
+    targets: Vec<(String, Option<bool>, String)>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    sys::install_signal_handlers();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ksmplus-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Why this machine cannot run the bench, if it cannot.
+fn unsupported() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (it changes /sys/kernel/mm/ksm)".into());
+    }
+    if !Path::new("/sys/kernel/mm/ksm/run").exists() {
+        return Some("this kernel has no KSM (/sys/kernel/mm/ksm/run missing)".into());
+    }
+    if !Path::new("/proc/self/ksm_stat").exists() {
+        return Some("this kernel has no /proc/PID/ksm_stat (needs Linux 6.1+)".into());
+    }
+    None
+}
+
+fn parse_list<T>(s: &str, what: &str, f: fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| f(x.trim()).ok_or_else(|| format!("unknown {what} {x:?}")))
+        .collect()
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, String> {
+    if let Some(why) = unsupported() {
+        let required = std::env::var("KSMPLUS_REQUIRE_KSM").as_deref() == Ok("1");
+        if cli.smoke && !required {
+            println!("ksmplus-bench: skipped: {why} (set KSMPLUS_REQUIRE_KSM=1 to fail instead)");
+            return Ok(ExitCode::SUCCESS);
+        }
+        return Err(why);
+    }
+    let workloads = parse_list(&cli.workloads, "workload", Workload::parse)?;
+    let approaches = parse_list(&cli.approaches, "approach", Approach::parse)?;
+    let smoke = cli.smoke;
+    let params = Params {
+        div: cli.div.unwrap_or(if smoke { 8 } else { 1 }).max(1),
+        stable_secs: cli.stable_secs.unwrap_or(if smoke { 1.5 } else { 3.0 }),
+        min_secs: cli.min_secs.unwrap_or(if smoke { 3.0 } else { 5.0 }),
+        deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 30.0 } else { 90.0 }),
+        sample_ms: cli.sample_ms.max(10),
+    };
+    let policy_template = match &cli.agent_policy {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => approach::DEFAULT_POLICY.to_owned(),
+    };
+    let tools = Tools {
+        preload: approach::find_tool(cli.preload.clone(), "libksmplus.so"),
+        agent: approach::find_tool(cli.agent.clone(), "ksmplus-agentd"),
+        policy_template,
+        agent_args: cli.agent_args.clone(),
+    };
+
+    let _lock = sys::LockFile::acquire(Path::new(LOCK)).map_err(|e| format!("{LOCK}: {e}"))?;
+    let stray = sys::find_by_comm(workload::COMM);
+    if !stray.is_empty() {
+        return Err(format!(
+            "{} process(es) already running ({stray:?}): they would contaminate the cells",
+            workload::COMM
+        ));
+    }
+    let root = Path::new("/");
+    let saved = KsmSettings::save(root).map_err(|e| e.to_string())?;
+    let mut guard = SettingsGuard {
+        saved: saved.clone(),
+        done: false,
+    };
+    let tmp = TmpDir(std::env::temp_dir().join(format!("ksmplus-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&tmp.0).map_err(|e| format!("{}: {e}", tmp.0.display()))?;
+    let bin = workload::compile(&tmp.0)?;
+
+    let sysfs = |n: &str| ksm::read_sysfs(root, n).unwrap_or(-1);
+    let set = |n: &str, v: String| ksm::write_sysfs(root, n, &v).map_err(|e| e.to_string());
+    set("run", "0".into())?;
+    if sysfs("max_page_sharing") != cli.max_page_sharing as i64 {
+        if sysfs("pages_shared") > 0 {
+            return Err(format!(
+                "max_page_sharing is {} and cannot change to {} while ksmd shares pages; pass --max-page-sharing {}",
+                sysfs("max_page_sharing"),
+                cli.max_page_sharing,
+                sysfs("max_page_sharing")
+            ));
+        }
+        set("max_page_sharing", cli.max_page_sharing.to_string())?;
+    }
+    set("pages_to_scan", cli.pages_to_scan.to_string())?;
+    set("sleep_millisecs", cli.sleep_millisecs.to_string())?;
+    set("use_zero_pages", cli.use_zero_pages.to_string())?;
+    if saved.get("advisor_mode").is_some() {
+        set("advisor_mode", "none".into())?;
+    }
+    let ctx = Ctx {
+        bin,
+        tmp: tmp.0.clone(),
+        tools,
+        params: params.clone(),
+        ksmd_pid: sys::ksmd_pid(),
+        baseline: (
+            sysfs("pages_shared"),
+            sysfs("pages_sharing"),
+            sysfs("ksm_zero_pages"),
+        ),
+    };
+    let settings: Vec<(String, String)> = [
+        "pages_to_scan",
+        "sleep_millisecs",
+        "use_zero_pages",
+        "max_page_sharing",
+        "merge_across_nodes",
+        "advisor_mode",
+    ]
+    .iter()
+    .filter_map(|n| {
+        ksm::read_sysfs_text(root, n)
+            .ok()
+            .map(|v| (n.to_string(), v))
+    })
+    .collect();
+    let mut header = format!(
+        "ksmplus-bench{} — {} — Linux {} — {} CPUs\nksmd: {} smart_scan=0 (1 for the smart_scan approach only)\n",
+        if smoke { " --smoke" } else { "" },
+        date(),
+        kernel(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    header += &format!(
+        "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; baseline pages_shared {} sharing {}\nshim: {}  agent: {}\n",
+        params.div,
+        params.stable_secs,
+        params.min_secs,
+        params.deadline_secs,
+        ctx.baseline.0,
+        ctx.baseline.1,
+        ctx.tools.preload.as_ref().map_or("not found".into(), |p| p.display().to_string()),
+        ctx.tools.agent.as_ref().map_or("not found".into(), |p| p.display().to_string()),
+    );
+    eprint!("{header}");
+    if ctx.ksmd_pid.is_none() {
+        eprintln!("ksmplus-bench: warning: no ksmd thread found; ksmd CPU reads 0");
+    }
+
+    let started = Instant::now();
+    let mut cells = Vec::new();
+    for &wl in &workloads {
+        for &ap in &approaches {
+            let c = cell::run(&ctx, wl, ap)?;
+            eprintln!(
+                "[{:>5.0}s] {} {:<11} {:<9} merging {:>6}/{:<6} rmap {:>7} conv {:>5.1}s ksmd {:.3}s{}",
+                started.elapsed().as_secs_f64(),
+                c.workload,
+                c.approach,
+                c.status.split(':').next().unwrap_or(""),
+                c.merging_pages,
+                c.ideal_pages,
+                c.rmap_items,
+                c.converge_secs,
+                c.ksmd_cpu_secs,
+                if c.ran() { String::new() } else { format!(" — {}", c.status) },
+            );
+            cells.push(c);
+        }
+    }
+    drop(ctx);
+    guard.restore()?;
+    let now = KsmSettings::save(root).map_err(|e| e.to_string())?;
+    let restored = now == saved;
+
+    let wl_ids: Vec<&str> = workloads.iter().map(|w| w.id()).collect();
+    let targets = report::targets(&cells);
+    let mut text = header.clone();
+    text += &format!(
+        "\n{}\n{}\n{}\n{}\n",
+        report::table(&cells),
+        report::ratios(&cells, &wl_ids),
+        report::targets_text(&targets),
+        report::THESIS_W2
+    );
+    text += &format!(
+        "ksmd settings restored: {}\nwall time {:.0} s\n",
+        if restored { "yes" } else { "NO" },
+        started.elapsed().as_secs_f64()
+    );
+    let out = Output {
+        date: date(),
+        kernel: kernel(),
+        smoke,
+        settings,
+        params: &params,
+        cells: &cells,
+        targets: targets
+            .iter()
+            .map(|t| (t.name.to_owned(), t.verdict, t.detail.clone()))
+            .collect(),
+    };
+    let json = serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?;
+    if cli.json {
+        println!("{json}");
+    } else {
+        print!("{text}");
+    }
+    if let Some(p) = &cli.json_out {
+        std::fs::write(p, &json).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let svg_path = cli
+        .svg
+        .clone()
+        .or_else(|| (!smoke).then(|| PathBuf::from("ksmplus-bench-w2.svg")));
+    if let Some(p) = svg_path.filter(|_| workloads.contains(&Workload::Sparse)) {
+        let title = format!(
+            "W2 sparse (thesis 5.2.3): merged MiB and rmap_items over time — Linux {}, pages_to_scan={} sleep_millisecs={}",
+            kernel(),
+            cli.pages_to_scan,
+            cli.sleep_millisecs
+        );
+        let tmp_path = p.with_extension("svg.tmp");
+        std::fs::write(&tmp_path, report::svg(&cells, "W2", &title))
+            .and_then(|()| std::fs::rename(&tmp_path, &p))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        eprintln!("ksmplus-bench: wrote {}", p.display());
+    }
+
+    if !restored {
+        return Err(format!(
+            "ksmd settings not restored: saved {:?}, now {:?}",
+            saved.values, now.values
+        ));
+    }
+    if smoke {
+        let failures = smoke_assertions(&cells, cli.require_ksmplus);
+        if !failures.is_empty() {
+            for f in &failures {
+                eprintln!("ksmplus-bench: SMOKE FAILED: {f}");
+            }
+            return Ok(ExitCode::from(1));
+        }
+        eprintln!("ksmplus-bench: smoke passed");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What must hold whatever the machine: returns the failures.
+fn smoke_assertions(cells: &[CellResult], require_ksmplus: bool) -> Vec<String> {
+    let mut f = Vec::new();
+    let get = |wl: &str, ap: &str| cells.iter().find(|c| c.workload == wl && c.approach == ap);
+    for c in cells {
+        if c.status.starts_with("error") {
+            f.push(format!("{} {}: {}", c.workload, c.approach, c.status));
+        }
+        // The shim-based approaches may be unbuilt on a CI runner; the kernel ones may not.
+        let needs_shim = c.approach == "ksmplus" || c.approach == "madvise-all";
+        if c.status.starts_with("unavailable") && (!needs_shim || require_ksmplus) {
+            f.push(format!("{} {}: {}", c.workload, c.approach, c.status));
+        }
+        if c.approach == "none" && c.ran() && c.merging_pages != 0 {
+            f.push(format!(
+                "{} none merged {} pages (must be 0)",
+                c.workload, c.merging_pages
+            ));
+        }
+    }
+    for ap in ["merge_any", "madvise-all"] {
+        if let Some(c) = get("W1", ap).filter(|c| c.ran()) {
+            if c.merging_pages * 100 < c.ideal_pages * 99 {
+                f.push(format!(
+                    "W1 {ap} merged {} of {} pages (must be >= 99 %)",
+                    c.merging_pages, c.ideal_pages
+                ));
+            }
+        }
+    }
+    match get("W3", "ksmplus").filter(|c| c.ran()) {
+        Some(c) if c.rmap_items != 0 => f.push(format!(
+            "W3 ksmplus has {} rmap_items (must be 0)",
+            c.rmap_items
+        )),
+        _ => {}
+    }
+    if let Some(c) = get("W2", "ksmplus").filter(|c| c.ran()) {
+        if c.merging_pages + 2 < c.ideal_pages {
+            f.push(format!(
+                "W2 ksmplus merged {} of the {} duplicate pages",
+                c.merging_pages, c.ideal_pages
+            ));
+        }
+    }
+    f
+}

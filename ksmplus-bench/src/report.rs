@@ -1,0 +1,441 @@
+//! The outputs: the text table (with ratios and the targets of issue 4), and the W2 plot as a
+//! hand-written SVG (two panels, no plotting dependency).
+
+use crate::cell::CellResult;
+use std::fmt::Write as _;
+
+const MIB: f64 = 1048576.0;
+
+fn find<'a>(cells: &'a [CellResult], wl: &str, ap: &str) -> Option<&'a CellResult> {
+    cells
+        .iter()
+        .find(|c| c.workload == wl && c.approach == ap && c.ran())
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The table, one row per cell, and its footnotes.
+pub fn table(cells: &[CellResult]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7} {:>7} {:>6} {:>7} {:>7} {:>6} {:>6}",
+        "wl", "approach", "procs", "ideal", "merging", "%ideal", "rmap", "profitMiB", "gprofMiB",
+        "conv_s", "ksmd_s", "ksmd%", "agent_s", "agentMB", "app_s", "cow"
+    );
+    let mut notes = Vec::new();
+    let mut prev = "";
+    for c in cells {
+        if c.workload != prev && !prev.is_empty() {
+            s.push('\n');
+        }
+        prev = &c.workload;
+        if !c.ran() {
+            notes.push(format!("{} {}: {}", c.workload, c.approach, c.status));
+            let _ = writeln!(
+                s,
+                "{:<3} {:<11} {:>5}  {} [{}]",
+                c.workload,
+                c.approach,
+                c.processes,
+                c.status.split(':').next().unwrap_or(""),
+                notes.len()
+            );
+            continue;
+        }
+        let pct = if c.ideal_pages > 0 {
+            format!(
+                "{:.1}",
+                c.merging_pages as f64 * 100.0 / c.ideal_pages as f64
+            )
+        } else {
+            "-".into()
+        };
+        let conv = if c.converged {
+            format!("{:.1}", c.converge_secs)
+        } else {
+            format!(">{:.0}", c.observed_secs)
+        };
+        let cow = c.vmstat_delta.get("cow_ksm").map(|v| v.to_string());
+        let _ = writeln!(
+            s,
+            "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>7} {:>7.3} {:>6.1} {:>7} {:>7} {:>6.2} {:>6}",
+            c.workload,
+            c.approach,
+            c.processes,
+            c.ideal_pages,
+            c.merging_pages,
+            pct,
+            c.rmap_items,
+            c.process_profit as f64 / MIB,
+            c.general_profit_delta as f64 / MIB,
+            conv,
+            c.ksmd_cpu_secs,
+            c.ksmd_steady_pct,
+            opt(c.agent_cpu_secs, 2),
+            opt(c.agent_hwm_kib.map(|k| k as f64 / 1024.0), 1),
+            c.app_cpu_secs,
+            cow.unwrap_or_else(|| "-".into()),
+        );
+    }
+    if !notes.is_empty() {
+        s.push('\n');
+        for (i, n) in notes.iter().enumerate() {
+            let _ = writeln!(s, "[{}] {}", i + 1, n);
+        }
+    }
+    s
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 {
+        if a == 0.0 {
+            "1 (0/0)".into()
+        } else {
+            format!("{a:.3}/0")
+        }
+    } else {
+        format!("{:.3}", a / b)
+    }
+}
+
+/// ksmplus / merge_any for profit, rmap_items and ksmd CPU, per workload.
+pub fn ratios(cells: &[CellResult], workloads: &[&str]) -> String {
+    let mut s = String::from("ratios ksmplus / merge_any:\n");
+    let _ = writeln!(
+        s,
+        "{:<3} {:>12} {:>12} {:>14}",
+        "wl", "profit", "rmap_items", "ksmd_s(conv)"
+    );
+    for wl in workloads {
+        match (find(cells, wl, "ksmplus"), find(cells, wl, "merge_any")) {
+            (Some(k), Some(m)) => {
+                let _ = writeln!(
+                    s,
+                    "{:<3} {:>12} {:>12} {:>14}",
+                    wl,
+                    ratio(k.process_profit as f64, m.process_profit as f64),
+                    ratio(k.rmap_items as f64, m.rmap_items as f64),
+                    ratio(k.ksmd_cpu_secs, m.ksmd_cpu_secs)
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "{wl:<3} n/a (ksmplus or merge_any did not run)");
+            }
+        }
+    }
+    s
+}
+
+/// One target of issue 4: `None` when the cells it needs did not run.
+pub struct Target {
+    pub name: &'static str,
+    pub verdict: Option<bool>,
+    pub detail: String,
+}
+
+pub fn targets(cells: &[CellResult]) -> Vec<Target> {
+    let k = |wl| find(cells, wl, "ksmplus");
+    let m = |wl| find(cells, wl, "merge_any");
+    let mut t = Vec::new();
+    let mut push = |name, v: Option<(bool, String)>| {
+        t.push(match v {
+            Some((ok, detail)) => Target {
+                name,
+                verdict: Some(ok),
+                detail,
+            },
+            None => Target {
+                name,
+                verdict: None,
+                detail: "cells missing".into(),
+            },
+        })
+    };
+    push(
+        "W2 ksmplus merges >= 510 of 512 with <= 600 rmap_items",
+        k("W2").map(|k| {
+            (
+                k.merging_pages >= 510 && k.rmap_items <= 600,
+                format!("{} merging, {} rmap_items", k.merging_pages, k.rmap_items),
+            )
+        }),
+    );
+    push(
+        "W2 ksmd CPU to converge <= 1/20 of merge_any's",
+        k("W2").zip(m("W2")).map(|(k, m)| {
+            (
+                k.ksmd_cpu_secs * 20.0 <= m.ksmd_cpu_secs,
+                format!("{:.3} s vs {:.3} s", k.ksmd_cpu_secs, m.ksmd_cpu_secs),
+            )
+        }),
+    );
+    push(
+        "W2 profit > merge_any's",
+        k("W2").zip(m("W2")).map(|(k, m)| {
+            (
+                k.process_profit > m.process_profit,
+                format!("{} B vs {} B", k.process_profit, m.process_profit),
+            )
+        }),
+    );
+    push(
+        "W3 ksmplus rmap_items = 0",
+        k("W3").map(|k| (k.rmap_items == 0, format!("{} rmap_items", k.rmap_items))),
+    );
+    push(
+        "W1 ksmplus >= 99.9 % of ideal",
+        k("W1").map(|k| {
+            (
+                k.merging_pages * 1000 >= k.ideal_pages * 999,
+                format!("{} of {}", k.merging_pages, k.ideal_pages),
+            )
+        }),
+    );
+    push(
+        "W1 converge time <= 1.2x merge_any's",
+        k("W1").zip(m("W1")).map(|(k, m)| {
+            (
+                k.converged && k.converge_secs <= 1.2 * m.converge_secs,
+                format!("{:.1} s vs {:.1} s", k.converge_secs, m.converge_secs),
+            )
+        }),
+    );
+    push(
+        "W5 profit >= merge_any's",
+        k("W5").zip(m("W5")).map(|(k, m)| {
+            (
+                k.process_profit >= m.process_profit,
+                format!("{} B vs {} B", k.process_profit, m.process_profit),
+            )
+        }),
+    );
+    push(
+        "W6 profit >= 0.9x merge_any's",
+        k("W6").zip(m("W6")).map(|(k, m)| {
+            (
+                k.process_profit as f64 >= 0.9 * m.process_profit as f64,
+                format!("{} B vs {} B", k.process_profit, m.process_profit),
+            )
+        }),
+    );
+    push(
+        "W6 rmap_items <= 1/5 of merge_any's",
+        k("W6").zip(m("W6")).map(|(k, m)| {
+            (
+                k.rmap_items * 5 <= m.rmap_items,
+                format!("{} vs {}", k.rmap_items, m.rmap_items),
+            )
+        }),
+    );
+    t
+}
+
+pub fn targets_text(ts: &[Target]) -> String {
+    let mut s = String::from("targets (issue 4):\n");
+    for t in ts {
+        let v = match t.verdict {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "n/a ",
+        };
+        let _ = writeln!(s, "  {v}  {:<55} {}", t.name, t.detail);
+    }
+    s
+}
+
+pub const THESIS_W2: &str = "thesis Table 5-2 (same program as W2, KSM on the 2011 kernel): \
+KSM (madvise of region 0 only) merged 256 pages with 25 600 rmap_items; \
+KSM+ merged 512 pages with 1 027 rmap_items";
+
+fn color(ap: &str) -> &'static str {
+    match ap {
+        "none" => "#888888",
+        "madvise-all" => "#1f77b4",
+        "merge_any" => "#d62728",
+        "smart_scan" => "#ff7f0e",
+        _ => "#2ca02c",
+    }
+}
+
+/// Merged MiB and rmap_items over time for each approach on one workload (normally W2).
+pub fn svg(cells: &[CellResult], wl: &str, title: &str) -> String {
+    let series: Vec<&CellResult> = cells
+        .iter()
+        .filter(|c| c.workload == wl && c.ran())
+        .collect();
+    let (w, h, left, right, top, gap, panel) = (900.0, 640.0, 80.0, 160.0, 40.0, 60.0, 250.0);
+    let plot_w = w - left - right;
+    let tmax = series
+        .iter()
+        .flat_map(|c| c.series.last().map(|s| s.t))
+        .fold(1.0f64, f64::max);
+    let mib = |p: u64| p as f64 * 4096.0 / MIB;
+    let ymax_mib = series
+        .iter()
+        .flat_map(|c| c.series.iter().map(|s| mib(s.merging)))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let rmax = series
+        .iter()
+        .flat_map(|c| c.series.iter().map(|s| s.rmap_items))
+        .max()
+        .unwrap_or(1)
+        .max(10) as f64;
+    let decades = rmax.log10().ceil().max(1.0);
+    let x = |t: f64| left + t / tmax * plot_w;
+    let y1 = |v: f64| top + panel - v / ymax_mib * panel;
+    let top2 = top + panel + gap;
+    // log scale: 0 is drawn at 10^0 (the bottom).
+    let y2 = |v: u64| top2 + panel - (v.max(1) as f64).log10() / decades * panel;
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="20" font-size="14">{}</text>"#,
+        xml(title)
+    );
+    for (ty, label) in [(top, "merged MiB"), (top2, "rmap_items (log)")] {
+        let _ = writeln!(
+            s,
+            r##"<rect x="{left}" y="{ty}" width="{plot_w}" height="{panel}" fill="none" stroke="#000"/>"##
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{label}</text>"#,
+            ty + panel / 2.0,
+            ty + panel / 2.0
+        );
+        for i in 0..=5 {
+            let t = tmax * i as f64 / 5.0;
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{t:.1}</text>"#,
+                x(t),
+                ty + panel + 15.0
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">seconds since ksmd started</text>"#,
+        left + plot_w / 2.0,
+        top2 + panel + 35.0
+    );
+    for i in 0..=4 {
+        let v = ymax_mib * i as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{v:.2}</text>"#,
+            left - 5.0,
+            y1(v) + 4.0
+        );
+    }
+    for d in 0..=decades as u32 {
+        let v = 10u64.pow(d);
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{:.1}" text-anchor="end">{v}</text><line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/>"##,
+            left - 5.0,
+            y2(v) + 4.0,
+            left + plot_w,
+            y2(v),
+            y2(v)
+        );
+    }
+    for (i, c) in series.iter().enumerate() {
+        let col = color(&c.approach);
+        let pts1: Vec<String> = c
+            .series
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.t), y1(mib(p.merging))))
+            .collect();
+        let pts2: Vec<String> = c
+            .series
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.t), y2(p.rmap_items)))
+            .collect();
+        for pts in [pts1, pts2] {
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{col}" stroke-width="2" points="{}"/>"#,
+                pts.join(" ")
+            );
+        }
+        let ly = top + 15.0 + 20.0 * i as f64;
+        let lx = left + plot_w + 15.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{col}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            lx + 20.0,
+            lx + 25.0,
+            ly + 4.0,
+            xml(&c.approach)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cell::Sample;
+
+    fn cell(wl: &str, ap: &str, merging: u64, rmap: u64, profit: i64) -> CellResult {
+        CellResult {
+            workload: wl.into(),
+            approach: ap.into(),
+            status: "ok".into(),
+            converged: true,
+            ideal_pages: 512,
+            merging_pages: merging,
+            rmap_items: rmap,
+            process_profit: profit,
+            series: vec![
+                Sample {
+                    t: 0.1,
+                    ..Default::default()
+                },
+                Sample {
+                    t: 2.0,
+                    merging,
+                    rmap_items: rmap,
+                    profit,
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn targets_and_svg() {
+        let cells = vec![
+            cell("W2", "merge_any", 256, 25600, -100),
+            cell("W2", "ksmplus", 512, 1027, 1000),
+        ];
+        let t = targets(&cells);
+        assert_eq!(t[0].verdict, Some(false)); // 1027 > 600
+        assert_eq!(t[2].verdict, Some(true));
+        assert_eq!(t[3].verdict, None);
+        let svg = svg(&cells, "W2", "W2 <test>");
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert!(svg.contains("W2 &lt;test&gt;"));
+        assert!(table(&cells).contains("ksmplus"));
+    }
+}
