@@ -103,6 +103,9 @@ pub struct ShimStats {
 pub mod track_flags {
     /// Mark every region MERGEABLE as soon as it is registered (the "madvise-all" mode).
     pub const MADVISE_ALL: u32 = 1;
+    /// Also register the process's other private anonymous writable mappings, found in
+    /// `/proc/self/maps` (heap, glibc arenas, toolkit allocators), with origin `Maps`.
+    pub const COVER_MAPS: u32 = 2;
 }
 
 /// Every message of the protocol, in both directions.

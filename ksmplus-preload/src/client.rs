@@ -16,10 +16,11 @@
 //!   longer exists after fork), and only when `KSMPLUS_LOG` is set.
 
 use crate::conn::{Conn, ConnectError, OwnFd};
+use crate::maps;
 use crate::ring::{Event, Kind, CONSUMER_WAITING, DROPPED, NEED_RESYNC, RING, WAKE_FD};
 use crate::sys::{PAGE, PAGE_MASK};
 use crate::table::TABLE;
-use crate::view::View;
+use crate::view::{Region, View};
 use crate::{DORMANT, REGISTRY_FULL, THRESHOLD};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
@@ -37,6 +38,8 @@ pub struct Config {
     pub log: bool,
     /// KSMPLUS_MADVISE_ALL=1: mark every region MERGEABLE at once; no agent needed.
     pub madvise_all: bool,
+    /// KSMPLUS_COVER_MAPS=1: register the rest of the anonymous address space without being asked.
+    pub cover_maps: bool,
 }
 
 pub static CONFIG: OnceLock<Config> = OnceLock::new();
@@ -214,6 +217,58 @@ impl State {
         TABLE.for_each(|addr, len| self.view.add(addr, len, Origin::Malloc as u8));
     }
 
+    /// Brings the `Maps` regions in line with `/proc/self/maps` (its text in `maps_text`).
+    fn refresh_maps(&mut self, maps_text: &str, min_len: usize) {
+        self.drain();
+        let lines = maps::parse(maps_text);
+        let (maps_now, others): (Vec<Region>, Vec<Region>) = self
+            .view
+            .iter()
+            .partition(|r| r.origin == Origin::Maps as u8);
+        let own = [
+            &TABLE as *const _ as usize,
+            &RING as *const _ as usize,
+            &crate::cache::CACHE as *const _ as usize,
+        ];
+        let wanted = maps::candidates(&lines, &others, min_len, &own);
+        let maps_origin = Origin::Maps as u8;
+        for r in &maps_now {
+            if wanted.contains(&(r.start, r.end())) {
+                continue;
+            }
+            match wanted.iter().find(|w| w.0 == r.start) {
+                Some(&(s, e)) => self.apply(Event {
+                    kind: Kind::Resized,
+                    origin: maps_origin,
+                    start: s,
+                    len: r.len,
+                    new_start: s,
+                    new_len: e - s,
+                }),
+                None => self.apply(Event {
+                    kind: Kind::Removed,
+                    origin: maps_origin,
+                    start: r.start,
+                    len: r.len,
+                    new_start: 0,
+                    new_len: 0,
+                }),
+            }
+        }
+        for &(s, e) in &wanted {
+            if !maps_now.iter().any(|r| r.start == s) {
+                self.apply(Event {
+                    kind: Kind::Added,
+                    origin: maps_origin,
+                    start: s,
+                    len: e - s,
+                    new_start: 0,
+                    new_len: 0,
+                });
+            }
+        }
+    }
+
     /// Queues a full resync of the view.
     fn queue_resync(&mut self) {
         RESYNCS.fetch_add(1, Relaxed);
@@ -246,24 +301,20 @@ fn origin_of(o: u8) -> Origin {
     }
 }
 
+/// How often the `Maps` regions are brought up to date.
+const MAPS_INTERVAL: Duration = Duration::from_secs(5);
+
+fn read_maps() -> String {
+    std::fs::read_to_string("/proc/self/maps").unwrap_or_default()
+}
+
 /// `[start, end)` of every private anonymous writable mapping in `/proc/self/maps`.
 fn anon_mappings() -> Vec<(usize, usize)> {
-    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (range, perms) = (f.next()?, f.next()?);
-            let inode = f.nth(2)?;
-            let named = f.next().is_some();
-            if !perms.starts_with("rw") || !perms.ends_with('p') || inode != "0" || named {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                usize::from_str_radix(a, 16).ok()?,
-                usize::from_str_radix(b, 16).ok()?,
-            ))
-        })
+    let text = read_maps();
+    maps::parse(&text)
+        .iter()
+        .filter(|m| maps::is_private_anon_rw(m))
+        .map(|m| (m.start, m.end))
         .collect()
 }
 
@@ -435,7 +486,15 @@ fn run(cfg: &'static Config) {
     let mut backoff = Duration::from_millis(100);
     let mut next_attempt = Instant::now();
     let mut warned = false;
+    let mut cover_maps = cfg.cover_maps;
+    let mut next_maps = Instant::now();
     loop {
+        // 0. Keep the `Maps` regions current.
+        if cover_maps && Instant::now() >= next_maps {
+            let text = read_maps();
+            STATE.lock().state().refresh_maps(&text, cfg.min_region);
+            next_maps = Instant::now() + MAPS_INTERVAL;
+        }
         // 1. Registry events (and a rebuild after lost events) into the view and the outbox.
         let out = {
             let mut g = STATE.lock();
@@ -470,11 +529,17 @@ fn run(cfg: &'static Config) {
                     warned = false;
                     SOCK_FD.store(c.fd.raw(), Release);
                     backoff = Duration::from_millis(100);
+                    cover_maps = cfg.cover_maps || flags & track_flags::COVER_MAPS != 0;
+                    let maps_text = cover_maps.then(read_maps).unwrap_or_default();
+                    next_maps = Instant::now() + MAPS_INTERVAL;
                     let mut g = STATE.lock();
                     let st = g.state();
                     st.drain();
                     st.forwarding = true;
                     st.madvise_all = flags & track_flags::MADVISE_ALL != 0;
+                    if cover_maps {
+                        st.refresh_maps(&maps_text, cfg.min_region);
+                    }
                     if st.madvise_all {
                         let all: Vec<_> = st.view.iter().collect();
                         for r in all {
@@ -512,14 +577,18 @@ fn run(cfg: &'static Config) {
             }
         }
         // 3. Sleep until an event, a command, or the next connection attempt.
-        let timeout = match &conn {
-            Some(_) => 5000,
-            None if cfg.madvise_all => 5000,
-            None => next_attempt
-                .saturating_duration_since(Instant::now())
-                .as_millis()
-                .clamp(1, 5000) as i32,
+        let mut wake_at = match &conn {
+            Some(_) => Instant::now() + Duration::from_secs(5),
+            None if cfg.madvise_all => Instant::now() + Duration::from_secs(5),
+            None => next_attempt,
         };
+        if cover_maps {
+            wake_at = wake_at.min(next_maps);
+        }
+        let timeout = wake_at
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .clamp(1, 5000) as i32;
         CONSUMER_WAITING.store(true, SeqCst);
         if !RING.is_empty() || NEED_RESYNC.load(SeqCst) {
             CONSUMER_WAITING.store(false, SeqCst);
@@ -744,13 +813,16 @@ pub fn init() {
                 .to_string_lossy()
                 .into_owned()
         });
-    let madvise_all = env(c"KSMPLUS_MADVISE_ALL").is_some_and(|v| v != "0" && !v.is_empty());
+    let flag = |name: &core::ffi::CStr| env(name).is_some_and(|v| v != "0" && !v.is_empty());
+    let madvise_all = flag(c"KSMPLUS_MADVISE_ALL");
+    let cover_maps = flag(c"KSMPLUS_COVER_MAPS");
     if CONFIG
         .set(Config {
             socket,
             min_region,
             log: log_on,
             madvise_all,
+            cover_maps,
         })
         .is_err()
     {

@@ -10,11 +10,13 @@
 //! - `cache`  — a few freed mappings kept warm for reuse.
 //! - `ring`   — bounded lock-free event queue from hooks to the client thread.
 //! - `view`   — the client thread's range map of registered regions.
+//! - `maps`   — which parts of /proc/self/maps to cover (origin Maps).
 //! - `client` — the client thread: socket, agent commands, fork handling, initialisation.
 
 #![cfg_attr(test, allow(dead_code))] // hooks and client are left out of unit-test builds
 
 mod cache;
+mod maps;
 mod ring;
 mod sys;
 mod table;
