@@ -62,3 +62,16 @@ pub fn rss_kib(pid: u32) -> u64 {
 pub fn ksm_stat(pid: u32) -> KsmStat {
     ksm::read_ksm_stat(Path::new("/"), pid).unwrap_or_else(|e| panic!("read ksm_stat: {e}"))
 }
+
+/// For each of `pages` pages from `start`: is it present in RAM (`/proc/PID/pagemap` bit 63)?
+/// A never-touched anonymous page is not; a page faulted in by a read (zero page) is.
+pub fn pages_present(pid: u32, start: u64, pages: usize) -> Vec<bool> {
+    let ps = crate::page_size();
+    let f = std::fs::File::open(format!("/proc/{pid}/pagemap")).expect("open pagemap");
+    let mut buf = vec![0u8; pages * 8];
+    f.read_exact_at(&mut buf, start / ps * 8)
+        .expect("read pagemap");
+    buf.chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()) >> 63 == 1)
+        .collect()
+}
