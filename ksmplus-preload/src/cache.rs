@@ -1,16 +1,21 @@
-//! A small cache of freed shim-owned mappings, so a program that repeatedly allocates and frees
-//! large buffers reuses warm pages (as glibc's heap would) instead of paying mmap, page faults and
-//! munmap every time.
+//! A cache of freed shim-owned mappings, so a program that repeatedly allocates and frees large
+//! buffers reuses warm pages (as glibc's heap would) instead of paying mmap, a page fault per
+//! page, and munmap every time.
 //!
-//! Invariants: fixed slots in `.bss`; each slot is claimed with a CAS (FREE → BUSY → FULL → BUSY →
-//! FREE), so no lock; at most `MAX_BYTES` are held; a slot is only reused for a request whose
-//! page-rounded length is within 25 % of the cached one. Cached memory is not zeroed: calloc never
-//! takes from here.
+//! Invariants:
+//! - Fixed slots in `.bss`, each claimed with a CAS (FREE → BUSY → FULL → BUSY → FREE): no lock,
+//!   no allocation; every operation scans the `SLOTS` slots a bounded number of times.
+//! - Cached ranges are disjoint page-aligned pieces of shim mappings that no registry entry and
+//!   no caller holds; at most `MAX_BYTES` of them.
+//! - Adjacent pieces are coalesced on `put`; `take` serves the best fit and puts the rest back,
+//!   or grows the largest piece with `mremap` so only the missing pages are new.
+//! - Cached memory is not zeroed: calloc never takes from here.
 
+use crate::sys;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::*};
 
-const SLOTS: usize = 16;
-pub const MAX_BYTES: usize = 32 << 20;
+const SLOTS: usize = 32;
+pub const MAX_BYTES: usize = 64 << 20;
 const FREE: u8 = 0;
 const BUSY: u8 = 1;
 const FULL: u8 = 2;
@@ -35,6 +40,22 @@ const NEW_SLOT: Slot = Slot {
 
 pub static CACHE: Cache = Cache::new();
 
+impl Slot {
+    /// Claims a FULL slot and empties it: its range.
+    fn claim(&self) -> Option<(usize, usize)> {
+        self.state
+            .compare_exchange(FULL, BUSY, Acquire, Relaxed)
+            .ok()?;
+        let r = (self.addr.load(Relaxed), self.len.load(Relaxed));
+        self.state.store(FREE, Release);
+        Some(r)
+    }
+    fn peek(&self) -> Option<(usize, usize)> {
+        (self.state.load(Acquire) == FULL)
+            .then(|| (self.addr.load(Relaxed), self.len.load(Relaxed)))
+    }
+}
+
 impl Cache {
     pub const fn new() -> Cache {
         Cache {
@@ -43,14 +64,49 @@ impl Cache {
         }
     }
 
-    /// Keeps `[addr, addr+len)` for reuse; `false` if it does not fit (the caller unmaps it).
-    pub fn put(&self, addr: usize, len: usize) -> bool {
-        if len > MAX_BYTES || self.bytes.fetch_add(len, AcqRel) + len > MAX_BYTES {
-            if len <= MAX_BYTES {
-                self.bytes.fetch_sub(len, AcqRel);
-            }
+    /// Keeps `[addr, addr+len)` for reuse, merged with adjacent cached pieces; `false` if it
+    /// would exceed `MAX_BYTES` (the caller unmaps it). Takes ownership otherwise.
+    pub fn put(&self, mut addr: usize, mut len: usize) -> bool {
+        if self.bytes.fetch_add(len, AcqRel) + len > MAX_BYTES {
+            self.bytes.fetch_sub(len, AcqRel);
             return false;
         }
+        // Coalesce with neighbours (bytes already counts them, so the sum stays right).
+        'merge: for _ in 0..2 {
+            for s in &self.slots {
+                let Some((a, l)) = s.peek() else { continue };
+                if a + l != addr && addr + len != a {
+                    continue;
+                }
+                if let Some((a, l)) = s.claim() {
+                    if a + l == addr {
+                        addr = a;
+                        len += l;
+                        continue 'merge;
+                    } else if addr + len == a {
+                        len += l;
+                        continue 'merge;
+                    } else if !self.store(a, l) {
+                        // Raced with a change: put it back; if no slot, release it.
+                        // SAFETY: a cached range is ours alone.
+                        let _ = unsafe { sys::munmap(a, l) };
+                        self.bytes.fetch_sub(l, AcqRel);
+                    }
+                }
+            }
+            break;
+        }
+        if !self.store(addr, len) {
+            // Every slot taken meanwhile. The range may include merged neighbours, which the
+            // caller does not know of, so release it here.
+            // SAFETY: the caller's range and the claimed neighbours are ours alone.
+            let _ = unsafe { sys::munmap(addr, len) };
+            self.bytes.fetch_sub(len, AcqRel);
+        }
+        true
+    }
+
+    fn store(&self, addr: usize, len: usize) -> bool {
         for s in &self.slots {
             if s.state
                 .compare_exchange(FREE, BUSY, Acquire, Relaxed)
@@ -62,58 +118,118 @@ impl Cache {
                 return true;
             }
         }
-        self.bytes.fetch_sub(len, AcqRel);
         false
     }
 
-    /// A cached mapping of at least `len` bytes (and at most 25 % more): `(addr, its length)`.
-    pub fn take(&self, len: usize) -> Option<(usize, usize)> {
-        if self.bytes.load(Relaxed) < len {
-            return None;
-        }
-        for s in &self.slots {
-            if s.state.load(Relaxed) != FULL {
-                continue;
-            }
-            let l = s.len.load(Relaxed);
-            if l < len || l - len > len / 4 {
-                continue;
-            }
-            if s.state
-                .compare_exchange(FULL, BUSY, Acquire, Relaxed)
-                .is_ok()
-            {
-                let (a, l) = (s.addr.load(Relaxed), s.len.load(Relaxed));
-                if l < len || l - len > len / 4 {
-                    s.state.store(FULL, Release);
-                    continue;
+    /// A range of exactly `len` bytes built from cached memory: the best-fitting piece (its rest
+    /// goes back), else the largest piece grown with `mremap`. `None` if the cache is empty or
+    /// the growth fails.
+    pub fn take(&self, len: usize) -> Option<usize> {
+        for _ in 0..4 {
+            let mut best: Option<(usize, usize)> = None; // (slot, len) smallest >= len
+            let mut largest: Option<(usize, usize)> = None;
+            for (i, s) in self.slots.iter().enumerate() {
+                let Some((_, l)) = s.peek() else { continue };
+                if l >= len && best.is_none_or(|(_, b)| l < b) {
+                    best = Some((i, l));
                 }
-                s.state.store(FREE, Release);
-                self.bytes.fetch_sub(l, AcqRel);
-                return Some((a, l));
+                if largest.is_none_or(|(_, b)| l > b) {
+                    largest = Some((i, l));
+                }
+            }
+            let (i, _) = best.or(largest)?;
+            let Some((a, l)) = self.slots[i].claim() else {
+                continue;
+            };
+            self.bytes.fetch_sub(l, AcqRel);
+            if l >= len {
+                if l > len && !self.put(a + len, l - len) {
+                    // SAFETY: the rest of a cached range is ours alone.
+                    let _ = unsafe { sys::munmap(a + len, l - len) };
+                }
+                return Some(a);
+            }
+            // SAFETY: [a, a+l) is ours alone; MAYMOVE lets the kernel find room.
+            match unsafe { sys::mremap(a, l, len, libc::MREMAP_MAYMOVE, 0) } {
+                Ok(new) => return Some(new),
+                Err(_) => {
+                    // E.g. the piece spans two VMAs: keep it for a request it fits.
+                    if !self.put(a, l) {
+                        // SAFETY: as above.
+                        let _ = unsafe { sys::munmap(a, l) };
+                    }
+                    return None;
+                }
             }
         }
         None
+    }
+
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Relaxed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    const P: usize = 4096;
+
+    fn map(len: usize) -> usize {
+        sys::mmap_anon(len).unwrap()
+    }
 
     #[test]
-    fn put_take_bounds() {
+    fn best_fit_split_and_coalesce() {
         let c = Cache::new();
-        assert!(c.put(0x10000, 1 << 20));
-        assert_eq!(c.take(2 << 20), None, "too small");
-        assert_eq!(c.take(512 << 10), None, "too much waste");
-        assert_eq!(c.take(900 << 10), Some((0x10000, 1 << 20)));
-        assert_eq!(c.take(900 << 10), None);
-        assert!(!c.put(0x20000, MAX_BYTES + 4096));
+        let a = map(64 * P);
+        assert!(c.put(a, 64 * P));
+        // Best fit takes the front and puts the rest back.
+        let x = c.take(16 * P).unwrap();
+        assert_eq!(x, a);
+        assert_eq!(c.bytes(), 48 * P);
+        // Giving it back coalesces into one piece again.
+        assert!(c.put(x, 16 * P));
+        assert_eq!(c.slots.iter().filter(|s| s.peek().is_some()).count(), 1);
+        assert_eq!(c.take(64 * P), Some(a));
+        assert_eq!(c.bytes(), 0);
+        assert_eq!(c.take(P), None);
+        unsafe { sys::munmap(a, 64 * P).unwrap() };
+    }
+
+    #[test]
+    fn grows_the_largest_piece_and_keeps_contents() {
+        let c = Cache::new();
+        let a = map(4 * P);
+        unsafe { *(a as *mut u8) = 42 };
+        assert!(c.put(a, 4 * P));
+        let b = c.take(256 * P).unwrap();
+        assert_eq!(unsafe { *(b as *const u8) }, 42);
+        unsafe { *((b + 255 * P) as *mut u8) = 1 };
+        assert_eq!(c.bytes(), 0);
+        unsafe { sys::munmap(b, 256 * P).unwrap() };
+    }
+
+    #[test]
+    fn bounded_bytes_and_slots() {
+        let c = Cache::new();
+        assert!(!c.put(0x10_0000_0000, MAX_BYTES + P));
+        assert_eq!(c.bytes(), 0);
+        // Non-adjacent pieces each take a slot.
         for i in 0..SLOTS {
-            assert!(c.put(0x100000 * (i + 1), 4096));
+            assert!(c.put(0x20_0000_0000 + i * 2 * P, P));
         }
-        assert!(!c.put(0x9000000, 4096), "no slot left");
-        assert_eq!(c.bytes.load(Relaxed), SLOTS * 4096);
+        assert_eq!(c.bytes(), SLOTS * P);
+        // With every slot taken, a new piece is released (here: a real mapping) and not counted.
+        let a = map(P);
+        assert!(c.put(a, P));
+        assert_eq!(c.bytes(), SLOTS * P);
+        let mut v = 0u8;
+        assert_ne!(
+            unsafe { libc::mincore(a as *mut _, P, &mut v) },
+            0,
+            "unmapped"
+        );
     }
 }

@@ -43,12 +43,12 @@ fn large_alloc(size: usize, align: usize, zeroed: bool) -> Option<*mut c_void> {
     if len > isize::MAX as usize {
         return None;
     }
-    let (addr, len) = match (align <= PAGE && !zeroed)
+    let cached = (align <= PAGE && !zeroed)
         .then(|| CACHE.take(len))
-        .flatten()
-    {
-        Some(hit) => hit,
-        None => (map_aligned(len, align)?, len),
+        .flatten();
+    let addr = match cached {
+        Some(a) => a,
+        None => map_aligned(len, align)?,
     };
     if !TABLE.insert(addr, len) {
         REGISTRY_FULL.fetch_add(1, Relaxed);
