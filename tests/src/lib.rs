@@ -53,3 +53,25 @@ pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
+
+/// Re-evaluates `f` every `every` until it returns `Some`, panicking (naming `what` and the last
+/// value of `describe`) after `timeout`. For kernel state that has no change notification
+/// (`/proc/PID/ksm_stat`, sysfs counters); anything the harness agent records should use
+/// [`HarnessAgent::wait_for`] instead.
+pub fn poll_until<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if std::time::Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}
