@@ -43,8 +43,10 @@ pub struct Ctx {
     pub tools: Tools,
     pub params: Params,
     pub ksmd_pid: Option<u32>,
-    /// `(pages_shared, pages_sharing, ksm_zero_pages)` before the first cell.
-    pub baseline: (i64, i64, i64),
+    /// `(pages_shared, pages_sharing, ksm_zero_pages, general_profit)` before the first cell.
+    /// `general_profit` falls by 64 B per rmap item, so it also shows rmap items that ksmd has
+    /// not yet dropped for an exited process.
+    pub baseline: (i64, i64, i64, i64),
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -183,9 +185,10 @@ fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<(), String> {
             sysfs("pages_shared"),
             sysfs("pages_sharing"),
             sysfs("ksm_zero_pages"),
+            sysfs("general_profit"),
         );
         let b = ctx.baseline;
-        if now.0 <= b.0 && now.1 <= b.1 && (now.2 <= b.2 || b.2 < 0) {
+        if now.0 <= b.0 && now.1 <= b.1 && (now.2 <= b.2 || b.2 < 0) && now.3 >= b.3 {
             return Ok(());
         }
         if !started {
@@ -194,8 +197,8 @@ fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<(), String> {
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "ksmd still holds pages after the previous cell: pages_shared {} sharing {} zero {} (baseline {} {} {}); refusing to contaminate the next cell",
-                now.0, now.1, now.2, b.0, b.1, b.2
+                "ksmd still holds pages after the previous cell: pages_shared {} sharing {} zero {} general_profit {} (baseline {} {} {} {}); refusing to contaminate the next cell",
+                now.0, now.1, now.2, now.3, b.0, b.1, b.2, b.3
             ));
         }
         sys::sleep_checked(Duration::from_millis(50))?;
@@ -242,7 +245,12 @@ fn observe(
         ));
     }
 
-    let ksmd_ns = || ctx.ksmd_pid.and_then(sys::task_runtime_ns).unwrap_or(0);
+    // schedstat gives nanoseconds; /proc/PID/stat (10 ms ticks) only when schedstat is missing.
+    let ksmd_ns = || {
+        ctx.ksmd_pid
+            .and_then(|p| sys::task_runtime_ns(p).or_else(|| sys::process_cpu_ns(p)))
+            .unwrap_or(0)
+    };
     let app_ns = |procs: &[Proc]| -> u64 {
         procs
             .iter()

@@ -276,6 +276,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             sysfs("pages_shared"),
             sysfs("pages_sharing"),
             sysfs("ksm_zero_pages"),
+            sysfs("general_profit"),
         ),
     };
     let settings: Vec<(String, String)> = [
@@ -294,11 +295,17 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     })
     .collect();
     let mut header = format!(
-        "ksmplus-bench{} — {} — Linux {} — {} CPUs\nksmd: {} smart_scan=0 (1 for the smart_scan approach only)\n",
+        "ksmplus-bench{} — {} — Linux {} — {} CPUs, load average {}\nksmd: {} smart_scan=0 (1 for the smart_scan approach only)\n",
         if smoke { " --smoke" } else { "" },
         date(),
         kernel(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
         settings
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -306,13 +313,14 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             .join(" "),
     );
     header += &format!(
-        "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; baseline pages_shared {} sharing {}\nshim: {}  agent: {}\n",
+        "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; baseline pages_shared {} sharing {} general_profit {}\nshim: {}  agent: {}\n",
         params.div,
         params.stable_secs,
         params.min_secs,
         params.deadline_secs,
         ctx.baseline.0,
         ctx.baseline.1,
+        ctx.baseline.3,
         ctx.tools.preload.as_ref().map_or("not found".into(), |p| p.display().to_string()),
         ctx.tools.agent.as_ref().map_or("not found".into(), |p| p.display().to_string()),
     );
