@@ -1,2 +1,161 @@
-//! Placeholder; the shim micro-benchmark lands in the next commit.
-fn main() {}
+//! `shim-bench [--reps N]`: the shim's micro-benchmark. Prints a table, not a pass/fail verdict.
+//!
+//! Runs `tests/c/malloc_bench.c` and `/bin/true` without `LD_PRELOAD` (glibc), under the release
+//! `libksmplus.so` with no agent listening, and under it with a tracking harness agent. Each
+//! configuration runs `--reps` times (default 5), modes interleaved, and the median is kept.
+//! The C program times itself and prints a checksum of everything it allocated, so neither the
+//! compiler nor the shim can skip the work.
+//!
+//! Build first: `cargo build --release -p ksmplus-preload`, then
+//! `cargo run --release -p ksmplus-tests --bin shim-bench`.
+use ksmplus_tests::shim::shim_lib_for;
+use ksmplus_tests::{compile, num_field, run, HarnessAgent, ShimMode};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// One timed run of `prog args` in `mode`: nanoseconds as printed by the program, and its checksum.
+fn timed(prog: &Path, args: &[&str], mode: &ShimMode, lib: &Path) -> (f64, String) {
+    let mut c = Command::new(prog);
+    mode.apply(&mut c, lib);
+    c.args(args);
+    let out = run(&mut c, b"", DEADLINE);
+    assert!(out.status.success(), "{c:?}: {}", out.stderr_str());
+    let line = out.stdout_str();
+    let sum = ksmplus_tests::field(&line, "sum").unwrap().to_owned();
+    (num_field(&line, "ns") as f64, sum)
+}
+
+/// Wall time of `n` sequential `/bin/true` runs.
+fn startup(n: usize, mode: &ShimMode, lib: &Path) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        let mut c = Command::new("/bin/true");
+        mode.apply(&mut c, lib);
+        let st = c.status().expect("run /bin/true");
+        assert!(st.success());
+    }
+    t.elapsed().as_nanos() as f64
+}
+
+fn main() {
+    let mut reps = 5;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--reps" => reps = args.next().and_then(|v| v.parse().ok()).expect("--reps N"),
+            _ => {
+                eprintln!("usage: shim-bench [--reps N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let lib = shim_lib_for(Some("release"));
+    let prog = compile("malloc_bench");
+    let agent = HarnessAgent::start();
+    let modes = [
+        ("glibc", ShimMode::Off),
+        (
+            "shim, no agent",
+            ShimMode::On {
+                socket: agent.socket_path().with_file_name("absent.sock"),
+            },
+        ),
+        (
+            "shim + agent",
+            ShimMode::On {
+                socket: agent.socket_path().to_owned(),
+            },
+        ),
+    ];
+    println!("shim: {}", lib.display());
+    println!("workload: {} ({reps} reps, median)", prog.display());
+    let cases: Vec<(&str, Vec<&str>, f64)> = vec![
+        (
+            "small 16B-4KiB, 1 thread",
+            vec!["small", "1", "3000000"],
+            3e6,
+        ),
+        (
+            "small 16B-4KiB, 4 threads",
+            vec!["small", "4", "1500000"],
+            6e6,
+        ),
+        (
+            "large 64KiB-8MiB alloc+touch+free",
+            vec!["large", "2000"],
+            2000.0,
+        ),
+    ];
+    println!(
+        "\n{:<36} {:>16} {:>16} {:>16}   {:>10} {:>10}",
+        "case (time per op)", modes[0].0, modes[1].0, modes[2].0, "ratio", "ratio+agt"
+    );
+    for (name, args, ops) in &cases {
+        let mut times = vec![Vec::new(); modes.len()];
+        let mut sums = vec![String::new(); modes.len()];
+        for _ in 0..reps {
+            for (i, (_, mode)) in modes.iter().enumerate() {
+                let (ns, sum) = timed(&prog, args, mode, &lib);
+                times[i].push(ns / ops);
+                sums[i] = sum;
+            }
+        }
+        assert!(
+            sums.iter().all(|s| *s == sums[0]),
+            "{name}: checksums differ between modes: {sums:?}"
+        );
+        let m: Vec<f64> = times.into_iter().map(median).collect();
+        let small = args[0] == "small";
+        // Small objects: throughput ratio shim/glibc (higher is better, target >= 0.97).
+        // Large objects: time ratio shim/glibc (lower is better, target <= 1.5).
+        let ratio = |x: f64| if small { m[0] / x } else { x / m[0] };
+        println!(
+            "{:<36} {:>13.1} ns {:>13.1} ns {:>13.1} ns   {:>9.3}x {:>9.3}x  {}",
+            name,
+            m[0],
+            m[1],
+            m[2],
+            ratio(m[1]),
+            ratio(m[2]),
+            if small {
+                "throughput shim/glibc, target >= 0.97"
+            } else {
+                "time shim/glibc, target <= 1.5"
+            }
+        );
+    }
+    let n = 200;
+    let mut times = vec![Vec::new(); modes.len()];
+    for _ in 0..reps {
+        for (i, (_, mode)) in modes.iter().enumerate() {
+            times[i].push(startup(n, mode, &lib) / n as f64 / 1e3);
+        }
+    }
+    let m: Vec<f64> = times.into_iter().map(median).collect();
+    println!(
+        "{:<36} {:>13.1} us {:>13.1} us {:>13.1} us   {:>9.3}x {:>9.3}x  time shim/glibc",
+        format!("start-up: /bin/true x {n}"),
+        m[0],
+        m[1],
+        m[2],
+        m[1] / m[0],
+        m[2] / m[0]
+    );
+    println!(
+        "\n{} shim clients said Hello to the harness agent during the run.",
+        agent
+            .state()
+            .clients
+            .iter()
+            .filter(|c| c.hello.is_some())
+            .count()
+    );
+}
