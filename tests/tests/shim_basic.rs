@@ -396,3 +396,31 @@ fn out_pid_children(st: &ksmplus_tests::AgentState) -> usize {
         })
         .count()
 }
+
+/// Regression test for a registry race (fails with the shim as of this commit): `realloc` that
+/// moves a shim block via `mremap(MREMAP_MAYMOVE)` lets the kernel reuse the old address at once,
+/// but the old registry entry is removed only afterwards. Another thread's fresh block at that
+/// address then sees a stale length from `malloc_usable_size` (here 128 KiB for a 132+ KiB
+/// request), and the late `TABLE.remove(old)` may remove the *new* owner's entry instead, after
+/// which its `free` goes to glibc with a pointer glibc never gave out.
+#[test]
+fn realloc_move_does_not_corrupt_other_threads_blocks() {
+    let prog = compile("shim_realloc_race");
+    let out = run(
+        command(
+            &prog,
+            &ShimMode::On {
+                socket: "/nonexistent/agent.sock".into(),
+            },
+        )
+        .args(["8", "20000"]),
+        b"",
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        out.stdout_str(),
+        ksmplus_tests::process::tail(&out.stderr)
+    );
+}
