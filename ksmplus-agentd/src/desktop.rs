@@ -542,13 +542,16 @@ pub fn resolve(xdg: &Xdg, app: &str) -> Vec<Found> {
     if let Some(f) = all.get(&id) {
         return vec![f.clone()];
     }
+    // By program name, deleted (Hidden=true) entries are not candidates.
     all.into_values()
         .filter(|f| {
-            f.base(xdg)
-                .and_then(|p| std::fs::read_to_string(p).ok())
-                .and_then(|t| get(&t, "Desktop Entry", "Exec"))
-                .and_then(|e| exec_program(&e))
-                .is_some_and(|p| p == app)
+            let Some(t) = f.base(xdg).and_then(|p| std::fs::read_to_string(p).ok()) else {
+                return false;
+            };
+            !is_true(get(&t, "Desktop Entry", "Hidden"))
+                && get(&t, "Desktop Entry", "Exec")
+                    .and_then(|e| exec_program(&e))
+                    .is_some_and(|p| p == app)
         })
         .collect()
 }
@@ -651,6 +654,14 @@ pub fn unwrap_one(xdg: &Xdg, f: &Found) -> Result<Outcome, DesktopError> {
     let backup = xdg.backup_dir().join(&id);
     if backup.exists() || backup.is_symlink() {
         move_file(&backup, user)?;
+        // Leave no empty ksmplus/backup/applications behind (remove_dir keeps non-empty ones).
+        let mut d = Some(xdg.backup_dir());
+        while let Some(dir) = d.filter(|d| d.starts_with(xdg.data_home.join("ksmplus"))) {
+            if std::fs::remove_dir(&dir).is_err() {
+                break;
+            }
+            d = dir.parent().map(Path::to_path_buf);
+        }
         Ok(Outcome::Restored {
             id,
             path: user.clone(),

@@ -26,16 +26,39 @@ enum Cmd {
     Remove { app: String },
     /// Re-read the policy file (a bad file leaves the old policy in force)
     Reload,
+    /// Count duplicate page contents in running processes (what KSM could save); no agent needed
+    Scan(ksmplus_agentd::scan::ScanArgs),
+    /// Make a program's desktop entries (menu, file associations) start it under the shim
+    Wrap(ksmplus_agentd::desktop::WrapArgs),
+    /// Undo `wrap`: restore the previous user entry, or remove the override
+    Unwrap(ksmplus_agentd::desktop::UnwrapArgs),
+    /// List the desktop entries `wrap` wrote
+    Wrapped,
+    /// Write the systemd user unit for ksmplus-agentd (~/.config/systemd/user)
+    InstallService(ksmplus_agentd::service::InstallArgs),
 }
 
 fn main() {
     let args = Args::parse();
+    // Local commands (desktop integration, scanner): they do not talk to the agent.
+    let local = match &args.cmd {
+        Cmd::Scan(a) => Some(ksmplus_agentd::scan::cli(a, args.json)),
+        Cmd::Wrap(a) => Some(ksmplus_agentd::desktop::cli_wrap(a, args.json)),
+        Cmd::Unwrap(a) => Some(ksmplus_agentd::desktop::cli_unwrap(a, args.json)),
+        Cmd::Wrapped => Some(ksmplus_agentd::desktop::cli_wrapped(args.json)),
+        Cmd::InstallService(a) => Some(ksmplus_agentd::service::cli_install(a, args.json)),
+        _ => None,
+    };
+    if let Some(code) = local {
+        std::process::exit(code);
+    }
     let socket = ksmplus_agentd::socket_path(args.socket.as_deref());
     let req = match &args.cmd {
         Cmd::Status => json!({"cmd": "status"}),
         Cmd::Add { app } => json!({"cmd": "add", "app": app}),
         Cmd::Remove { app } => json!({"cmd": "remove", "app": app}),
         Cmd::Reload => json!({"cmd": "reload"}),
+        _ => unreachable!("local commands returned above"),
     };
     let reply = match ksmplus_agentd::control_request(&socket, &req.to_string()) {
         Ok(r) => r,
@@ -83,6 +106,7 @@ fn main() {
                 "policy reloaded from {}",
                 v["policy"].as_str().unwrap_or("?")
             ),
+            _ => {}
         }
     }
     std::process::exit(if ok { 0 } else { 1 });
