@@ -298,10 +298,13 @@ impl Scanner {
         };
         let open_reason = |e: &io::Error| {
             // Kernel threads and zombies have a /proc entry but no address space to open.
-            if dir.join("stat").exists() && !alive(&dir) {
-                "no user memory (kernel thread or zombie)".to_string()
-            } else {
-                open_reason(e)
+            match proc_state(&dir) {
+                Some((_, flags)) if flags & PF_KTHREAD != 0 => {
+                    "no user memory (kernel thread)".to_string()
+                }
+                Some(('Z' | 'X', _)) => "no user memory (zombie: exited)".to_string(),
+                Some(_) => open_reason(e),
+                None => "exited before it could be scanned".to_string(),
             }
         };
         // Open mem and pagemap before reading maps: both hold the address space they were opened
@@ -320,7 +323,7 @@ impl Scanner {
         };
         let vmas: Vec<Vma> = maps.lines().filter_map(parse_maps_line).collect();
         if vmas.is_empty() {
-            return skip(self, "no user memory (kernel thread, or exited)".into());
+            return skip(self, "no user memory (zombie: exited)".into());
         }
         let mut pc = ProcCounts {
             pid,
@@ -639,11 +642,21 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> usize {
     done
 }
 
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// State letter and flags from `/proc/PID/stat` (readable by anyone).
+fn proc_state(dir: &Path) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let flags = f.nth(5)?.parse().ok()?; // field 9: after ppid pgrp session tty_nr tpgid
+    Some((state, flags))
+}
+
+/// Still running (not gone, not a zombie).
 fn alive(dir: &Path) -> bool {
-    // A zombie still has /proc/PID but no address space: its maps are empty.
-    std::fs::read_to_string(dir.join("maps"))
-        .map(|m| !m.is_empty())
-        .unwrap_or(false)
+    matches!(proc_state(dir), Some((s, _)) if s != 'Z' && s != 'X')
 }
 
 fn read_comm(dir: &Path) -> String {
@@ -823,7 +836,8 @@ pub fn cli(args: &ScanArgs, json_out: bool) -> i32 {
         // With --all, unreadable and kernel processes are expected: summarise instead of listing.
         let before = sc.skipped.len();
         sc.skipped.retain(|s| {
-            !s.reason.starts_with("permission denied") && !s.reason.starts_with("no user memory")
+            !s.reason.starts_with("permission denied")
+                && !s.reason.starts_with("no user memory (kernel thread)")
         });
         let hidden = before - sc.skipped.len();
         if hidden > 0 && !json_out {
@@ -980,5 +994,13 @@ mod tests {
         sc.scan_pid(u32::MAX - 1, &mut buf);
         assert_eq!(sc.skipped.len(), 1);
         assert!(sc.skipped[0].reason.contains("exited"));
+        // pid 2 is kthreadd.
+        sc.scan_pid(2, &mut buf);
+        assert_eq!(sc.skipped.len(), 2);
+        assert!(
+            sc.skipped[1].reason.contains("kernel thread"),
+            "{:?}",
+            sc.skipped[1]
+        );
     }
 }
