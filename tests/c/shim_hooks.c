@@ -27,10 +27,14 @@ int main(void) {
         CHECK(aligned(p, 16), "malloc(%zu)=%p", n, (void *)p);
         memset(p, 0xab, n);
         /* realloc grow and shrink keep the prefix */
+        errno = 0;
         unsigned char *q = realloc(p, n * 3);
-        CHECK(q && q[0] == 0xab && q[n - 1] == 0xab, "realloc grow %zu", n);
-        q = realloc(q, n / 2 + 1);
-        CHECK(q && q[0] == 0xab && q[n / 2] == 0xab, "realloc shrink %zu", n);
+        CHECK(q && q[0] == 0xab && q[n - 1] == 0xab, "realloc grow %zu: %p -> %p errno=%d", n, (void *)p, (void *)q, errno);
+        if (!q) q = p; /* realloc failure leaves p allocated */
+        errno = 0;
+        unsigned char *s = realloc(q, n / 2 + 1);
+        CHECK(s && s[0] == 0xab && s[n / 2] == 0xab, "realloc shrink %zu: %p -> %p errno=%d", n, (void *)q, (void *)s, errno);
+        q = s ? s : q;
         free(q);
         /* calloc zeroed, also after reuse */
         for (int rep = 0; rep < 2; rep++) {
@@ -68,9 +72,11 @@ int main(void) {
         /* reallocarray */
         unsigned char *ra = reallocarray(NULL, n, 2);
         CHECK(ra && malloc_usable_size(ra) >= 2 * n, "reallocarray(NULL,%zu,2)", n);
-        if (ra) { memset(ra, 9, 2 * n); ra = reallocarray(ra, n, 3); }
-        CHECK(ra && ra[2 * n - 1] == 9, "reallocarray grow %zu", n);
-        free(ra);
+        unsigned char *rb = NULL;
+        errno = 0;
+        if (ra) { memset(ra, 9, 2 * n); rb = reallocarray(ra, n, 3); }
+        CHECK(rb && rb[2 * n - 1] == 9, "reallocarray grow %zu: %p -> %p errno=%d", n, (void *)ra, (void *)rb, errno);
+        free(rb ? rb : ra);
     }
     /* reallocarray overflow: NULL, ENOMEM, original block untouched */
     /* volatile: keep the compiler from folding these calls or reasoning about them */
