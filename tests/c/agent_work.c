@@ -1,0 +1,99 @@
+/* Workloads for the agent's end-to-end tests. Allocates with plain malloc (no madvise: finding
+ * the duplicates is the agent's job), fills, reads every byte back into an FNV-1a checksum so the
+ * stores cannot be dropped, prints one line, then blocks until stdin is closed.
+ *
+ *   agent_work table52          two 100 MiB buffers; the first 256 pages of each all 0xff,
+ *                               every other page unique (thesis Table 5-2)
+ *   agent_work unique MIB       MIB MiB of unique pages
+ *   agent_work dense MIB        MIB MiB filled with byte i = i % 256 (thesis 5.1.1): all pages equal
+ *   agent_work volatile MIB     MIB MiB of pages that are all equal at any instant but rewritten
+ *                               continuously (a counter in every page) by a second thread
+ *
+ * Output: `a=0x... b=0x... size=N sum=S` (b=0 when there is one buffer).
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t checksum(const unsigned char *p, size_t n, uint64_t h) {
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static void fill_unique(unsigned char *p, size_t n, uint64_t tag) {
+    long page = sysconf(_SC_PAGESIZE);
+    memset(p, 0, n);
+    for (size_t off = 0; off < n; off += page) {
+        uint64_t v[2] = {tag, off / page};
+        memcpy(p + off, v, sizeof v);
+    }
+}
+
+static volatile unsigned char *vbuf;
+static size_t vsize;
+
+static void *rewrite(void *arg) {
+    (void)arg;
+    long page = sysconf(_SC_PAGESIZE);
+    for (uint64_t c = 1;; c++) {
+        for (size_t off = 0; off < vsize; off += page) *(volatile uint64_t *)(vbuf + off) = c;
+        struct timespec ts = {0, 2 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: agent_work MODE [MIB]\n"); return 2; }
+    const char *mode = argv[1];
+    size_t mib = argc > 2 ? strtoul(argv[2], NULL, 10) : 100;
+    size_t size = mib << 20;
+    unsigned char *a = NULL, *b = NULL;
+    uint64_t sum = 1469598103934665603ull;
+    long page = sysconf(_SC_PAGESIZE);
+    if (strcmp(mode, "table52") == 0) {
+        size = 100u << 20;
+        a = malloc(size);
+        b = malloc(size);
+        if (!a || !b) { perror("malloc"); return 2; }
+        fill_unique(a, size, 0xa0a0a0a0a0a0a0a0ull);
+        fill_unique(b, size, 0xb0b0b0b0b0b0b0b0ull);
+        memset(a, 0xff, 256 * page);
+        memset(b, 0xff, 256 * page);
+        sum = checksum(a, size, sum);
+        sum = checksum(b, size, sum);
+    } else if (strcmp(mode, "unique") == 0) {
+        a = malloc(size);
+        if (!a) { perror("malloc"); return 2; }
+        fill_unique(a, size, 0xc0c0c0c0c0c0c0c0ull ^ (uint64_t)getpid() << 8);
+        sum = checksum(a, size, sum);
+    } else if (strcmp(mode, "dense") == 0) {
+        a = malloc(size);
+        if (!a) { perror("malloc"); return 2; }
+        for (size_t i = 0; i < size; i++) a[i] = (unsigned char)(i % 256);
+        sum = checksum(a, size, sum);
+    } else if (strcmp(mode, "volatile") == 0) {
+        a = malloc(size);
+        if (!a) { perror("malloc"); return 2; }
+        memset(a, 0x5a, size);
+        sum = checksum(a, size, sum);
+        vbuf = a;
+        vsize = size;
+        pthread_t t;
+        if (pthread_create(&t, NULL, rewrite, NULL) != 0) { perror("pthread_create"); return 2; }
+    } else {
+        fprintf(stderr, "unknown mode %s\n", mode);
+        return 2;
+    }
+    printf("a=0x%lx b=0x%lx size=%zu sum=%016llx\n", (unsigned long)a, (unsigned long)b, size,
+           (unsigned long long)sum);
+    fflush(stdout);
+    char tmp[256];
+    while (fread(tmp, 1, sizeof tmp, stdin) > 0) {}
+    return 0;
+}

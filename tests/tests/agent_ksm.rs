@@ -1,0 +1,219 @@
+//! The agent end to end with the real shim, the real agent and the real ksmd: thesis Table 5-2,
+//! a process with no duplicates, the dense thesis program in two processes, and `status --json`
+//! against `/proc/PID/ksm_stat`. Each test holds ksmd exclusively (flock) and restores it.
+//!
+//! Needs `cargo build --workspace` first (the shim and the agent binaries). Figures for the notes
+//! are printed as `FIGURE ...` lines (`cargo test -p ksmplus-tests --test agent_ksm -- --nocapture`).
+mod agent_support;
+use agent_support::{cpu_ms, figure, full_scans, ksmd_pid, Agent, FAST_POLICY};
+use ksmplus_tests::{num_field, page_size, procfs, require_ksm, KsmdGuard};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const LINE: Duration = Duration::from_secs(60);
+
+/// Waits until ksmd has completed `n` more full scans.
+fn wait_full_scans(n: u64, timeout: Duration) {
+    let target = full_scans() + n;
+    let deadline = Instant::now() + timeout;
+    while full_scans() < target {
+        assert!(
+            Instant::now() < deadline,
+            "ksmd did not finish {n} full scans within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// The process's status entry agrees with `/proc/PID/ksm_stat` (read before and after; when
+/// the two reads agree the figures were stable, and the agent's must equal them).
+fn assert_status_matches_ksm_stat(agent: &Agent, pid: u32) {
+    for _ in 0..50 {
+        let before = procfs::ksm_stat(pid);
+        let p = agent.process(pid).expect("process in status");
+        let after = procfs::ksm_stat(pid);
+        if before != after {
+            continue;
+        }
+        assert_eq!(u(&p["rmap_items"]), before.rmap_items, "{p}");
+        assert_eq!(u(&p["merging_pages"]), before.merging_pages, "{p}");
+        assert_eq!(u(&p["zero_pages"]), before.zero_pages, "{p}");
+        assert_eq!(p["profit"].as_i64().unwrap(), before.process_profit, "{p}");
+        return;
+    }
+    panic!("ksm_stat of {pid} never stable across a status call");
+}
+
+struct Usage {
+    t0: Instant,
+    ksmd0: u64,
+    agent0: u64,
+}
+
+impl Usage {
+    fn start(agent: &Agent) -> Usage {
+        Usage {
+            t0: Instant::now(),
+            ksmd0: ksmd_pid().map(cpu_ms).unwrap_or(0),
+            agent0: cpu_ms(agent.pid()),
+        }
+    }
+    fn report(&self, case: &str, agent: &Agent, pids: &[u32]) {
+        let s = agent.status();
+        figure(
+            &format!("{case} time to converge"),
+            format!("{:.2?}", self.t0.elapsed()),
+        );
+        figure(
+            &format!("{case} ksmd cpu"),
+            format!(
+                "{} ms (other ksmd users may add to it)",
+                ksmd_pid().map(cpu_ms).unwrap_or(0) - self.ksmd0
+            ),
+        );
+        let rmap: u64 = pids.iter().map(|p| procfs::ksm_stat(*p).rmap_items).sum();
+        let merging: u64 = pids
+            .iter()
+            .map(|p| procfs::ksm_stat(*p).merging_pages)
+            .sum();
+        figure(
+            &format!("{case} rmap_items / merging_pages"),
+            format!("{rmap} / {merging}"),
+        );
+        figure(
+            &format!("{case} agent cpu / rss"),
+            format!(
+                "{} ms / {} KiB",
+                cpu_ms(agent.pid()) - self.agent0,
+                u(&s["agent"]["rss_kib"])
+            ),
+        );
+    }
+}
+
+#[test]
+fn table_5_2_two_regions_merge_512_pages_with_few_rmap_items() {
+    if !require_ksm() {
+        return;
+    }
+    let _ksmd = KsmdGuard::acquire();
+    let agent = Agent::start(FAST_POLICY);
+    let usage = Usage::start(&agent);
+    let (p, line) = agent.workload("agent_work", &["table52"]);
+    let pid = p.pid();
+    let ps = page_size();
+    let (a, b, size) = (
+        num_field(&line, "a"),
+        num_field(&line, "b"),
+        num_field(&line, "size"),
+    );
+    assert_eq!(size, 100 << 20);
+    // The program really holds what it says: 256 pages of 0xff, then unique pages.
+    let mut sum: u64 = 1469598103934665603;
+    for base in [a, b] {
+        assert_eq!(base % ps, 0, "{line}");
+        let mem = procfs::read_mem(pid, base, size as usize);
+        assert!(mem[..256 * ps as usize].iter().all(|&x| x == 0xff));
+        assert_ne!(
+            &mem[256 * ps as usize..257 * ps as usize],
+            &mem[..ps as usize]
+        );
+        for &x in &mem {
+            sum = (sum ^ x as u64).wrapping_mul(1099511628211);
+        }
+    }
+    assert_eq!(
+        format!("{sum:016x}"),
+        ksmplus_tests::field(&line, "sum").unwrap()
+    );
+
+    agent.wait("512 pages merging", Duration::from_secs(120), |_| {
+        (procfs::ksm_stat(pid).merging_pages >= 510).then_some(())
+    });
+    // Converged: a few more full scans change nothing.
+    wait_full_scans(3, Duration::from_secs(60));
+    let k = procfs::ksm_stat(pid);
+    assert!(k.merging_pages >= 510, "{k:?}");
+    assert!(k.rmap_items <= 1027, "{k:?}");
+    let st = agent.process(pid).unwrap();
+    assert_eq!(u(&st["marked_bytes"]), 2 * 256 * ps, "{st}");
+    usage.report("table 5-2", &agent, &[pid]);
+    // Case 7: status --json agrees with the kernel.
+    assert_status_matches_ksm_stat(&agent, pid);
+    let (st, _) = p.finish(LINE);
+    assert!(st.success());
+}
+
+#[test]
+fn unique_pages_end_with_no_rmap_items_and_no_fingerprints() {
+    if !require_ksm() {
+        return;
+    }
+    let _ksmd = KsmdGuard::acquire();
+    let agent = Agent::start(FAST_POLICY);
+    let usage = Usage::start(&agent);
+    let (p, line) = agent.workload("agent_work", &["unique", "200"]);
+    let pid = p.pid();
+    let (a, size) = (num_field(&line, "a"), num_field(&line, "size"));
+    let mem = procfs::read_mem(pid, a, 2 * page_size() as usize);
+    assert_ne!(mem[..page_size() as usize], mem[page_size() as usize..]);
+    assert_eq!(size, 200 << 20);
+    let st = agent.wait("the schedule to run out", Duration::from_secs(180), |s| {
+        let p = s["processes"]
+            .as_array()?
+            .iter()
+            .find(|p| p["pid"].as_u64() == Some(pid as u64))?;
+        (u(&p["regions"]) > 0
+            && u(&p["regions_dropped"]) == u(&p["regions"])
+            && u(&p["fingerprints"]) == 0)
+            .then(|| p.clone())
+    });
+    assert_eq!(u(&st["marked_bytes"]), 0, "{st}");
+    assert_eq!(u(&st["runs_marked"]), 0, "{st}");
+    assert!(u(&st["fingerprinted_pages"]) >= 51200 * 5, "{st}");
+    wait_full_scans(2, Duration::from_secs(60));
+    assert_eq!(procfs::ksm_stat(pid).rmap_items, 0);
+    let s = agent.status();
+    assert_eq!(u(&s["engine"]["fingerprints"]), 0, "{s}");
+    assert_eq!(u(&s["engine"]["distinct_hashes"]), 0, "{s}");
+    usage.report("no duplicates (200 MiB)", &agent, &[pid]);
+    assert_status_matches_ksm_stat(&agent, pid);
+    let (st, _) = p.finish(LINE);
+    assert!(st.success());
+}
+
+#[test]
+fn dense_thesis_program_in_two_processes_merges_99_percent() {
+    if !require_ksm() {
+        return;
+    }
+    let _ksmd = KsmdGuard::acquire();
+    let agent = Agent::start(FAST_POLICY);
+    let usage = Usage::start(&agent);
+    let (p1, l1) = agent.workload("agent_work", &["dense", "20"]);
+    let (p2, l2) = agent.workload("agent_work", &["dense", "20"]);
+    let ps = page_size();
+    let pages = (20u64 << 20) / ps;
+    for (p, l) in [(&p1, &l1), (&p2, &l2)] {
+        let mem = procfs::read_mem(p.pid(), num_field(l, "a"), 20 << 20);
+        assert!(mem.iter().enumerate().all(|(i, &x)| x == i as u8));
+    }
+    let (a, b) = (p1.pid(), p2.pid());
+    agent.wait(
+        "99 % of both buffers merging",
+        Duration::from_secs(120),
+        |_| {
+            let (x, y) = (procfs::ksm_stat(a), procfs::ksm_stat(b));
+            (x.merging_pages * 100 >= pages * 99 && y.merging_pages * 100 >= pages * 99)
+                .then_some(())
+        },
+    );
+    usage.report("dense 2 x 20 MiB", &agent, &[a, b]);
+    assert_status_matches_ksm_stat(&agent, a);
+    assert!(p1.finish(LINE).0.success());
+    assert!(p2.finish(LINE).0.success());
+}

@@ -1,0 +1,258 @@
+//! Shared by the `agent_*` end-to-end tests: runs the real `ksmplus-agentd` on a private socket
+//! and policy, talks to it with the real `ksmplusctl`, and waits on conditions with deadlines.
+#![allow(dead_code)]
+use ksmplus_tests::{compile, Interactive, ShimMode};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Policy used by most tests: fast rounds, small regions, the workload tracked by name.
+pub const FAST_POLICY: &str = r#"
+track = ["agent_work"]
+min_region_bytes = 65536
+[sampling]
+round_interval_ms = 200
+unmerge_after_full_scans = 3
+"#;
+
+/// `target/<profile>/NAME` next to the running test binary (built by `cargo build --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    for dir in exe.ancestors().skip(1) {
+        let cand = dir.join(name);
+        if cand.is_file() {
+            return cand;
+        }
+        if dir
+            .file_name()
+            .is_some_and(|n| n == "debug" || n == "release")
+        {
+            break;
+        }
+    }
+    panic!(
+        "{name} not found next to {}: build it first with `cargo build -p ksmplus-agentd` \
+         (same target dir)",
+        exe.display()
+    );
+}
+
+/// A running `ksmplus-agentd` on a private socket, killed (SIGTERM) on drop.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub policy: PathBuf,
+    pub child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(policy: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("ksmplus-agent-test")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("run/agent.sock");
+        let policy_path = dir.path().join("config/policy.toml");
+        std::fs::create_dir_all(policy_path.parent().unwrap()).unwrap();
+        std::fs::write(&policy_path, policy).unwrap();
+        let mut a = Agent {
+            log: dir.path().join("agent.log"),
+            dir,
+            socket,
+            policy: policy_path,
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    /// Starts (again) the agent process on the same socket and policy.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("ksmplus-agentd"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--policy")
+            .arg(&self.policy)
+            .arg("-vv")
+            .env_remove("KSMPLUS_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ksmplus-agentd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.try_ctl(&["--json", "status"]).map(|o| o.status.code()) != Some(Some(0)) {
+            assert!(
+                Instant::now() < deadline,
+                "agent did not answer within 20 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` and waits for the exit.
+    pub fn stop(&mut self, sig: i32) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            let _ = c.wait();
+        }
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Option<Output> {
+        Command::new(bin("ksmplusctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .ok()
+    }
+
+    /// Runs `ksmplusctl --socket S ARGS...`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.try_ctl(args).expect("run ksmplusctl")
+    }
+
+    /// `ksmplusctl status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let o = self.ctl(&["status", "--json"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "status failed: {text} {}\nagent log:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status --json: {e}: {text}"))
+    }
+
+    /// The status entry of process `pid`, if the agent tracks it.
+    pub fn process(&self, pid: u32) -> Option<Value> {
+        self.status()["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pid"].as_u64() == Some(pid as u64))
+            .cloned()
+    }
+
+    /// Polls `f` on the status until it returns `Some`, or panics after `timeout` naming `what`.
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Value) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if let Some(v) = f(&s) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; last status:\n{}\nagent log tail:\n{}",
+                    serde_json::to_string_pretty(&s).unwrap(),
+                    tail(&self.log(), 3000)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn shim(&self) -> ShimMode {
+        ShimMode::On {
+            socket: self.socket.clone(),
+        }
+    }
+
+    /// Runs `agent_work ARGS` (under the name `name`) under the shim, returning it and its line.
+    pub fn workload(&self, name: &str, args: &[&str]) -> (Interactive, String) {
+        let exe = workload_named(name);
+        let mut cmd = ksmplus_tests::shim::command(&exe, &self.shim());
+        cmd.args(args);
+        let mut p = Interactive::spawn(&mut cmd);
+        let line = p.line(Duration::from_secs(60));
+        (p, line)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop(libc::SIGTERM);
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The compiled `agent_work` (cached as `agent_work-HASH`), copied once under the file name `name`
+/// so that its comm and exe basename are exactly `name` for the policy.
+pub fn workload_named(name: &str) -> PathBuf {
+    let exe = compile("agent_work");
+    let dir = exe.parent().unwrap().join(format!(
+        "named-{}",
+        exe.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    if !out.is_file() {
+        let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+        std::fs::copy(&exe, &tmp).unwrap();
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// ksmd's `/sys/kernel/mm/ksm/full_scans`.
+pub fn full_scans() -> u64 {
+    ksmplus_common::ksm::read_sysfs(Path::new("/"), "full_scans").unwrap_or(0) as u64
+}
+
+/// CPU time (user + system) of a process, milliseconds.
+pub fn cpu_ms(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(i) = s.rfind(')') else { return 0 };
+    let f: Vec<&str> = s[i + 2..].split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let t: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    t * 1000 / hz
+}
+
+/// The pid of the ksmd kernel thread, if any.
+pub fn ksmd_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "ksmd").then_some(pid)
+    })
+}
+
+/// Prints a figure line for the notes (shown with `--nocapture`).
+pub fn figure(what: &str, v: impl std::fmt::Display) {
+    eprintln!("FIGURE {what}: {v}");
+}
