@@ -125,7 +125,9 @@ impl Desktop {
 
     fn tool(&self, prog: &str) -> Command {
         let mut c = Command::new(prog);
-        c.envs(self.env()).stdin(Stdio::null()).stderr(Stdio::null());
+        c.envs(self.env())
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
         c
     }
 
@@ -211,7 +213,11 @@ impl Desktop {
         let id = w.to_string();
         let _ = self.run("xdotool", &["windowraise", &id], 5.0);
         let _ = self.run("xdotool", &["windowfocus", &id], 5.0);
-        let _ = self.run("xdotool", &["mousemove", "--window", &id, "300", "300"], 5.0);
+        let _ = self.run(
+            "xdotool",
+            &["mousemove", "--window", &id, "300", "300"],
+            5.0,
+        );
     }
 
     /// Types one key combination (`Next`, `ctrl+Page_Down`, ...) to the focused window; true

@@ -1,0 +1,465 @@
+//! `ksmplus-bench desktop`: the thesis's desktop experiments (5.1.2, 5.3) rerun on the same
+//! programs — okular ×4, gimp with 5 images, epiphany offline, a mixed session — under every
+//! approach with identical ksmd settings, headless (Xvfb, xdotool). See docs/DESKTOP-BENCH.md.
+//!
+//! Invariants (those of the head-to-head bench, which this reuses): the exclusive flock on
+//! /tmp/ksmplus-ksmd.lock is held for the whole run; the ksmd settings saved at the start are
+//! restored on every exit path that unwinds (end, error, panic, SIGINT/SIGTERM/SIGHUP); every
+//! program, the agent, the X server and the bus are children of the bench and ended by it; the
+//! inputs are generated locally (`ksmplus-bench/desktop/gen_inputs.py`), nothing is downloaded.
+
+mod cell;
+mod procs;
+mod report;
+mod scenario;
+mod x11;
+
+use crate::approach::{self, Approach, Tools};
+use crate::sys;
+use cell::{Ctx, DeskCell};
+use clap::Parser;
+use ksmplus_common::ksm::{self, KsmSettings};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+const GENERATOR: &str = include_str!("../../desktop/gen_inputs.py");
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ksmplus-bench desktop",
+    about = "Desktop experiments of the thesis (okular x4, gimp 5 images, epiphany offline, mixed session) under each approach"
+)]
+struct Cli {
+    /// CI reduced mode: two okular instances under merge_any and ksmplus, assertions only.
+    #[arg(long)]
+    smoke: bool,
+    /// Comma-separated scenarios (D1,D2,D3,D4).
+    #[arg(long, default_value = "D1,D2,D3,D4")]
+    scenarios: String,
+    /// Comma-separated approaches [default: none,madvise-all,merge_any,ksmplus; smoke: merge_any,ksmplus].
+    #[arg(long)]
+    approaches: Option<String>,
+    /// Results directory: tables, JSON, screenshots, logs, inputs.
+    #[arg(long, default_value = "desktop-results")]
+    results: PathBuf,
+    /// ksmd pages_to_scan during every cell.
+    #[arg(long, default_value_t = 2000)]
+    pages_to_scan: u32,
+    /// ksmd sleep_millisecs during every cell.
+    #[arg(long, default_value_t = 10)]
+    sleep_millisecs: u32,
+    /// ksmd use_zero_pages during every cell (0: zero pages merge into a KSM page, as in the thesis).
+    #[arg(long, default_value_t = 0)]
+    use_zero_pages: u32,
+    /// Never declare convergence earlier than this after ksmd starts [default: 12, smoke 10].
+    #[arg(long)]
+    min_secs: Option<f64>,
+    /// Converged once the merging pages moved less than 2 % for this long [default: 4].
+    #[arg(long, default_value_t = 4.0)]
+    stable_secs: f64,
+    /// Give up on convergence after this long [default: 45, smoke 40].
+    #[arg(long)]
+    deadline_secs: Option<f64>,
+    /// Skip `ksmplusctl scan`.
+    #[arg(long)]
+    no_scan: bool,
+    /// Skip the warm-up launch of each program (first-run caches).
+    #[arg(long)]
+    no_warm_up: bool,
+    #[arg(long)]
+    preload: Option<PathBuf>,
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    #[arg(long)]
+    ctl: Option<PathBuf>,
+    /// Smoke: fail (instead of skipping the ksmplus assertions) when ksmplus is unavailable.
+    #[arg(long)]
+    require_ksmplus: bool,
+}
+
+/// The agent's policy for the desktop: the scenarios' programs tracked, defaults otherwise.
+fn policy() -> String {
+    format!(
+        "# written by ksmplus-bench desktop: the programs of the desktop scenarios\ntrack = [{}]\n",
+        scenario::TRACK
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    date: String,
+    kernel: String,
+    smoke: bool,
+    settings: Vec<(String, String)>,
+    packages: Vec<(String, String)>,
+    cells: &'a [DeskCell],
+    targets: Vec<(String, Option<bool>, String)>,
+}
+
+/// `ksmplus-bench desktop ARGS...` (args[0] is `desktop`).
+pub fn main(args: Vec<String>) -> ExitCode {
+    let cli = Cli::parse_from(args);
+    match run(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ksmplus-bench desktop: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn skip_or_fail(smoke: bool, why: &str) -> Result<ExitCode, String> {
+    let required = std::env::var("KSMPLUS_REQUIRE_KSM").as_deref() == Ok("1");
+    if smoke && !required {
+        println!(
+            "ksmplus-bench desktop: SKIPPED: {why} (set KSMPLUS_REQUIRE_KSM=1 to fail instead)"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    Err(why.to_owned())
+}
+
+fn package_versions(pkgs: &[&str]) -> Vec<(String, String)> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package} ${Version}\\n"])
+        .args(pkgs)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_once(' ')?;
+            Some((a.to_owned(), b.to_owned()))
+        })
+        .collect()
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, String> {
+    let smoke = cli.smoke;
+    if let Some(why) = crate::unsupported() {
+        return skip_or_fail(smoke, &why);
+    }
+    let results = std::path::absolute(&cli.results).map_err(|e| e.to_string())?;
+    let inputs = results.join("inputs");
+    let ids: Vec<&str> = cli.scenarios.split(',').map(str::trim).collect();
+    let scenarios: Vec<scenario::Scenario> = scenario::all(&inputs, smoke)
+        .into_iter()
+        .filter(|s| smoke || ids.contains(&s.id))
+        .collect();
+    if scenarios.is_empty() {
+        return Err(format!(
+            "no scenario among {:?} (D1,D2,D3,D4)",
+            cli.scenarios
+        ));
+    }
+    let mut missing: Vec<String> = x11::TOOLS
+        .iter()
+        .chain(scenario::needed_programs(&scenarios).iter())
+        .filter(|(bin, _)| !x11::have(bin))
+        .map(|(bin, pkg)| format!("{bin} (apt-get install {pkg})"))
+        .collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        return skip_or_fail(smoke, &format!("missing {}", missing.join(", ")));
+    }
+    let default_aps = if smoke {
+        "merge_any,ksmplus"
+    } else {
+        "none,madvise-all,merge_any,ksmplus"
+    };
+    let approaches: Vec<Approach> = cli
+        .approaches
+        .as_deref()
+        .unwrap_or(default_aps)
+        .split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| Approach::parse(x.trim()).ok_or_else(|| format!("unknown approach {x:?}")))
+        .collect::<Result<_, _>>()?;
+
+    std::fs::create_dir_all(&inputs).map_err(|e| format!("{}: {e}", inputs.display()))?;
+    let gen = inputs.join("gen_inputs.py");
+    std::fs::write(&gen, GENERATOR).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let st = Command::new("python3")
+        .arg(&gen)
+        .arg(&inputs)
+        .status()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !st.success() {
+        return Err(format!("{} failed ({st})", gen.display()));
+    }
+    eprintln!(
+        "ksmplus-bench desktop: inputs in {} ({:.1} s)",
+        inputs.display(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let tools = Tools {
+        preload: approach::find_tool(cli.preload.clone(), "libksmplus.so"),
+        agent: approach::find_tool(cli.agent.clone(), "ksmplus-agentd"),
+        policy_template: policy(),
+        agent_args: Vec::new(),
+    };
+    let ctl = approach::find_tool(cli.ctl.clone(), "ksmplusctl");
+
+    let _lock = sys::LockFile::acquire(Path::new(crate::LOCK))
+        .map_err(|e| format!("{}: {e}", crate::LOCK))?;
+    let root = Path::new("/");
+    let saved = KsmSettings::save(root).map_err(|e| e.to_string())?;
+    let mut guard = crate::SettingsGuard {
+        saved: saved.clone(),
+        done: false,
+    };
+    let tmp =
+        crate::TmpDir(std::env::temp_dir().join(format!("ksmplus-desktop-{}", std::process::id())));
+    std::fs::create_dir_all(&tmp.0).map_err(|e| e.to_string())?;
+    let sysfs = |n: &str| ksm::read_sysfs(root, n).unwrap_or(-1);
+    let set = |n: &str, v: String| ksm::write_sysfs(root, n, &v).map_err(|e| e.to_string());
+    set("run", "0".into())?;
+    set("pages_to_scan", cli.pages_to_scan.to_string())?;
+    set("sleep_millisecs", cli.sleep_millisecs.to_string())?;
+    set("use_zero_pages", cli.use_zero_pages.to_string())?;
+    if saved.get("advisor_mode").is_some() {
+        set("advisor_mode", "none".into())?;
+    }
+    let settings: Vec<(String, String)> = [
+        "pages_to_scan",
+        "sleep_millisecs",
+        "use_zero_pages",
+        "max_page_sharing",
+        "merge_across_nodes",
+        "advisor_mode",
+    ]
+    .iter()
+    .filter_map(|n| {
+        ksm::read_sysfs_text(root, n)
+            .ok()
+            .map(|v| (n.to_string(), v))
+    })
+    .collect();
+
+    let desktop = x11::Desktop::start(&tmp.0)?;
+    let home_template = results.join("home-template");
+    std::fs::create_dir_all(&home_template).map_err(|e| e.to_string())?;
+    let ctx = Ctx {
+        desktop: &desktop,
+        tools,
+        ctl,
+        results: results.clone(),
+        tmp: tmp.0.clone(),
+        home_template,
+        ksmd_pid: sys::ksmd_pid(),
+        baseline: (sysfs("pages_shared"), sysfs("pages_sharing")),
+        min_secs: cli.min_secs.unwrap_or(if smoke { 10.0 } else { 12.0 }),
+        stable_secs: cli.stable_secs,
+        deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 40.0 } else { 45.0 }),
+        scan: false,
+    };
+    let packages = package_versions(&[
+        "okular",
+        "gimp",
+        "epiphany-browser",
+        "libwebkit2gtk-4.1-0",
+        "abiword",
+        "xterm",
+        "xvfb",
+        "xdotool",
+        "imagemagick",
+    ]);
+    let header = format!(
+        "ksmplus-bench desktop{} — {} — Linux {} — {} CPUs, load {}\nksmd: {}\nXvfb {} {}; shim {}; agent {}; ksmplusctl {}\npackages: {}\n",
+        if smoke { " --smoke" } else { "" },
+        crate::date(),
+        crate::kernel(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        desktop.display,
+        x11::SCREEN,
+        ctx.tools.preload.as_ref().map_or("not found".into(), |p| p.display().to_string()),
+        ctx.tools.agent.as_ref().map_or("not found".into(), |p| p.display().to_string()),
+        ctx.ctl.as_ref().map_or("not found".into(), |p| p.display().to_string()),
+        packages
+            .iter()
+            .map(|(a, b)| format!("{a} {b}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    eprint!("{header}");
+
+    let started = Instant::now();
+    if !cli.no_warm_up {
+        cell::warm_up(&ctx, &scenarios)?;
+    }
+    let mut cells = Vec::new();
+    for sc in &scenarios {
+        for (i, &ap) in approaches.iter().enumerate() {
+            let ctx_cell = Ctx {
+                scan: !cli.no_scan && !smoke && i == 0,
+                tools: ctx.tools.clone(),
+                ctl: ctx.ctl.clone(),
+                results: ctx.results.clone(),
+                tmp: ctx.tmp.clone(),
+                home_template: ctx.home_template.clone(),
+                ..ctx
+            };
+            let c = cell::run(&ctx_cell, sc, ap)?;
+            eprintln!(
+                "[{:>5.0}s] {} {:<11} {:<8} sharing {:>6} saved {:>6.2} MiB {:>5.2} % Pss, rmap {:>7}, conv {:>5.1}s{}",
+                started.elapsed().as_secs_f64(),
+                c.scenario,
+                c.approach,
+                c.status.split(':').next().unwrap_or(""),
+                c.pages_sharing,
+                c.saved_mib,
+                c.saved_pct_pss,
+                c.rmap_items,
+                c.converge_secs,
+                if c.ran() { String::new() } else { format!(" — {}", c.status) },
+            );
+            cells.push(c);
+        }
+    }
+    let _ = cell::wait_clean(&ctx, Duration::from_secs(30));
+    drop(ctx);
+    drop(desktop);
+    guard.restore()?;
+    let now = KsmSettings::save(root).map_err(|e| e.to_string())?;
+    let restored = now == saved;
+
+    let targets = report::targets(&cells, &scenarios);
+    let mut text = header;
+    text += &format!(
+        "\n{}\n{}\n{}\n{}\n{}",
+        report::table(&cells, &scenarios),
+        report::programs(&cells),
+        report::groups(&cells, "D4"),
+        report::scans(&cells),
+        report::targets_text(&targets),
+    );
+    text += &format!(
+        "ksmd settings restored: {}\nwall time {:.0} s\nscreenshots: {}\n",
+        if restored { "yes" } else { "NO" },
+        started.elapsed().as_secs_f64(),
+        results.join("screenshots").display()
+    );
+    let out = Output {
+        date: crate::date(),
+        kernel: crate::kernel(),
+        smoke,
+        settings,
+        packages,
+        cells: &cells,
+        targets: targets
+            .iter()
+            .map(|t| (t.name.clone(), t.verdict, t.detail.clone()))
+            .collect(),
+    };
+    let json = serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?;
+    std::fs::write(results.join("desktop.json"), &json).map_err(|e| e.to_string())?;
+    std::fs::write(results.join("desktop.txt"), &text).map_err(|e| e.to_string())?;
+    print!("{text}");
+    if !restored {
+        return Err(format!(
+            "ksmd settings not restored: saved {:?}, now {:?}",
+            saved.values, now.values
+        ));
+    }
+    if smoke {
+        let f = smoke_assertions(&cells, cli.require_ksmplus);
+        if !f.is_empty() {
+            for x in &f {
+                eprintln!("ksmplus-bench desktop: SMOKE FAILED: {x}");
+            }
+            return Ok(ExitCode::from(1));
+        }
+        eprintln!("ksmplus-bench desktop: smoke passed");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// CI's reduced mode: what must hold on any machine with the programs installed.
+fn smoke_assertions(cells: &[DeskCell], require_ksmplus: bool) -> Vec<String> {
+    let mut f = Vec::new();
+    for c in cells {
+        if c.status.starts_with("error") {
+            f.push(format!("{} {}: {}", c.scenario, c.approach, c.status));
+        }
+        if c.status.starts_with("unavailable") && (c.approach != "ksmplus" || require_ksmplus) {
+            f.push(format!("{} {}: {}", c.scenario, c.approach, c.status));
+        }
+        if !c.ran() {
+            continue;
+        }
+        for p in &c.programs {
+            if p.startup_secs.is_none() {
+                f.push(format!("{} {}: no window", c.approach, p.label));
+            }
+            if !p.alive_end {
+                f.push(format!("{} {}: died", c.approach, p.label));
+            }
+            if !p.reading_changed || !p.responsive_after {
+                f.push(format!(
+                    "{} {}: a page turn was not processed (before merging: {}, after: {})",
+                    c.approach, p.label, p.reading_changed, p.responsive_after
+                ));
+            }
+            if c.approach == "ksmplus" {
+                if p.tracked != Some(true) {
+                    f.push(format!(
+                        "ksmplus {}: pid {} not tracked by the agent (status --json)",
+                        p.label, p.pid
+                    ));
+                }
+                if p.profit <= 0 {
+                    f.push(format!(
+                        "ksmplus {}: profit {} B (must be > 0)",
+                        p.label, p.profit
+                    ));
+                }
+            }
+        }
+        if c.approach == "ksmplus" {
+            // The shim is in every program's maps (checked when the cell ran: an error otherwise).
+            if c.process_profit <= 0 {
+                f.push(format!(
+                    "ksmplus profit {} B (must be > 0)",
+                    c.process_profit
+                ));
+            }
+        }
+    }
+    let get = |ap: &str| cells.iter().find(|c| c.approach == ap && c.ran());
+    if let (Some(k), Some(m)) = (get("ksmplus"), get("merge_any")) {
+        // ksmd's bookkeeping for pages that never merge: rmap items beyond the merging pages.
+        // (A bound on all rmap items would contradict the saving target: okular's duplicates
+        // are ~25 % of its anonymous memory, so merging them alone takes > 1/5 of merge_any's
+        // rmap items, which cover every anonymous page. Both figures are in the table.)
+        let waste = |c: &DeskCell| c.rmap_items.saturating_sub(c.merging_pages);
+        if waste(k) * 5 > waste(m) {
+            f.push(format!(
+                "ksmplus rmap_items not merging {} > 1/5 of merge_any's {} (all rmap_items {} vs {})",
+                waste(k),
+                waste(m),
+                k.rmap_items,
+                m.rmap_items
+            ));
+        }
+    }
+    f
+}

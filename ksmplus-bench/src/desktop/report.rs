@@ -1,0 +1,368 @@
+//! The desktop tables: one row per cell with the thesis's figures beside ours, per-program
+//! rows (start-up, merging, profit, responsiveness), the `scan` summaries and the targets of
+//! issue 7.
+
+use super::cell::DeskCell;
+use super::scenario::Scenario;
+use std::fmt::Write as _;
+
+const MIB: f64 = 1048576.0;
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn find<'a>(cells: &'a [DeskCell], sc: &str, ap: &str) -> Option<&'a DeskCell> {
+    cells
+        .iter()
+        .find(|c| c.scenario == sc && c.approach == ap && c.ran())
+}
+
+pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "saved = Δpages_sharing × 4 KiB (system-wide, from ksmd start to convergence; the thesis's measure)\n\
+         %Pss / %anon = saved / the programs' Pss / anonymous memory before ksmd ran (all their processes)\n\
+         merging, rmap = Σ ksm_merging_pages, ksm_rmap_items; profit = Σ ksm_process_profit; gprof = Δgeneral_profit\n"
+    );
+    let _ = writeln!(
+        s,
+        "{:<4} {:<11} {:>5} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7}",
+        "scn", "approach", "procs", "PssMiB", "anonMiB", "sharing", "savedMiB", "%Pss", "%anon",
+        "merging", "rmap", "profitMB", "gprofMB", "conv_s", "ksmd_s", "agent_s", "agentMB", "start_s"
+    );
+    let mut notes = Vec::new();
+    for sc in scenarios {
+        for c in cells.iter().filter(|c| c.scenario == sc.id) {
+            if !c.ran() {
+                notes.push(format!("{} {}: {}", c.scenario, c.approach, c.status));
+                let _ = writeln!(
+                    s,
+                    "{:<4} {:<11} {} [{}]",
+                    c.scenario,
+                    c.approach,
+                    c.status.split(':').next().unwrap_or(""),
+                    notes.len()
+                );
+                continue;
+            }
+            let start: Vec<f64> = c.programs.iter().filter_map(|p| p.startup_secs).collect();
+            let start = (!start.is_empty()).then(|| start.iter().sum::<f64>() / start.len() as f64);
+            let conv = if c.converged {
+                format!("{:.1}", c.converge_secs)
+            } else {
+                format!(">{:.0}", c.observed_secs)
+            };
+            let _ = writeln!(
+                s,
+                "{:<4} {:<11} {:>5} {:>7.1} {:>7.1} {:>7} {:>8.2} {:>6.2} {:>6.2} {:>7} {:>7} {:>8.2} {:>7.2} {:>6} {:>6.2} {:>7} {:>7} {:>7}",
+                c.scenario,
+                c.approach,
+                c.processes.len(),
+                c.mem_t0.pss_kib as f64 / 1024.0,
+                c.mem_t0.anon_kib as f64 / 1024.0,
+                c.pages_sharing,
+                c.saved_mib,
+                c.saved_pct_pss,
+                c.saved_pct_anon,
+                c.merging_pages,
+                c.rmap_items,
+                c.process_profit as f64 / MIB,
+                c.general_profit_delta as f64 / MIB,
+                conv,
+                c.ksmd_cpu_secs,
+                opt(c.agent_cpu_secs, 2),
+                opt(c.agent_hwm_kib.map(|k| k as f64 / 1024.0), 1),
+                opt(start, 2),
+            );
+        }
+        let t = &sc.thesis;
+        let mut th = Vec::new();
+        if let (Some(mb), Some(p)) = (t.saved_mb, t.saved_pct) {
+            th.push(format!("saved {mb} MB = {p} %"));
+        }
+        if let Some(ps) = t.pages_sharing {
+            th.push(format!("pages_sharing {ps}"));
+        }
+        if let Some(cv) = t.converge {
+            th.push(format!("converged {cv}"));
+        }
+        for (g, p) in &t.per_group {
+            th.push(format!("{g} {p} %"));
+        }
+        if !th.is_empty() {
+            let _ = writeln!(
+                s,
+                "{:<4} thesis (KSM+, 2017 desktop): {}",
+                sc.id,
+                th.join(", ")
+            );
+        }
+        let _ = writeln!(s, "{:<4} = {}\n", sc.id, sc.title);
+    }
+    for (i, n) in notes.iter().enumerate() {
+        let _ = writeln!(s, "[{}] {n}", i + 1);
+    }
+    s
+}
+
+/// One row per program and cell.
+pub fn programs(cells: &[DeskCell]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<4} {:<11} {:<10} {:>5} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>9} {:>7} {:>6} {:>6}  screenshot",
+        "scn", "approach", "program", "procs", "start_s", "ready_s", "PssMiB", "merging", "rmap",
+        "%Pss", "profitKiB", "tracked", "turned", "alive"
+    );
+    for c in cells.iter().filter(|c| c.ran()) {
+        for p in &c.programs {
+            let pct = if p.mem_t0.pss_kib > 0 {
+                p.merging_pages as f64 * 4.0 * 100.0 / p.mem_t0.pss_kib as f64
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                s,
+                "{:<4} {:<11} {:<10} {:>5} {:>7} {:>7} {:>7.1} {:>8} {:>7} {:>6.2} {:>9} {:>7} {:>6} {:>6}  {}",
+                c.scenario,
+                c.approach,
+                p.label,
+                p.processes,
+                opt(p.startup_secs, 2),
+                opt(p.ready_secs, 2),
+                p.mem_t0.pss_kib as f64 / 1024.0,
+                p.merging_pages,
+                p.rmap_items,
+                pct,
+                p.profit / 1024,
+                p.tracked.map_or("-", |t| if t { "yes" } else { "NO" }),
+                format!(
+                    "{}/{}",
+                    if p.reading_changed { "y" } else { "n" },
+                    if p.responsive_after { "y" } else { "n" }
+                ),
+                if p.alive_end { "yes" } else { "NO" },
+                p.screenshot
+                    .as_deref()
+                    .and_then(|x| x.rsplit('/').next())
+                    .unwrap_or("-"),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "%Pss here = ksm_merging_pages × 4 KiB / Pss (merging counts the kept copy too); turned = content changed by the reading keys / by a key after merging"
+    );
+    s
+}
+
+/// Per-group figures of the mixed session (the thesis gives okular and epiphany).
+pub fn groups(cells: &[DeskCell], scenario: &str) -> String {
+    let mut s = String::new();
+    for c in cells.iter().filter(|c| c.scenario == scenario && c.ran()) {
+        let mut groups: Vec<(String, u64, u64)> = Vec::new();
+        for p in &c.programs {
+            match groups.iter_mut().find(|g| g.0 == p.group) {
+                Some(g) => {
+                    g.1 += p.merging_pages;
+                    g.2 += p.mem_t0.pss_kib;
+                }
+                None => groups.push((p.group.clone(), p.merging_pages, p.mem_t0.pss_kib)),
+            }
+        }
+        let parts: Vec<String> = groups
+            .iter()
+            .map(|(g, m, pss)| {
+                format!(
+                    "{g} {:.2} %",
+                    if *pss > 0 {
+                        *m as f64 * 400.0 / *pss as f64
+                    } else {
+                        0.0
+                    }
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "{scenario} {:<11} merging/Pss per program: {}",
+            c.approach,
+            parts.join(", ")
+        );
+    }
+    s
+}
+
+/// The `ksmplusctl scan` summaries (thesis figures 5-12/5-13: what the duplicates are).
+pub fn scans(cells: &[DeskCell]) -> String {
+    let mut s = String::new();
+    for c in cells {
+        if let Some(v) = &c.scan {
+            let t = &v["totals"];
+            let _ = writeln!(
+                s,
+                "{} scan ({} processes, unmerged): {} pages present, {} duplicate, could free {} pages = {:.1} MiB ({} across processes); zero pages mapped {}",
+                c.scenario,
+                t["processes"],
+                t["pages"],
+                t["duplicate"],
+                t["saving_pages"],
+                t["saving_pages"].as_u64().unwrap_or(0) as f64 * 4.0 / 1024.0,
+                t["cross_process_saving_pages"],
+                t["zero_page_mapped"],
+            );
+            let empty = vec![];
+            let top = v["top"].as_array().unwrap_or(&empty);
+            let mut by_class: Vec<(String, u64)> = Vec::new();
+            for e in top {
+                let k = e["class"].as_str().unwrap_or("?").to_owned();
+                let n = e["count"].as_u64().unwrap_or(0);
+                match by_class.iter_mut().find(|x| x.0 == k) {
+                    Some(x) => x.1 += n,
+                    None => by_class.push((k, n)),
+                }
+            }
+            for e in top.iter().take(6) {
+                let _ = writeln!(
+                    s,
+                    "    ×{:<6} {:<9} period {:<4} pattern {:<34} in {} process(es)",
+                    e["count"],
+                    e["class"].as_str().unwrap_or("?"),
+                    e["period"].as_u64().map_or("-".into(), |p| p.to_string()),
+                    e["pattern"].as_str().unwrap_or("-"),
+                    e["processes"]
+                );
+            }
+            let _ = writeln!(
+                s,
+                "    top-10 contents by class: {}",
+                by_class
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n} pages"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for n in c.notes.iter().filter(|n| n.starts_with("scan")) {
+            let _ = writeln!(s, "{} {}: {n}", c.scenario, c.approach);
+        }
+    }
+    s
+}
+
+pub struct Target {
+    pub name: String,
+    pub verdict: Option<bool>,
+    pub detail: String,
+}
+
+pub fn targets(cells: &[DeskCell], scenarios: &[Scenario]) -> Vec<Target> {
+    let mut out = Vec::new();
+    // No program crashes or misbehaves under the shim.
+    let shimmed: Vec<&DeskCell> = cells
+        .iter()
+        .filter(|c| c.approach == "ksmplus" || c.approach == "madvise-all")
+        .collect();
+    let bad: Vec<String> = shimmed
+        .iter()
+        .flat_map(|c| {
+            let mut v: Vec<String> = c
+                .programs
+                .iter()
+                .filter(|p| !p.alive_end || !p.responsive_after)
+                .map(|p| format!("{} {} {}", c.scenario, c.approach, p.label))
+                .collect();
+            if c.status.starts_with("error") {
+                v.push(format!("{} {}: {}", c.scenario, c.approach, c.status));
+            }
+            v
+        })
+        .collect();
+    out.push(Target {
+        name: "no program crashes or stops answering under the shim".into(),
+        verdict: (!shimmed.is_empty()).then_some(bad.is_empty()),
+        detail: if bad.is_empty() {
+            format!(
+                "{} shim cells, every program alive and answering keys after merging",
+                shimmed.len()
+            )
+        } else {
+            bad.join("; ")
+        },
+    });
+    for sc in scenarios {
+        let k = find(cells, sc.id, "ksmplus");
+        let m = find(cells, sc.id, "merge_any");
+        if let (Some(th), Some(k)) = (sc.thesis.saved_pct, k) {
+            out.push(Target {
+                name: format!("{} ksmplus saves >= the thesis's {th} %", sc.id),
+                verdict: Some(k.saved_pct_pss >= th),
+                detail: format!(
+                    "{:.2} % of Pss ({:.2} % of anonymous), {:.1} MiB",
+                    k.saved_pct_pss, k.saved_pct_anon, k.saved_mib
+                ),
+            });
+        }
+        if let (Some(k), Some(m)) = (k, m) {
+            out.push(Target {
+                name: format!("{} ksmplus saves >= 0.9 x merge_any", sc.id),
+                verdict: Some(k.saved_mib >= 0.9 * m.saved_mib),
+                detail: format!(
+                    "{:.2} vs {:.2} MiB ({:.0} %); rmap_items {} vs {} ({:.1} %)",
+                    k.saved_mib,
+                    m.saved_mib,
+                    if m.saved_mib > 0.0 {
+                        k.saved_mib * 100.0 / m.saved_mib
+                    } else {
+                        0.0
+                    },
+                    k.rmap_items,
+                    m.rmap_items,
+                    if m.rmap_items > 0 {
+                        k.rmap_items as f64 * 100.0 / m.rmap_items as f64
+                    } else {
+                        0.0
+                    }
+                ),
+            });
+        }
+        if let Some(k) = k {
+            let neg: Vec<String> = k
+                .programs
+                .iter()
+                .filter(|p| p.profit <= 0)
+                .map(|p| format!("{} {} B", p.label, p.profit))
+                .collect();
+            out.push(Target {
+                name: format!("{} ksmplus profit > 0 for every program", sc.id),
+                verdict: Some(neg.is_empty()),
+                detail: if neg.is_empty() {
+                    k.programs
+                        .iter()
+                        .map(|p| format!("{} {} KiB", p.label, p.profit / 1024))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                } else {
+                    neg.join(", ")
+                },
+            });
+        }
+    }
+    out
+}
+
+pub fn targets_text(ts: &[Target]) -> String {
+    let mut s = String::from("targets (issue 7):\n");
+    for t in ts {
+        let v = match t.verdict {
+            Some(true) => "MET ",
+            Some(false) => "MISS",
+            None => "n/a ",
+        };
+        let _ = writeln!(s, "  [{v}] {}: {}", t.name, t.detail);
+    }
+    s
+}
