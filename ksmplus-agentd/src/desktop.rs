@@ -823,8 +823,30 @@ pub fn cli_wrap(args: &WrapArgs, json_out: bool) -> i32 {
     match run() {
         Ok(v) => {
             let code = print_outcomes(&v, json_out);
-            if !json_out && v.iter().any(|o| matches!(o, Outcome::Wrapped { .. })) {
-                println!("programs started from these entries now run under the shim; track them with `ksmplusctl add {}`", args.app.trim_end_matches(".desktop"));
+            // The programs the wrapped entries run, for the `ksmplusctl add` hint.
+            let mut progs: Vec<String> = v
+                .iter()
+                .filter_map(|o| match o {
+                    Outcome::Wrapped { path, .. } | Outcome::Unchanged { path, .. } => {
+                        std::fs::read_to_string(path).ok()
+                    }
+                    _ => None,
+                })
+                .filter_map(|t| get(&t, "Desktop Entry", "Exec"))
+                .filter_map(|e| exec_program(&e))
+                .collect();
+            progs.sort();
+            progs.dedup();
+            if !json_out && !progs.is_empty() {
+                println!(
+                    "started from the menu, these now run under the shim; the agent merges them once \
+                     tracked: {}",
+                    progs
+                        .iter()
+                        .map(|p| format!("`ksmplusctl add {p}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             code
         }
