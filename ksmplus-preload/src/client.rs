@@ -301,6 +301,9 @@ fn origin_of(o: u8) -> Origin {
     }
 }
 
+/// How long the client thread waits before it does anything.
+const START_DELAY: Duration = Duration::from_millis(20);
+
 /// How often the `Maps` regions are brought up to date.
 const MAPS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -470,6 +473,9 @@ fn new_wake_fd() -> Option<OwnFd> {
 
 /// The client thread's body.
 fn run(cfg: &'static Config) {
+    // Most processes that live less than this (a shell's `ls`, `cat`, `true`) would only pay for
+    // a connection they never use.
+    std::thread::sleep(START_DELAY);
     let Some(mut wake) = new_wake_fd() else {
         log("cannot create an eventfd; going dormant");
         go_dormant();

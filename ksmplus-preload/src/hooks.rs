@@ -40,7 +40,10 @@ fn event(kind: Kind, origin: Origin, start: usize, len: usize) -> Event {
 /// `None` when it cannot be made (the caller falls back to glibc).
 fn large_alloc(size: usize, align: usize, zeroed: bool) -> Option<*mut c_void> {
     let len = page_round(size)?;
-    if len > isize::MAX as usize {
+    if len > isize::MAX as usize || TABLE.is_half_full() {
+        if TABLE.is_half_full() {
+            REGISTRY_FULL.fetch_add(1, Relaxed);
+        }
         return None;
     }
     let cached = (align <= PAGE && !zeroed)
@@ -197,51 +200,38 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         return p;
     }
     let addr = p as usize;
+    // Unregister before the kernel can free the old address: once mremap moves the block,
+    // another thread may map that address and register it as its own.
+    TABLE.remove(addr);
     // SAFETY: [addr, addr+old_len) is our mapping, owned by the caller's block.
-    match unsafe { sys::mremap(addr, old_len, new_len, libc::MREMAP_MAYMOVE, 0) } {
-        Err(e) => {
-            sys::set_errno(e);
-            null_mut()
-        }
-        Ok(new) if new == addr => {
-            TABLE.set_len(addr, new_len);
-            emit(Event {
-                kind: Kind::Resized,
-                origin: Origin::Malloc as u8,
-                start: addr,
-                len: old_len,
-                new_start: new,
-                new_len,
-            });
-            p
-        }
-        Ok(new) => {
-            TABLE.remove(addr);
-            if TABLE.insert(new, new_len) {
-                emit(Event {
-                    kind: Kind::Resized,
-                    origin: Origin::Malloc as u8,
-                    start: addr,
-                    len: old_len,
-                    new_start: new,
-                    new_len,
-                });
-                return new as *mut c_void;
-            }
-            // No registry slot for the new address: move the contents to glibc.
-            REGISTRY_FULL.fetch_add(1, Relaxed);
-            emit(event(Kind::Removed, Origin::Malloc, addr, old_len));
-            // SAFETY: plain forwarding to glibc.
-            let q = unsafe { sys::__libc_malloc(size) };
-            if !q.is_null() {
-                // SAFETY: the new mapping holds size readable bytes; q has room for them.
-                unsafe { core::ptr::copy_nonoverlapping(new as *const u8, q as *mut u8, size) };
-            }
-            // SAFETY: the moved mapping is ours and unregistered.
-            let _ = unsafe { sys::munmap(new, new_len) };
-            q
-        }
+    if let Ok(new) = unsafe { sys::mremap(addr, old_len, new_len, libc::MREMAP_MAYMOVE, 0) } {
+        TABLE.reinsert(new, new_len);
+        emit(Event {
+            kind: Kind::Resized,
+            origin: Origin::Malloc as u8,
+            start: addr,
+            len: old_len,
+            new_start: new,
+            new_len,
+        });
+        return new as *mut c_void;
     }
+    // mremap failed (a block reused from the cache can span two VMAs): copy instead.
+    let q = match large_alloc(size, PAGE, false) {
+        Some(q) => q,
+        // SAFETY: plain forwarding to glibc.
+        None => unsafe { sys::__libc_malloc(size) },
+    };
+    if q.is_null() {
+        // realloc fails; the old block stays valid and registered.
+        TABLE.reinsert(addr, old_len);
+        sys::set_errno(libc::ENOMEM);
+        return null_mut();
+    }
+    // SAFETY: the old block holds old_len < size readable bytes; q has room for size bytes.
+    unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, q as *mut u8, old_len) };
+    release(addr, old_len);
+    q
 }
 
 #[no_mangle]

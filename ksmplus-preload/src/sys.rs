@@ -23,10 +23,12 @@ pub fn page_round(n: usize) -> Option<usize> {
     n.checked_add(PAGE_MASK).map(|v| v & !PAGE_MASK)
 }
 
+/// `syscall(2)` returns -1 and sets errno on failure (no valid address is -1).
 #[inline]
 fn ret(r: libc::c_long) -> Result<usize, i32> {
-    if (-4095..0).contains(&r) {
-        Err(-r as i32)
+    if r == -1 {
+        // SAFETY: __errno_location always returns this thread's errno slot.
+        Err(unsafe { *libc::__errno_location() })
     } else {
         Ok(r as usize)
     }

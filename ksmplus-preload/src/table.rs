@@ -6,7 +6,8 @@
 //! - A key moves EMPTY → addr → TOMB → addr' …, never back to EMPTY, so a lookup that walks the
 //!   probe sequence until EMPTY (or `MAX_PROBE`) never misses a live key.
 //! - Every operation is O(`MAX_PROBE`) at most, whatever the number of regions; an insert that
-//!   finds no slot fails and the caller falls back to glibc.
+//!   finds no slot fails and the caller falls back to glibc. New registrations stop at half the
+//!   capacity, which keeps `reinsert` (realloc's remove-then-insert) from ever spinning in practice.
 //! - Only the thread that owns an allocation (the one holding the pointer) inserts, updates or
 //!   removes its entry; the client thread only reads (for a resync), and tolerates in-flight
 //!   entries (`len == 0`).
@@ -77,17 +78,26 @@ impl Table {
         None
     }
 
+    /// New registrations stop at half the capacity, so the probe window of a key that was just
+    /// removed is never entirely taken (the chance is below 2^-64) and `reinsert` succeeds.
+    #[inline]
+    pub fn is_half_full(&self) -> bool {
+        self.live() >= CAP / 2
+    }
+
+    /// Registers again a key the caller removed a moment ago (realloc). Retries until a slot is
+    /// free; with the table at most half full the first try succeeds.
+    pub fn reinsert(&self, addr: usize, len: usize) {
+        while !self.insert(addr, len) {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
     /// The length of the allocation starting at `addr`, if it is one of ours.
     #[inline]
     pub fn get(&self, addr: usize) -> Option<usize> {
         self.find(addr).map(|e| e.len.load(Acquire))
-    }
-
-    /// Changes the recorded length of a live entry (in-place `mremap`).
-    pub fn set_len(&self, addr: usize, len: usize) {
-        if let Some(e) = self.find(addr) {
-            e.len.store(len, Release);
-        }
     }
 
     /// Unregisters `addr`, returning its length.
