@@ -79,6 +79,9 @@ pub struct CellResult {
     pub converged: bool,
     /// Seconds from t0 to the last change of the merging pages.
     pub converge_secs: f64,
+    /// Seconds from t0 to the first sample with at least 99 % of the ideal merging (0 when the
+    /// ideal is 0; `None` if never reached). Robust when merging flaps and never settles.
+    pub t99_secs: Option<f64>,
     /// Seconds from t0 to the end of observation.
     pub observed_secs: f64,
     /// ksmd CPU seconds from t0 to convergence.
@@ -317,6 +320,14 @@ fn observe(
     r.general_profit_delta = sysfs("general_profit") - gp0;
     r.full_scans = sysfs("full_scans") - scans0;
     r.converge_secs = t_change;
+    r.t99_secs = if r.ideal_pages == 0 {
+        Some(0.0)
+    } else {
+        r.series
+            .iter()
+            .find(|s| s.merging * 100 >= r.ideal_pages * 99)
+            .map(|s| s.t)
+    };
     r.observed_secs = t_end;
     r.ksmd_cpu_secs = (k_change - k0) as f64 / 1e9;
     r.ksmd_cpu_total_secs = (k_end - k0) as f64 / 1e9;

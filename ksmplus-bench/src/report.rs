@@ -22,9 +22,9 @@ pub fn table(cells: &[CellResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7} {:>7} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6}",
+        "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6}",
         "wl", "approach", "procs", "ideal", "merging", "%ideal", "rmap", "profitMiB", "gprofMiB",
-        "conv_s", "ksmd_s", "ksmd%", "agent_s", "agentMB", "app_s", "shim_s", "cow"
+        "conv_s", "t99_s", "ksmd_s", "ksmd%", "agent_s", "agentMB", "app_s", "shim_s", "cow"
     );
     let mut notes = Vec::new();
     let mut prev = "";
@@ -62,7 +62,7 @@ pub fn table(cells: &[CellResult]) -> String {
         let cow = c.vmstat_delta.get("cow_ksm").map(|v| v.to_string());
         let _ = writeln!(
             s,
-            "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>7} {:>7.3} {:>6.1} {:>7} {:>7} {:>6.2} {:>6} {:>6}",
+            "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>7} {:>6} {:>7.3} {:>6.1} {:>7} {:>7} {:>6.2} {:>6} {:>6}",
             c.workload,
             c.approach,
             c.processes,
@@ -73,6 +73,7 @@ pub fn table(cells: &[CellResult]) -> String {
             c.process_profit as f64 / MIB,
             c.general_profit_delta as f64 / MIB,
             conv,
+            opt(c.t99_secs, 1),
             c.ksmd_cpu_secs,
             c.ksmd_steady_pct,
             opt(c.agent_cpu_secs, 2),

@@ -44,8 +44,9 @@ pub struct Ctx<'a> {
     pub tmp: PathBuf,
     pub home_template: PathBuf,
     pub ksmd_pid: Option<u32>,
-    /// `(pages_shared, pages_sharing)` before the first cell.
-    pub baseline: (i64, i64),
+    /// `(pages_shared, pages_sharing, general_profit)` before the first cell. ksmd drops the
+    /// rmap items of an exited process later than its pages, so `general_profit` shows them.
+    pub baseline: (i64, i64, i64),
     pub min_secs: f64,
     pub stable_secs: f64,
     pub deadline_secs: f64,
@@ -110,7 +111,14 @@ pub struct DeskCell {
     pub processes: Vec<ProcResult>,
     /// Sums over the programs' processes before ksmd ran.
     pub mem_t0: Mem,
-    /// Change of the system-wide `pages_sharing` from t0 to the end (the thesis's measure).
+    /// The thesis's measure (pages_sharing: mappings of a KSM page beyond the one kept),
+    /// restricted to the programs' processes: KSM pages they map minus distinct KSM pages
+    /// (`/proc/PID/pagemap` + `/proc/kpageflags`). `saved` is this × 4 KiB.
+    pub own_sharing: u64,
+    /// Distinct KSM pages the programs map (their `pages_shared`).
+    pub own_shared: u64,
+    /// Change of the system-wide `pages_sharing` from t0 to the end (includes any other
+    /// mergeable process on the machine; equals `own_sharing` on a quiet machine).
     pub pages_sharing: i64,
     pub pages_shared: i64,
     pub saved_mib: f64,
@@ -305,7 +313,10 @@ pub fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<bool, String> {
     let deadline = Instant::now() + timeout;
     set("run", "1")?;
     loop {
-        if sysfs("pages_shared") <= ctx.baseline.0 && sysfs("pages_sharing") <= ctx.baseline.1 {
+        if sysfs("pages_shared") <= ctx.baseline.0
+            && sysfs("pages_sharing") <= ctx.baseline.1
+            && sysfs("general_profit") >= ctx.baseline.2
+        {
             return Ok(true);
         }
         if Instant::now() >= deadline {
@@ -339,9 +350,10 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
     };
     if !wait_clean(ctx, Duration::from_secs(30))? {
         r.notes.push(format!(
-            "ksmd did not return to the baseline before the cell (pages_shared {} sharing {})",
+            "ksmd did not return to the baseline before the cell (pages_shared {} sharing {} general_profit {})",
             sysfs("pages_shared"),
-            sysfs("pages_sharing")
+            sysfs("pages_sharing"),
+            sysfs("general_profit")
         ));
     }
     set("run", "0")?;
@@ -600,12 +612,24 @@ fn observe(
         r.zero_pages += pr.zero_pages;
         r.process_profit += pr.profit;
     }
-    r.saved_mib = (r.pages_sharing.max(0) as u64 * PAGE) as f64 / 1048576.0;
+    let pids: Vec<u32> = r_pids(&procs_r);
+    match procs::ksm_pages(&pids) {
+        Some((mapped, distinct)) => {
+            r.own_sharing = mapped.saturating_sub(distinct);
+            r.own_shared = distinct;
+        }
+        None => {
+            r.notes.push("no /proc/kpageflags: saved is the system-wide pages_sharing".into());
+            r.own_sharing = r.pages_sharing.max(0) as u64;
+        }
+    }
+    r.saved_mib = (r.own_sharing * PAGE) as f64 / 1048576.0;
+    let own = r.own_sharing;
     let pct = |kib: u64| {
         if kib == 0 {
             0.0
         } else {
-            r.pages_sharing.max(0) as f64 * 4.0 * 100.0 / kib as f64
+            own as f64 * 4.0 * 100.0 / kib as f64
         }
     };
     r.saved_pct_pss = pct(r.mem_t0.pss_kib);
@@ -648,6 +672,10 @@ fn observe(
     }
     r.processes = procs_r.into_values().collect();
     Ok(())
+}
+
+fn r_pids(procs_r: &BTreeMap<u32, ProcResult>) -> Vec<u32> {
+    procs_r.keys().copied().collect()
 }
 
 /// `ksmplusctl --json status` of the cell's agent.

@@ -68,6 +68,11 @@ struct Cli {
     /// Skip the warm-up launch of each program (first-run caches).
     #[arg(long)]
     no_warm_up: bool,
+    /// The agent policy's `min_region_bytes`: regions smaller than this are not sampled. The
+    /// shim registers regions from 64 KiB (`KSMPLUS_MIN_REGION`); the policy's default (1 MiB)
+    /// leaves toolkits' mid-sized buffers unsampled.
+    #[arg(long, default_value_t = 65536)]
+    agent_min_region: u64,
     #[arg(long)]
     preload: Option<PathBuf>,
     #[arg(long)]
@@ -80,9 +85,9 @@ struct Cli {
 }
 
 /// The agent's policy for the desktop: the scenarios' programs tracked, defaults otherwise.
-fn policy() -> String {
+fn policy(min_region: u64) -> String {
     format!(
-        "# written by ksmplus-bench desktop: the programs of the desktop scenarios\ntrack = [{}]\n",
+        "# written by ksmplus-bench desktop: the programs of the desktop scenarios\nmin_region_bytes = {min_region}\ntrack = [{}]\n",
         scenario::TRACK
             .iter()
             .map(|t| format!("\"{t}\""))
@@ -203,7 +208,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     let tools = Tools {
         preload: approach::find_tool(cli.preload.clone(), "libksmplus.so"),
         agent: approach::find_tool(cli.agent.clone(), "ksmplus-agentd"),
-        policy_template: policy(),
+        policy_template: policy(cli.agent_min_region),
         agent_args: Vec::new(),
     };
     let ctl = approach::find_tool(cli.ctl.clone(), "ksmplusctl");
@@ -255,7 +260,11 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         tmp: tmp.0.clone(),
         home_template,
         ksmd_pid: sys::ksmd_pid(),
-        baseline: (sysfs("pages_shared"), sysfs("pages_sharing")),
+        baseline: (
+            sysfs("pages_shared"),
+            sysfs("pages_sharing"),
+            sysfs("general_profit"),
+        ),
         min_secs: cli.min_secs.unwrap_or(if smoke { 10.0 } else { 12.0 }),
         stable_secs: cli.stable_secs,
         deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 40.0 } else { 45.0 }),
@@ -325,7 +334,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 c.scenario,
                 c.approach,
                 c.status.split(':').next().unwrap_or(""),
-                c.pages_sharing,
+                c.own_sharing,
                 c.saved_mib,
                 c.saved_pct_pss,
                 c.rmap_items,

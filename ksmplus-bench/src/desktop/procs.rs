@@ -92,3 +92,47 @@ pub fn comm(pid: u32) -> String {
         .map(|s| s.trim_end().to_owned())
         .unwrap_or_default()
 }
+
+/// KSM pages mapped by a set of processes, from `/proc/PID/pagemap` and `/proc/kpageflags`
+/// (root only): `(mapped, distinct)`. `mapped - distinct` is what merging saved inside the set,
+/// whatever other mergeable processes on the machine do meanwhile (the system-wide
+/// `pages_sharing` counts those too). Only VMAs whose smaps `KSM:` line is non-zero are read.
+pub fn ksm_pages(pids: &[u32]) -> Option<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    const KPF_KSM: u64 = 1 << 21;
+    const PFN_MASK: u64 = (1 << 55) - 1;
+    const PRESENT: u64 = 1 << 63;
+    let flags = fs::File::open("/proc/kpageflags").ok()?;
+    let mut distinct = BTreeSet::new();
+    let mut mapped = 0u64;
+    for &pid in pids {
+        let Ok(vmas) = ksmplus_common::ksm::read_smaps(std::path::Path::new("/"), pid) else {
+            continue;
+        };
+        let Ok(pm) = fs::File::open(format!("/proc/{pid}/pagemap")) else {
+            continue;
+        };
+        for v in vmas.iter().filter(|v| v.ksm_kib > 0) {
+            let pages = ((v.end - v.start) / 4096) as usize;
+            let mut buf = vec![0u8; pages * 8];
+            if pm.read_exact_at(&mut buf, v.start / 4096 * 8).is_err() {
+                continue;
+            }
+            for e in buf.chunks_exact(8) {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                let pfn = e & PFN_MASK;
+                if e & PRESENT == 0 || pfn == 0 {
+                    continue;
+                }
+                let mut f = [0u8; 8];
+                if flags.read_exact_at(&mut f, pfn * 8).is_ok()
+                    && u64::from_le_bytes(f) & KPF_KSM != 0
+                {
+                    mapped += 1;
+                    distinct.insert(pfn);
+                }
+            }
+        }
+    }
+    Some((mapped, distinct.len() as u64))
+}

@@ -23,14 +23,15 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "saved = Δpages_sharing × 4 KiB (system-wide, from ksmd start to convergence; the thesis's measure)\n\
+        "saved = sharing × 4 KiB; sharing = the thesis's pages_sharing restricted to the programs (KSM pages they map − distinct KSM pages,\n\
+         from pagemap + kpageflags at convergence); sysΔ = change of the system-wide pages_sharing (other mergeable processes included)\n\
          %Pss / %anon = saved / the programs' Pss / anonymous memory before ksmd ran (all their processes)\n\
          merging, rmap = Σ ksm_merging_pages, ksm_rmap_items; profit = Σ ksm_process_profit; gprof = Δgeneral_profit\n"
     );
     let _ = writeln!(
         s,
-        "{:<4} {:<11} {:>5} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7}",
-        "scn", "approach", "procs", "PssMiB", "anonMiB", "sharing", "savedMiB", "%Pss", "%anon",
+        "{:<4} {:<11} {:>5} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6} {:>6} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7}",
+        "scn", "approach", "procs", "PssMiB", "anonMiB", "sharing", "sysΔ", "savedMiB", "%Pss", "%anon",
         "merging", "rmap", "profitMB", "gprofMB", "conv_s", "ksmd_s", "agent_s", "agentMB", "start_s"
     );
     let mut notes = Vec::new();
@@ -57,12 +58,13 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
             };
             let _ = writeln!(
                 s,
-                "{:<4} {:<11} {:>5} {:>7.1} {:>7.1} {:>7} {:>8.2} {:>6.2} {:>6.2} {:>7} {:>7} {:>8.2} {:>7.2} {:>6} {:>6.2} {:>7} {:>7} {:>7}",
+                "{:<4} {:<11} {:>5} {:>7.1} {:>7.1} {:>7} {:>6} {:>8.2} {:>6.2} {:>6.2} {:>7} {:>7} {:>8.2} {:>7.2} {:>6} {:>6.2} {:>7} {:>7} {:>7}",
                 c.scenario,
                 c.approach,
                 c.processes.len(),
                 c.mem_t0.pss_kib as f64 / 1024.0,
                 c.mem_t0.anon_kib as f64 / 1024.0,
+                c.own_sharing,
                 c.pages_sharing,
                 c.saved_mib,
                 c.saved_pct_pss,
