@@ -125,8 +125,12 @@ impl Rng {
 enum RunState {
     /// Madvise(MERGEABLE) sent, reply pending.
     Marking(u32),
-    /// Marked; `checked_at` is the full_scans count when last marked or confirmed merging.
-    Marked { checked_at: u64, merged: bool },
+    /// Marked; `checked_at` is the full_scans count first read after marking, or when last
+    /// confirmed merging (`None` until the I/O layer next reads the counter).
+    Marked {
+        checked_at: Option<u64>,
+        merged: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -319,9 +323,24 @@ impl Engine {
         self.procs.keys().copied()
     }
 
-    /// Records ksmd's `full_scans` counter (read by the I/O layer).
+    /// Records ksmd's `full_scans` counter (read by the I/O layer). Runs marked since the last
+    /// call start counting their grace period from this value, so a stale counter never makes a
+    /// fresh run look old.
     pub fn set_full_scans(&mut self, v: u64) {
         self.full_scans = v;
+        for p in self.procs.values_mut() {
+            for r in p.regions.values_mut() {
+                for x in r.runs.iter_mut() {
+                    if let RunState::Marked {
+                        checked_at: c @ None,
+                        ..
+                    } = &mut x.state
+                    {
+                        *c = Some(v);
+                    }
+                }
+            }
+        }
     }
 
     /// A tracked shim said Hello.
@@ -405,6 +424,7 @@ impl Engine {
                 }
             }
             Message::ResyncBegin { .. } => {
+                crate::debug!("client {id}: resync");
                 let p = self.procs.get_mut(&id).unwrap();
                 let cur = std::mem::take(&mut p.regions);
                 p.grows.clear();
@@ -439,6 +459,7 @@ impl Engine {
             return;
         }
         let pages = len / ps;
+        crate::debug!("client {id}: region {start:#x} + {pages} pages");
         // Whatever overlaps the new region is gone.
         self.region_removed(id, start, pages * ps);
         let gen = self.new_gen();
@@ -604,6 +625,7 @@ impl Engine {
             // Growth first: it finishes what sampling found.
             while let Some(mut g) = p.grows.pop_front() {
                 let Some(r) = p.regions.get(&g.region).filter(|r| r.gen == g.gen) else {
+                    crate::debug!("client {id}: grow job for a replaced region dropped");
                     continue;
                 };
                 // A seed already covered by a run grown from an earlier seed is done.
@@ -785,6 +807,7 @@ impl Engine {
                         continue;
                     }
                     p.stats.candidates += 1;
+                    crate::debug!("client {id}: candidate page {idx} in region {region:#x}");
                     p.grows.push_back(Grow {
                         region,
                         gen,
@@ -870,6 +893,10 @@ impl Engine {
             return;
         };
         let (mut lo, mut hi) = (g.lo, g.hi + 1);
+        crate::debug!(
+            "client {id}: run [{lo}, {hi}) grown in region {:#x}",
+            g.region
+        );
         // A single page is not worth a VMA split unless it joins a neighbour.
         let near: Vec<usize> = r
             .runs
@@ -906,7 +933,6 @@ impl Engine {
     }
 
     fn madvise_reply(&mut self, id: ClientId, rid: u32, status: Status) {
-        let scans = self.full_scans;
         let p = self.procs.get_mut(&id).unwrap();
         for r in p.regions.values_mut() {
             if let Some(i) = r
@@ -916,7 +942,7 @@ impl Engine {
             {
                 if status == Status::Ok {
                     r.runs[i].state = RunState::Marked {
-                        checked_at: scans,
+                        checked_at: None,
                         merged: false,
                     };
                 } else {
@@ -938,8 +964,8 @@ impl Engine {
             .filter(|(_, p)| {
                 p.regions.values().any(|r| {
                     r.runs.iter().any(|x| {
-                        matches!(x.state, RunState::Marked { checked_at, .. }
-                            if self.full_scans >= checked_at + n)
+                        matches!(x.state, RunState::Marked { checked_at: Some(c), .. }
+                            if self.full_scans > c + n)
                     })
                 })
             })
@@ -960,8 +986,13 @@ impl Engine {
         for (s, r) in p.regions.iter_mut() {
             let mut keep = Vec::new();
             for mut x in r.runs.drain(..) {
-                if let RunState::Marked { checked_at, .. } = x.state {
-                    if scans >= checked_at + n {
+                if let RunState::Marked {
+                    checked_at: Some(c),
+                    ..
+                } = x.state
+                {
+                    // The scan in progress when the run was marked does not count.
+                    if scans > c + n {
                         let (a, b) = (s + x.lo * ps, s + x.hi * ps);
                         let ksm: u64 = vmas
                             .iter()
@@ -975,7 +1006,7 @@ impl Engine {
                             continue;
                         }
                         x.state = RunState::Marked {
-                            checked_at: scans,
+                            checked_at: Some(scans),
                             merged: true,
                         };
                     }
@@ -1119,6 +1150,7 @@ mod tests {
         mem: HashMap<ClientId, BTreeMap<u64, Vec<Option<u64>>>>,
         madvised: Vec<(ClientId, u64, u64, Advice)>,
         volatile: bool,
+        volatile_client: Option<ClientId>,
         now: u64,
         counter: u64,
     }
@@ -1138,6 +1170,7 @@ mod tests {
                 mem: HashMap::new(),
                 madvised: Vec::new(),
                 volatile: false,
+                volatile_client: None,
                 now: 0,
                 counter: 1 << 40,
             }
@@ -1173,7 +1206,7 @@ mod tests {
             let i = ((addr - s) / PS) as usize;
             match v.get(i) {
                 Some(Some(h)) => {
-                    if self.volatile {
+                    if self.volatile || (self.volatile_client == Some(id)) {
                         self.counter += 1;
                         PageHash::Hash(*h ^ self.counter)
                     } else {
@@ -1308,6 +1341,22 @@ mod tests {
     }
 
     #[test]
+    fn volatile_neighbour_process_does_not_stop_marking() {
+        let mut s = Sim::new(cfg());
+        s.volatile_client = Some(1);
+        s.client(1, vec![(0x1000_0000, vec![Some(3); 2048])]);
+        s.client(2, vec![(0x2000_0000, vec![Some(4); 1024])]);
+        s.run(10_000);
+        assert!(s.marks(1).is_empty());
+        assert_eq!(
+            s.eng.marked(2),
+            vec![(0x2000_0000, 1024 * PS)],
+            "{:?}",
+            s.eng.status(2)
+        );
+    }
+
+    #[test]
     fn not_resident_pages_are_nothing() {
         let mut s = Sim::new(cfg());
         s.client(1, vec![(0x1000_0000, vec![None; 1024])]);
@@ -1346,9 +1395,11 @@ mod tests {
         s.client(2, vec![(0x5000_0000, same)]);
         s.run(1_000);
         assert_eq!(s.eng.marked(1).len(), 1);
-        s.eng.set_full_scans(2);
+        s.eng.set_full_scans(2); // first read after marking: the grace period starts
         assert!(s.eng.due_checks().is_empty());
-        s.eng.set_full_scans(3);
+        s.eng.set_full_scans(5);
+        assert!(s.eng.due_checks().is_empty());
+        s.eng.set_full_scans(6);
         let due = s.eng.due_checks();
         assert_eq!(due, vec![1, 2]);
         // Client 1 merged something, client 2 nothing.

@@ -502,7 +502,9 @@ impl Agent {
             if let Kind::Shim { tracked: true, .. } = p.kind {
                 self.engine.remove_client(t.0 as ClientId);
             }
-            debug!("peer pid {} (uid {}) closed: {why}", p.pid, p.uid);
+            if !matches!(p.kind, Kind::Control) {
+                debug!("peer pid {} (uid {}) closed: {why}", p.pid, p.uid);
+            }
         }
     }
 

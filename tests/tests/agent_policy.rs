@@ -1,0 +1,151 @@
+//! The policy end to end: untracked programs' shims go dormant, excluded programs are never
+//! marked, volatile pages are never marked, and a bad policy on reload keeps the old one.
+//! None of this needs ksmd: marking is the agent's decision, merging is the kernel's.
+mod agent_support;
+use agent_support::{Agent, FAST_POLICY};
+use ksmplus_tests::{num_field, procfs};
+use serde_json::Value;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn find(s: &Value, pid: u32) -> Option<&Value> {
+    s["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(pid as u64))
+}
+
+/// True if any VMA overlapping `[a, a+len)` of `pid` is marked MERGEABLE (`mg`).
+fn any_mergeable(pid: u32, a: u64, len: u64) -> bool {
+    procfs::vmas_overlapping(pid, a, a + len)
+        .iter()
+        .any(|v| v.has_flag("mg"))
+}
+
+#[test]
+fn untracked_program_goes_dormant_and_excluded_program_is_never_marked() {
+    let policy = FAST_POLICY
+        .replace(
+            "unmerge_after_full_scans = 3",
+            "unmerge_after_full_scans = 1000000",
+        )
+        .replace(
+            "track = [\"agent_work\"]",
+            "track = [\"agent_work\", \"agent_secret\"]\nexclude = [\"agent_secret\"]",
+        );
+    let agent = Agent::start(&policy);
+    let (other, _) = agent.workload("agent_other", &["dense", "4"]);
+    let (secret, ls) = agent.workload("agent_secret", &["dense", "4"]);
+    let (work, lw) = agent.workload("agent_work", &["dense", "4"]);
+    // The tracked one gets marked: proof the excluded one's pages would have qualified.
+    agent.wait("agent_work marked", T, |s| {
+        find(s, work.pid())
+            .filter(|p| u(&p["marked_bytes"]) >= 4 << 20)
+            .map(|_| ())
+    });
+    assert!(any_mergeable(work.pid(), num_field(&lw, "a"), 4 << 20));
+    let s = agent.wait("both others refused", T, |s| {
+        (u(&s["agent"]["ignored"]) >= 1 && u(&s["agent"]["excluded"]) >= 1).then(|| s.clone())
+    });
+    assert!(find(&s, other.pid()).is_none(), "{s}");
+    assert!(find(&s, secret.pid()).is_none(), "{s}");
+    // Dormant: the shim closed its socket (the agent holds only the tracked peer and us).
+    assert_eq!(u(&s["agent"]["peers"]["untracked"]), 0, "{s}");
+    assert_eq!(u(&s["agent"]["peers"]["unidentified"]), 0, "{s}");
+    assert!(!any_mergeable(secret.pid(), num_field(&ls, "a"), 4 << 20));
+    assert!(!procfs::ksm_stat(secret.pid()).mergeable);
+    for p in [other, secret, work] {
+        assert!(p.finish(T).0.success());
+    }
+}
+
+#[test]
+fn volatile_pages_are_never_marked() {
+    // ksmd is not ours here (another test may run it): never unmark for lack of merging.
+    let agent = Agent::start(&FAST_POLICY.replace(
+        "unmerge_after_full_scans = 3",
+        "unmerge_after_full_scans = 1000000",
+    ));
+    let (vol, lv) = agent.workload("agent_work", &["volatile", "8"]);
+    let (dense, _) = agent.workload("agent_work", &["dense", "4"]);
+    let a = num_field(&lv, "a");
+    // Same content in every page at any instant, but rewritten continuously.
+    let m1 = procfs::read_mem(vol.pid(), a, 8192);
+    assert_eq!(m1[8..4096], m1[4096 + 8..]);
+    let st = agent.wait("the volatile region's schedule to run out", T, |s| {
+        let p = find(s, vol.pid())?;
+        assert_eq!(u(&p["marked_bytes"]), 0, "volatile pages marked: {p}");
+        let d = find(s, dense.pid())?;
+        (u(&p["regions"]) > 0
+            && u(&p["regions_dropped"]) == u(&p["regions"])
+            && u(&d["marked_bytes"]) >= 4 << 20)
+            .then(|| p.clone())
+    });
+    assert_eq!(u(&st["runs_marked"]), 0, "{st}");
+    assert_eq!(u(&st["fingerprints"]), 0, "{st}");
+    assert!(u(&st["fingerprinted_pages"]) > 2048, "{st}");
+    assert!(!any_mergeable(vol.pid(), a, 8 << 20));
+    let m2 = procfs::read_mem(vol.pid(), a, 8);
+    assert_ne!(m1[..8], m2[..], "the workload did not rewrite its pages");
+    assert!(vol.finish(T).0.success());
+    assert!(dense.finish(T).0.success());
+}
+
+#[test]
+fn bad_policy_on_reload_keeps_the_old_one_and_add_remove_edit_the_file() {
+    let agent = Agent::start("# the user's own comment\ntrack = [\"agent_work\"] # tracked\n");
+    // add / remove persist to the file, keep comments, and reload.
+    let o = agent.ctl(&["add", "okular"]);
+    assert!(o.status.success(), "{o:?}");
+    let text = std::fs::read_to_string(&agent.policy).unwrap();
+    assert!(
+        text.contains("# the user's own comment") && text.contains("# tracked"),
+        "{text}"
+    );
+    assert!(text.contains("\"okular\""), "{text}");
+    let s = agent.status();
+    assert_eq!(
+        s["policy"]["track"],
+        serde_json::json!(["agent_work", "okular"])
+    );
+    let o = agent.ctl(&["remove", "agent_work", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(
+        agent.status()["policy"]["track"],
+        serde_json::json!(["okular"])
+    );
+
+    // A bad file: reload fails with file:line, the old policy stays.
+    std::fs::write(&agent.policy, "track = [\"x\"]\n[sampling]\nstpe = 10\n").unwrap();
+    let o = agent.ctl(&["reload"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let want = format!("{}:3:", agent.policy.display());
+    assert!(err.contains(&want) && err.contains("stpe"), "{err}");
+    assert_eq!(
+        agent.status()["policy"]["track"],
+        serde_json::json!(["okular"])
+    );
+    // Same through SIGHUP: the agent logs it and keeps serving with the old policy.
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    let s = agent.status();
+    assert_eq!(s["policy"]["track"], serde_json::json!(["okular"]));
+    // A type error names the key.
+    std::fs::write(&agent.policy, "\nmin_region_bytes = \"big\"\n").unwrap();
+    let o = agent.ctl(&["reload", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains(":2:") && e.contains("min_region_bytes"), "{e}");
+    // A good file is taken.
+    std::fs::write(&agent.policy, "track_all = true\n").unwrap();
+    assert!(agent.ctl(&["reload"]).status.success());
+    assert_eq!(agent.status()["policy"]["track_all"], true);
+    assert!(agent.log().contains("reload refused"), "{}", agent.log());
+}
