@@ -619,7 +619,8 @@ fn observe(
             r.own_shared = distinct;
         }
         None => {
-            r.notes.push("no /proc/kpageflags: saved is the system-wide pages_sharing".into());
+            r.notes
+                .push("no /proc/kpageflags: saved is the system-wide pages_sharing".into());
             r.own_sharing = r.pages_sharing.max(0) as u64;
         }
     }
