@@ -34,6 +34,10 @@ pub type ClientId = u64;
 /// plus, for a unique page, one entry of the global hash→count index (u64 + u32 → 16 B + 1, ×8/7).
 pub const BYTES_PER_FINGERPRINT: u64 = 40;
 
+/// Rounds at the floor coefficient (regions kept because something in them is marked) pause
+/// this many times `round_interval_ms`.
+pub const FLOOR_SLOWDOWN: u64 = 10;
+
 /// Engine tunables, taken from the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -820,9 +824,14 @@ impl Engine {
                     });
                 }
                 if round_done {
-                    r.phase = Phase::Waiting {
-                        at: now + self.cfg.round_interval_ms,
+                    // Past the schedule (kept for its marked runs) a region is only watched
+                    // for new duplicates, at a tenth of the pace.
+                    let pause = if r.coefficient <= self.cfg.floor {
+                        self.cfg.round_interval_ms * FLOOR_SLOWDOWN
+                    } else {
+                        self.cfg.round_interval_ms
                     };
+                    r.phase = Phase::Waiting { at: now + pause };
                 }
                 self.evict(now, region);
             }

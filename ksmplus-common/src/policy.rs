@@ -412,6 +412,15 @@ pages_to_scan = 1000
     }
 
     #[test]
+    fn example_file_is_the_defaults_plus_okular() {
+        let text = include_str!("../../examples/policy.toml");
+        let p = p(text).unwrap();
+        let mut want = Policy::default();
+        want.track = vec!["okular".into()];
+        assert_eq!(p, want);
+    }
+
+    #[test]
     fn default_path() {
         assert_eq!(
             default_policy_path(Some("/x"), Some("/h")),
