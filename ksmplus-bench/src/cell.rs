@@ -88,8 +88,13 @@ pub struct CellResult {
     pub ksmd_cpu_secs: f64,
     /// ksmd CPU seconds over the whole observation.
     pub ksmd_cpu_total_secs: f64,
-    /// ksmd CPU, percent of one core, from convergence to the end (the cost of staying merged).
-    pub ksmd_steady_pct: f64,
+    /// ksmd CPU, percent of one core, from convergence to the end (the cost of staying merged);
+    /// `None` when the cell did not converge.
+    pub ksmd_steady_pct: Option<f64>,
+    /// Other processes KSM had rmap items or merged pages for during the cell (checked about
+    /// once a second): `pid comm rmap_items merging`. When not empty, the global columns
+    /// (general_profit delta, ksmd CPU, cow_ksm) include their share.
+    pub foreign: Vec<String>,
     /// Full ksmd scans from t0 to the end.
     pub full_scans: i64,
     /// Agent CPU seconds, whole life of the agent (ksmplus only).
@@ -272,7 +277,25 @@ fn observe(
     let (mut t_change, mut k_change, mut scans_change) = (0.0, k0, scans0);
     let mut converged = false;
     let mut sample;
+    let mut ours: Vec<u32> = procs.iter().map(|p| p.pid).collect();
+    ours.extend(launch.agent.as_ref().map(|a| a.pid()));
+    ours.push(std::process::id());
+    let note_foreign = |r: &mut CellResult| {
+        for (pid, comm, rmap, merging) in sys::foreign_ksm_users(&ours) {
+            let tag = format!("{pid} {comm}");
+            if !r.foreign.iter().any(|f| f.starts_with(&format!("{tag} "))) {
+                r.foreign
+                    .push(format!("{tag} rmap_items={rmap} merging={merging}"));
+            }
+        }
+    };
+    note_foreign(r);
+    let mut n = 0u64;
     loop {
+        n += 1;
+        if n % 10 == 0 {
+            note_foreign(r);
+        }
         sys::sleep_checked(Duration::from_millis(p.sample_ms))?;
         let t = t0.elapsed().as_secs_f64();
         let (mut merging, mut rmap, mut profit, mut zero) = (0u64, 0u64, 0i64, 0u64);
@@ -310,6 +333,7 @@ fn observe(
             break;
         }
     }
+    note_foreign(r);
     let k_end = ksmd_ns();
     let t_end = t0.elapsed().as_secs_f64();
     r.status = if converged { "ok" } else { "deadline" }.into();
@@ -331,11 +355,8 @@ fn observe(
     r.observed_secs = t_end;
     r.ksmd_cpu_secs = (k_change - k0) as f64 / 1e9;
     r.ksmd_cpu_total_secs = (k_end - k0) as f64 / 1e9;
-    r.ksmd_steady_pct = if t_end > t_change {
-        (k_end - k_change) as f64 / 1e9 / (t_end - t_change) * 100.0
-    } else {
-        0.0
-    };
+    r.ksmd_steady_pct = (converged && t_end > t_change)
+        .then(|| (k_end - k_change) as f64 / 1e9 / (t_end - t_change) * 100.0);
     r.app_cpu_secs = app_ns(&procs).saturating_sub(app0) as f64 / 1e9;
     let shim: Vec<u64> = procs
         .iter()

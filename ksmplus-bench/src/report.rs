@@ -60,9 +60,20 @@ pub fn table(cells: &[CellResult]) -> String {
             format!(">{:.0}", c.observed_secs)
         };
         let cow = c.vmstat_delta.get("cow_ksm").map(|v| v.to_string());
+        let mark = if c.foreign.is_empty() {
+            String::new()
+        } else {
+            notes.push(format!(
+                "{} {}: other KSM users during the cell, global columns include them: {}",
+                c.workload,
+                c.approach,
+                c.foreign.join("; ")
+            ));
+            format!(" *[{}]", notes.len())
+        };
         let _ = writeln!(
             s,
-            "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>7} {:>6} {:>7.3} {:>6.1} {:>7} {:>7} {:>6.2} {:>6} {:>6}",
+            "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>7} {:>6} {:>7.3} {:>6} {:>7} {:>7} {:>6.2} {:>6} {:>6}{}",
             c.workload,
             c.approach,
             c.processes,
@@ -75,12 +86,13 @@ pub fn table(cells: &[CellResult]) -> String {
             conv,
             opt(c.t99_secs, 1),
             c.ksmd_cpu_secs,
-            c.ksmd_steady_pct,
+            opt(c.ksmd_steady_pct, 1),
             opt(c.agent_cpu_secs, 2),
             opt(c.agent_hwm_kib.map(|k| k as f64 / 1024.0), 1),
             c.app_cpu_secs,
             opt(c.shim_cpu_secs, 2),
             cow.unwrap_or_else(|| "-".into()),
+            mark,
         );
     }
     if !notes.is_empty() {

@@ -34,6 +34,37 @@ pub fn find_by_comm(comm: &str) -> Vec<u32> {
     out
 }
 
+/// Processes outside `ours` that KSM knows about (`ksm_rmap_items` or `ksm_merging_pages` not 0):
+/// `(pid, comm, rmap_items, merging_pages)`. They share ksmd with the cell and so show up in
+/// the global columns (general_profit, ksmd CPU, cow_ksm).
+pub fn foreign_ksm_users(ours: &[u32]) -> Vec<(u32, String, u64, u64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if ours.contains(&pid) {
+            continue;
+        }
+        let Ok(st) = ksmplus_common::ksm::read_ksm_stat(Path::new("/"), pid) else {
+            continue;
+        };
+        if st.rmap_items > 0 || st.merging_pages > 0 {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            out.push((
+                pid,
+                comm.trim_end().to_owned(),
+                st.rmap_items,
+                st.merging_pages,
+            ));
+        }
+    }
+    out
+}
+
 /// Nanoseconds one task has run (`/proc/PID/schedstat`, first field): precise, single thread.
 pub fn task_runtime_ns(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
