@@ -131,7 +131,7 @@ impl Default for Limits {
             fingerprint_pages_per_sec: 65536,
             fingerprint_pages_per_sec_total: 262144,
             max_marked_ranges: 4096,
-            max_fingerprints: 4 << 20,
+            max_fingerprints: 1 << 20,
         }
     }
 }
