@@ -181,6 +181,7 @@ fn status(agent: &mut Agent) -> Value {
             "candidates": st.counters.candidates,
             "runs_marked": st.counters.runs_marked,
             "runs_unmarked": st.counters.runs_unmarked,
+            "runs_loosened": st.counters.runs_loosened,
             "marks_refused": st.counters.marks_refused,
             "madvise_errors": st.counters.madvise_errors,
         }));

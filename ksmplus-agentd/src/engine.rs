@@ -36,6 +36,9 @@ pub type ClientId = u64;
 /// (200 MiB of unique pages, 51 200 fingerprints, +3 MiB of agent RSS).
 pub const BYTES_PER_FINGERPRINT: u64 = 80;
 
+/// Most runs per region unmarked for merging less than half of their pages (then re-grown).
+pub const MAX_LOOSEN: u32 = 3;
+
 /// Rounds at the floor coefficient (regions kept because something in them is marked) pause
 /// this many times `round_interval_ms`.
 pub const FLOOR_SLOWDOWN: u64 = 10;
@@ -169,6 +172,8 @@ struct Region {
     runs: Vec<Run>,
     /// Ranges unmarked for merging nothing: not marked again.
     rejected: Vec<(u64, u64)>,
+    /// Runs unmarked for merging less than half their pages.
+    loosened: u32,
     last_sampled_ms: u64,
 }
 
@@ -183,6 +188,7 @@ impl Region {
             hashes: HashMap::new(),
             runs: Vec::new(),
             rejected: Vec::new(),
+            loosened: 0,
             last_sampled_ms: now,
         }
     }
@@ -248,6 +254,7 @@ pub struct ProcCounters {
     pub candidates: u64,
     pub runs_marked: u64,
     pub runs_unmarked: u64,
+    pub runs_loosened: u64,
     pub marks_refused: u64,
     pub regions_dropped: u64,
     pub madvise_errors: u64,
@@ -858,8 +865,9 @@ impl Engine {
                         PageHash::Hash(h) => Some(*h),
                         _ => None,
                     };
-                    self.remember(id, job.region, idx, h);
-                    let ok = h.is_some_and(|h| self.dup(h));
+                    let prev = self.remember(id, job.region, idx, h);
+                    // A neighbour whose content changed since its last sample is volatile.
+                    let ok = h.is_some_and(|h| self.dup(h) && !matches!(prev, Some(p) if p != h));
                     if !ok {
                         stopped = true;
                         break;
@@ -1009,15 +1017,28 @@ impl Engine {
                     // The scan in progress when the run was marked does not count.
                     if scans > c + n {
                         let (a, b) = (s + x.lo * ps, s + x.hi * ps);
-                        let ksm: u64 = vmas
-                            .iter()
-                            .filter(|v| v.0 < b && v.1 > a)
-                            .map(|v| v.2)
-                            .sum();
+                        let over: Vec<_> = vmas.iter().filter(|v| v.0 < b && v.1 > a).collect();
+                        let ksm: u64 = over.iter().map(|v| v.2).sum();
+                        let kib: u64 = over.iter().map(|v| (v.1 - v.0) / 1024).sum();
                         if ksm == 0 {
                             cmds.push((a, b - a));
                             r.rejected.push((x.lo, x.hi));
                             p.stats.runs_unmarked += 1;
+                            continue;
+                        }
+                        // Mostly not merging (content changed after it was grown, e.g. a
+                        // buffer sampled while being initialised): unmark it to free its
+                        // rmap_items, and let sampling grow a tight run again from the
+                        // current content. A few times per region at most.
+                        if ksm * 2 < kib && r.loosened < MAX_LOOSEN {
+                            cmds.push((a, b - a));
+                            r.loosened += 1;
+                            p.stats.runs_loosened += 1;
+                            // The region's schedule starts over.
+                            r.rounds = 0;
+                            if matches!(r.phase, Phase::Waiting { .. }) {
+                                r.phase = Phase::Waiting { at: 0 };
+                            }
                             continue;
                         }
                         x.state = RunState::Marked {
@@ -1445,6 +1466,46 @@ mod tests {
             s.eng.marked(2),
             s.eng.status(2)
         );
+    }
+
+    #[test]
+    fn run_grown_over_initialising_buffer_is_loosened_then_regrown_tight() {
+        let mut s = Sim::new(cfg());
+        // Sampled while both buffers are still all zero: everything looks duplicate.
+        s.client(
+            1,
+            vec![
+                (0x1000_0000, vec![Some(0); 2560]),
+                (0x2000_0000, vec![Some(0); 2560]),
+            ],
+        );
+        s.run(1_000);
+        assert_eq!(s.eng.status(1).unwrap().marked_bytes, 2 * 2560 * PS);
+        // Then the program writes its real content: 256 duplicate pages each, the rest unique.
+        for (k, start) in [(1u64, 0x1000_0000u64), (2, 0x2000_0000)] {
+            let mut v = unique(2560, k);
+            for p in v.iter_mut().take(256) {
+                *p = Some(0xff);
+            }
+            s.mem.get_mut(&1).unwrap().insert(start, v);
+        }
+        s.eng.set_full_scans(10);
+        s.eng.set_full_scans(20);
+        // ksmd merged only the 256 + 256 duplicate pages.
+        s.eng.feedback(
+            1,
+            &[
+                (0x1000_0000, 0x1000_0000 + 2560 * PS, 1024),
+                (0x2000_0000, 0x2000_0000 + 2560 * PS, 1024),
+            ],
+        );
+        let out = s.eng.take_output();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(s.eng.marked(1).is_empty());
+        s.run(30_000);
+        let mut m = s.eng.marked(1);
+        m.sort();
+        assert_eq!(m, vec![(0x1000_0000, 256 * PS), (0x2000_0000, 256 * PS)]);
     }
 
     #[test]
