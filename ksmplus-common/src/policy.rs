@@ -415,8 +415,10 @@ pages_to_scan = 1000
     fn example_file_is_the_defaults_plus_okular() {
         let text = include_str!("../../examples/policy.toml");
         let p = p(text).unwrap();
-        let mut want = Policy::default();
-        want.track = vec!["okular".into()];
+        let want = Policy {
+            track: vec!["okular".into()],
+            ..Policy::default()
+        };
         assert_eq!(p, want);
     }
 
