@@ -561,7 +561,8 @@ fn observe(
             k_change = ksmd_ns();
         }
         let scans = sysfs("full_scans") - scans0;
-        if t >= ctx.min_secs && t - t_change >= ctx.stable_secs && scans >= 2 {
+        // Two full scans since t0, unless ksmd has nothing of ours to scan (approach none).
+        if t >= ctx.min_secs && t - t_change >= ctx.stable_secs && (scans >= 2 || rmap == 0) {
             converged = true;
             break;
         }

@@ -319,7 +319,9 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     for sc in &scenarios {
         for (i, &ap) in approaches.iter().enumerate() {
             let ctx_cell = Ctx {
-                scan: !cli.no_scan && !smoke && i == 0,
+                // Before ksmd runs: what the duplicates are without KSM, and with the shim
+                // (whose page-aligned allocations change the programs' memory).
+                scan: !cli.no_scan && !smoke && (i == 0 || ap == Approach::Ksmplus),
                 tools: ctx.tools.clone(),
                 ctl: ctx.ctl.clone(),
                 results: ctx.results.clone(),

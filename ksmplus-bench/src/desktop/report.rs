@@ -26,12 +26,13 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
         "saved = sharing × 4 KiB; sharing = the thesis's pages_sharing restricted to the programs (KSM pages they map − distinct KSM pages,\n\
          from pagemap + kpageflags at convergence); sysΔ = change of the system-wide pages_sharing (other mergeable processes included)\n\
          %Pss / %anon = saved / the programs' Pss / anonymous memory before ksmd ran (all their processes)\n\
+         netMiB / %net = Pss of the same programs under none − (this approach's Pss − saved): what is left in memory vs no KSM at all\n\
          merging, rmap = Σ ksm_merging_pages, ksm_rmap_items; profit = Σ ksm_process_profit; gprof = Δgeneral_profit\n"
     );
     let _ = writeln!(
         s,
-        "{:<4} {:<11} {:>5} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6} {:>6} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7}",
-        "scn", "approach", "procs", "PssMiB", "anonMiB", "sharing", "sysΔ", "savedMiB", "%Pss", "%anon",
+        "{:<4} {:<11} {:>5} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7}",
+        "scn", "approach", "procs", "PssMiB", "anonMiB", "sharing", "sysΔ", "savedMiB", "%Pss", "%anon", "netMiB", "%net",
         "merging", "rmap", "profitMB", "gprofMB", "conv_s", "ksmd_s", "agent_s", "agentMB", "start_s"
     );
     let mut notes = Vec::new();
@@ -49,6 +50,14 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
                 );
                 continue;
             }
+            // What the approach leaves in memory against the same programs without KSM: the
+            // shim changes the programs' footprint (page-aligned allocations), so saved alone
+            // can flatter it.
+            let net = find(cells, sc.id, "none").map(|n| {
+                let none = n.mem_t0.pss_kib as f64 / 1024.0;
+                let after = c.mem_t0.pss_kib as f64 / 1024.0 - c.saved_mib;
+                (none - after, (none - after) * 100.0 / none)
+            });
             let start: Vec<f64> = c.programs.iter().filter_map(|p| p.startup_secs).collect();
             let start = (!start.is_empty()).then(|| start.iter().sum::<f64>() / start.len() as f64);
             let conv = if c.converged {
@@ -58,7 +67,7 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
             };
             let _ = writeln!(
                 s,
-                "{:<4} {:<11} {:>5} {:>7.1} {:>7.1} {:>7} {:>6} {:>8.2} {:>6.2} {:>6.2} {:>7} {:>7} {:>8.2} {:>7.2} {:>6} {:>6.2} {:>7} {:>7} {:>7}",
+                "{:<4} {:<11} {:>5} {:>7.1} {:>7.1} {:>7} {:>6} {:>8.2} {:>6.2} {:>6.2} {:>7} {:>7} {:>7} {:>7} {:>8.2} {:>7.2} {:>6} {:>6.2} {:>7} {:>7} {:>7}",
                 c.scenario,
                 c.approach,
                 c.processes.len(),
@@ -69,6 +78,8 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
                 c.saved_mib,
                 c.saved_pct_pss,
                 c.saved_pct_anon,
+                net.map_or("-".into(), |(m, _)| format!("{m:.1}")),
+                net.map_or("-".into(), |(_, p)| format!("{p:.1}")),
                 c.merging_pages,
                 c.rmap_items,
                 c.process_profit as f64 / MIB,
@@ -206,8 +217,9 @@ pub fn scans(cells: &[DeskCell]) -> String {
             let t = &v["totals"];
             let _ = writeln!(
                 s,
-                "{} scan ({} processes, unmerged): {} pages present, {} duplicate, could free {} pages = {:.1} MiB ({} across processes); zero pages mapped {}",
+                "{} {} scan ({} processes, before ksmd): {} pages present, {} duplicate, could free {} pages = {:.1} MiB ({} across processes); zero pages mapped {}",
                 c.scenario,
+                c.approach,
                 t["processes"],
                 t["pages"],
                 t["duplicate"],

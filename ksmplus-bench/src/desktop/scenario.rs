@@ -170,7 +170,9 @@ pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
                 label: s("gimp"),
                 group: "gimp",
                 argv: gimp_args,
-                ready: Ready::Title(s("img5")),
+                // GIMP numbers images as their loads complete (PNG before JPEG): the title of
+                // image 5 means all five are open.
+                ready: Ready::Title(s("-5.0 (")),
                 keys: vec!["1", "shift+ctrl+j"],
                 presses: 2,
             }],
