@@ -48,37 +48,36 @@ static long merging(void)
 	return -1;
 }
 
-static char *merged_region(void)
+static char *region(int byte)
 {
 	char *p = mmap(0, N, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	memset(p, 7, N);
+	memset(p, byte, N);
 	madvise(p, N, MADV_MERGEABLE);
-	for (int i = 0; i < 100 && merging() < 256; i++)
-		usleep(100000);
 	return p;
 }
 
 int main(void)
 {
 	char *buf = malloc(N);
-	char *p = merged_region();
+	char *a = region(7), *b = region(9);
+	for (int i = 0; i < 100 && merging() < 512; i++)
+		usleep(100000);
 	printf("merged: %ld pages\n", merging());
 	long c = vmstat("cow_ksm");
 	int fd = open("/proc/self/mem", O_RDONLY);
-	pread(fd, buf, N, (off_t)(unsigned long)p);
+	if (pread(fd, buf, N, (off_t)(unsigned long)a) != (ssize_t)N)
+		perror("pread");
 	printf("pread /proc/self/mem: cow_ksm +%ld\n", vmstat("cow_ksm") - c);
 	c = vmstat("cow_ksm");
 	unsigned char vec[256];
-	mincore(p, N, vec);
+	mincore(a, N, vec);
 	printf("mincore: cow_ksm +%ld\n", vmstat("cow_ksm") - c);
 	c = vmstat("cow_ksm");
-	struct iovec l = { buf, N }, r = { p, N };
+	struct iovec l = { buf, N }, r = { a, N };
 	process_vm_readv(getpid(), &l, 1, &r, 1, 0);
 	printf("process_vm_readv: cow_ksm +%ld\n", vmstat("cow_ksm") - c);
-	munmap(p, N);
-	p = merged_region();
 	c = vmstat("cow_ksm");
-	madvise(p, N, MADV_UNMERGEABLE);
+	madvise(b, N, MADV_UNMERGEABLE);
 	printf("MADV_UNMERGEABLE: cow_ksm +%ld\n", vmstat("cow_ksm") - c);
 	return 0;
 }
