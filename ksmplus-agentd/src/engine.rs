@@ -865,9 +865,11 @@ impl Engine {
                         PageHash::Hash(h) => Some(*h),
                         _ => None,
                     };
-                    let prev = self.remember(id, job.region, idx, h);
-                    // A neighbour whose content changed since its last sample is volatile.
-                    let ok = h.is_some_and(|h| self.dup(h) && !matches!(prev, Some(p) if p != h));
+                    // Only duplication counts here: a neighbour's last sample may be old (a
+                    // buffer being initialised), and runs grown over content that changes
+                    // afterwards are loosened by the kernel feedback.
+                    self.remember(id, job.region, idx, h);
+                    let ok = h.is_some_and(|h| self.dup(h));
                     if !ok {
                         stopped = true;
                         break;
