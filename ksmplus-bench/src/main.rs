@@ -397,7 +397,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         .or_else(|| (!smoke).then(|| PathBuf::from("ksmplus-bench-w2.svg")));
     if let Some(p) = svg_path.filter(|_| workloads.contains(&Workload::Sparse)) {
         let title = format!(
-            "W2 sparse (thesis 5.2.3): merged MiB and rmap_items over time — Linux {}, pages_to_scan={} sleep_millisecs={}",
+            "W2 (thesis 5.2.3): merged MiB and rmap_items vs time — Linux {}, pages_to_scan={}, sleep_millisecs={}",
             kernel(),
             cli.pages_to_scan,
             cli.sleep_millisecs

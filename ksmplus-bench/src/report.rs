@@ -314,7 +314,7 @@ pub fn svg(cells: &[CellResult], wl: &str, title: &str) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{left}" y="20" font-size="14">{}</text>"#,
+        r#"<text x="{left}" y="22" font-size="13">{}</text>"#,
         xml(title)
     );
     for (ty, label) in [(top, "merged MiB"), (top2, "rmap_items (log)")] {
