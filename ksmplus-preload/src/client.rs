@@ -11,7 +11,8 @@
 //!   consistent view, resets the ring, drops the inherited socket and starts its own thread,
 //!   which connects as a new client and resyncs.
 //! - Program memory is only read with `mincore` first (never fault a page in) and then
-//!   `process_vm_readv` on ourselves, so a page unmapped meanwhile is an error, not a crash.
+//!   a read of `/proc/self/mem`, so a page unmapped meanwhile is an error, not a crash (and a
+//!   merged page is not unshared, as `process_vm_readv` would: it pins pages).
 //! - Diagnostics go to fd 2 with raw `write` (std's stderr lock may be held by a thread that no
 //!   longer exists after fork), and only when `KSMPLUS_LOG` is set.
 
@@ -336,8 +337,13 @@ fn mark(start: usize, len: usize, advice: Advice) -> Status {
     }
 }
 
-/// Hash of one page of our own memory: `NotResident` pages are never read.
-fn fingerprint_page(addr: usize, buf: &mut [u8; PAGE]) -> PageHash {
+/// Hash of one page of our own memory, read through `mem` (an fd of `/proc/self/mem`).
+/// `NotResident` pages are never read, so never faulted in.
+///
+/// Not `process_vm_readv`: it pins the page (FOLL_PIN), and pinning a KSM page unshares it,
+/// so every fingerprint would undo a merge. A read of `/proc/self/mem` does not; and on a page
+/// unmapped since `mincore` it fails with EIO instead of faulting.
+fn fingerprint_page(mem: i32, addr: usize, buf: &mut [u8; PAGE]) -> PageHash {
     let mut vec = 0u8;
     // SAFETY: mincore writes one byte for one page into `vec`; an unmapped page gives ENOMEM.
     if unsafe { libc::mincore(addr as *mut _, PAGE, &mut vec) } != 0 {
@@ -346,17 +352,8 @@ fn fingerprint_page(addr: usize, buf: &mut [u8; PAGE]) -> PageHash {
     if vec & 1 == 0 {
         return PageHash::NotResident;
     }
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: PAGE,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut _,
-        iov_len: PAGE,
-    };
-    // SAFETY: process_vm_readv on ourselves copies into `buf` (PAGE bytes) and reports EFAULT,
-    // instead of faulting, if the page vanished since mincore.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    // SAFETY: pread writes at most PAGE bytes into buf.
+    let n = unsafe { libc::pread(mem, buf.as_mut_ptr().cast(), PAGE, addr as libc::off_t) };
     if n != PAGE as isize {
         return PageHash::Unavailable;
     }
@@ -397,18 +394,25 @@ fn execute(msg: Message) -> Option<Message> {
                     .collect()
             };
             let mut buf = [0u8; PAGE];
+            // SAFETY: opening a constant path; the fd is closed below.
+            let mem =
+                unsafe { libc::open(c"/proc/self/mem".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
             let hashes: Vec<PageHash> = pages
                 .iter()
                 .zip(valid)
                 .map(|(&p, ok)| {
                     if ok {
                         FINGERPRINT_PAGES.fetch_add(1, Relaxed);
-                        fingerprint_page(p as usize, &mut buf)
+                        fingerprint_page(mem, p as usize, &mut buf)
                     } else {
                         PageHash::Unavailable
                     }
                 })
                 .collect();
+            if mem >= 0 {
+                // SAFETY: closing the fd opened above.
+                unsafe { libc::close(mem) };
+            }
             Some(Message::FingerprintReply {
                 id,
                 status: Status::Ok,
