@@ -43,10 +43,8 @@ pub struct Ctx {
     pub tools: Tools,
     pub params: Params,
     pub ksmd_pid: Option<u32>,
-    /// `(pages_shared, pages_sharing, ksm_zero_pages, general_profit)` before the first cell.
-    /// `general_profit` falls by 64 B per rmap item, so it also shows rmap items that ksmd has
-    /// not yet dropped for an exited process.
-    pub baseline: (i64, i64, i64, i64),
+    /// ksmd's global state before the first cell (after [`settle`]).
+    pub baseline: Global,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -183,20 +181,70 @@ pub fn run(ctx: &Ctx, wl: Workload, ap: Approach) -> Result<CellResult, String> 
     Ok(r)
 }
 
+/// ksmd's global counters, enough to tell whether anything is left of a cell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Global {
+    pub pages_shared: i64,
+    pub pages_sharing: i64,
+    pub zero_pages: i64,
+    pub general_profit: i64,
+}
+
+impl Global {
+    pub fn read() -> Global {
+        Global {
+            pages_shared: sysfs("pages_shared"),
+            pages_sharing: sysfs("pages_sharing"),
+            zero_pages: sysfs("ksm_zero_pages").max(0),
+            general_profit: sysfs("general_profit"),
+        }
+    }
+
+    /// What ksmd's rmap items cost, bytes: `general_profit` is
+    /// `(pages_sharing + ksm_zero_pages) * PAGE - rmap_items * sizeof(rmap_item)`.
+    pub fn rmap_bytes(&self) -> i64 {
+        (self.pages_sharing + self.zero_pages) * workload::PAGE as i64 - self.general_profit
+    }
+
+    /// Nothing more merged and no more rmap items than in `b`.
+    pub fn within(&self, b: &Global) -> bool {
+        self.pages_shared <= b.pages_shared
+            && self.pages_sharing <= b.pages_sharing
+            && self.zero_pages <= b.zero_pages
+            && self.rmap_bytes() <= b.rmap_bytes()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.within(&Global::default())
+    }
+}
+
+/// Before the baseline is taken: lets ksmd (`run=1`) drop what exited processes left behind, e.g.
+/// when the previous holder of the lock stopped ksmd while pages were still merged (ksmd cleans
+/// up only while it runs). Returns once nothing is left, or once ksmd did two full scans (what
+/// is left then belongs to live processes), or after 15 s.
+pub fn settle() -> Result<Global, String> {
+    set("run", "1")?;
+    let scans0 = sysfs("full_scans");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let g = Global::read();
+        if g.is_empty() || sysfs("full_scans") - scans0 >= 2 || Instant::now() >= deadline {
+            return Ok(g);
+        }
+        sys::sleep_checked(Duration::from_millis(50))?;
+    }
+}
+
 /// Waits until ksmd holds no more pages than before the run (ksmd must be running to drop the
 /// rmap items of exited processes, so this runs with `run=1` unless nothing is left).
 fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut started = false;
     loop {
-        let now = (
-            sysfs("pages_shared"),
-            sysfs("pages_sharing"),
-            sysfs("ksm_zero_pages"),
-            sysfs("general_profit"),
-        );
+        let now = Global::read();
         let b = ctx.baseline;
-        if now.0 <= b.0 && now.1 <= b.1 && (now.2 <= b.2 || b.2 < 0) && now.3 >= b.3 {
+        if now.within(&b) {
             return Ok(());
         }
         if !started {
@@ -205,8 +253,9 @@ fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<(), String> {
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "ksmd still holds pages after the previous cell: pages_shared {} sharing {} zero {} general_profit {} (baseline {} {} {} {}); refusing to contaminate the next cell",
-                now.0, now.1, now.2, now.3, b.0, b.1, b.2, b.3
+                "ksmd still holds pages after the previous cell: {now:?} (rmap bytes {}), baseline {b:?} (rmap bytes {}); refusing to contaminate the next cell",
+                now.rmap_bytes(),
+                b.rmap_bytes()
             ));
         }
         sys::sleep_checked(Duration::from_millis(50))?;
@@ -386,4 +435,30 @@ fn observe(
     r.pages_unshared = sysfs("pages_unshared");
     r.pages_volatile = sysfs("pages_volatile");
     Ok(procs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftover_rmap_items_are_not_within_the_baseline() {
+        let base = Global::default();
+        // An exited process's 100 rmap items not yet dropped: no pages shared, profit negative.
+        let stale = Global {
+            general_profit: -6400,
+            ..Default::default()
+        };
+        assert!(!stale.within(&base));
+        // A live outsider with merged pages at the baseline, which later exits: not our leftover.
+        let outsider = Global {
+            pages_shared: 40,
+            pages_sharing: 10200,
+            zero_pages: 0,
+            general_profit: 10200 * 4096 - 10240 * 64,
+        };
+        assert_eq!(outsider.rmap_bytes(), 10240 * 64);
+        assert!(Global::default().within(&outsider));
+        assert!(outsider.within(&outsider));
+    }
 }

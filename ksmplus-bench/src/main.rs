@@ -248,7 +248,14 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
 
     let sysfs = |n: &str| ksm::read_sysfs(root, n).unwrap_or(-1);
     let set = |n: &str, v: String| ksm::write_sysfs(root, n, &v).map_err(|e| e.to_string());
-    set("run", "0".into())?;
+    set("pages_to_scan", cli.pages_to_scan.to_string())?;
+    set("sleep_millisecs", cli.sleep_millisecs.to_string())?;
+    set("use_zero_pages", cli.use_zero_pages.to_string())?;
+    if saved.get("advisor_mode").is_some() {
+        set("advisor_mode", "none".into())?;
+    }
+    // Let ksmd drop what exited processes left (run=1) before the baseline is taken.
+    let baseline = cell::settle()?;
     if sysfs("max_page_sharing") != cli.max_page_sharing as i64 {
         if sysfs("pages_shared") > 0 {
             return Err(format!(
@@ -260,24 +267,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
         set("max_page_sharing", cli.max_page_sharing.to_string())?;
     }
-    set("pages_to_scan", cli.pages_to_scan.to_string())?;
-    set("sleep_millisecs", cli.sleep_millisecs.to_string())?;
-    set("use_zero_pages", cli.use_zero_pages.to_string())?;
-    if saved.get("advisor_mode").is_some() {
-        set("advisor_mode", "none".into())?;
-    }
     let ctx = Ctx {
         bin,
         tmp: tmp.0.clone(),
         tools,
         params: params.clone(),
         ksmd_pid: sys::ksmd_pid(),
-        baseline: (
-            sysfs("pages_shared"),
-            sysfs("pages_sharing"),
-            sysfs("ksm_zero_pages"),
-            sysfs("general_profit"),
-        ),
+        baseline,
     };
     let settings: Vec<(String, String)> = [
         "pages_to_scan",
@@ -313,14 +309,19 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             .join(" "),
     );
     header += &format!(
-        "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; baseline pages_shared {} sharing {} general_profit {}\nshim: {}  agent: {}\n",
+        "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; baseline pages_shared {} sharing {} general_profit {}{}\nshim: {}  agent: {}\n",
         params.div,
         params.stable_secs,
         params.min_secs,
         params.deadline_secs,
-        ctx.baseline.0,
-        ctx.baseline.1,
-        ctx.baseline.3,
+        ctx.baseline.pages_shared,
+        ctx.baseline.pages_sharing,
+        ctx.baseline.general_profit,
+        if ctx.baseline.is_empty() {
+            ""
+        } else {
+            " (live processes outside the bench use KSM)"
+        },
         ctx.tools.preload.as_ref().map_or("not found".into(), |p| p.display().to_string()),
         ctx.tools.agent.as_ref().map_or("not found".into(), |p| p.display().to_string()),
     );
