@@ -153,10 +153,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     let results = std::path::absolute(&cli.results).map_err(|e| e.to_string())?;
     let inputs = results.join("inputs");
     let ids: Vec<&str> = cli.scenarios.split(',').map(str::trim).collect();
-    let scenarios: Vec<scenario::Scenario> = scenario::all(&inputs, smoke)
-        .into_iter()
-        .filter(|s| smoke || ids.contains(&s.id))
-        .collect();
+    let select = || -> Vec<scenario::Scenario> {
+        scenario::all(&inputs, smoke)
+            .into_iter()
+            .filter(|s| smoke || ids.contains(&s.id))
+            .collect()
+    };
+    let scenarios = select();
     if scenarios.is_empty() {
         return Err(format!(
             "no scenario among {:?} (D1,D2,D3,D4)",
@@ -204,6 +207,25 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         inputs.display(),
         t.elapsed().as_secs_f64()
     );
+    // Again, now that the inputs exist: command lines name the files that were written
+    // (img2/img4 are JPEG only when ImageMagick could convert them).
+    let scenarios = select();
+    for sc in &scenarios {
+        for p in &sc.programs {
+            for a in p
+                .argv
+                .iter()
+                .filter(|a| a.starts_with(inputs.to_str().unwrap_or("/")))
+            {
+                if !Path::new(a).exists() {
+                    return Err(format!(
+                        "{} needs {a}, which the generator did not write",
+                        p.label
+                    ));
+                }
+            }
+        }
+    }
 
     let tools = Tools {
         preload: approach::find_tool(cli.preload.clone(), "libksmplus.so"),
