@@ -8,6 +8,7 @@
 
 mod approach;
 mod cell;
+mod desktop;
 mod report;
 mod sys;
 mod workload;
@@ -151,6 +152,11 @@ struct Output<'a> {
 }
 
 fn main() -> ExitCode {
+    // `ksmplus-bench desktop ...`: the desktop experiments (docs/DESKTOP-BENCH.md), own options.
+    if std::env::args().nth(1).as_deref() == Some("desktop") {
+        sys::install_signal_handlers();
+        return desktop::main(std::env::args().skip(1).collect());
+    }
     let cli = Cli::parse();
     sys::install_signal_handlers();
     match run(&cli) {
