@@ -10,6 +10,8 @@
 //! - Adjacent pieces are coalesced on `put`; `take` serves the best fit and puts the rest back,
 //!   or grows the largest piece with `mremap` so only the missing pages are new.
 //! - Cached memory is not zeroed: calloc never takes from here.
+//! - A piece not reused within one to two `trim` periods (about a second) goes back to the kernel,
+//!   so the cache speeds up allocate/free loops without holding idle memory.
 
 use crate::sys;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::*};
@@ -22,6 +24,8 @@ const FULL: u8 = 2;
 
 struct Slot {
     state: AtomicU8,
+    /// Trims survived while cached (see `trim`).
+    age: AtomicU8,
     addr: AtomicUsize,
     len: AtomicUsize,
 }
@@ -34,6 +38,7 @@ pub struct Cache {
 #[allow(clippy::declare_interior_mutable_const)]
 const NEW_SLOT: Slot = Slot {
     state: AtomicU8::new(FREE),
+    age: AtomicU8::new(0),
     addr: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
 };
@@ -114,6 +119,7 @@ impl Cache {
             {
                 s.addr.store(addr, Relaxed);
                 s.len.store(len, Relaxed);
+                s.age.store(0, Relaxed);
                 s.state.store(FULL, Release);
                 return true;
             }
@@ -165,7 +171,24 @@ impl Cache {
         None
     }
 
-    #[cfg(test)]
+    /// Gives back to the kernel every piece that stayed cached since the previous trim, so idle
+    /// freed memory does not linger (the client thread calls this about once a second).
+    pub fn trim(&self) {
+        for s in &self.slots {
+            if s.state.load(Acquire) != FULL {
+                continue;
+            }
+            if s.age.fetch_add(1, Relaxed) == 0 {
+                continue;
+            }
+            if let Some((a, l)) = s.claim() {
+                self.bytes.fetch_sub(l, AcqRel);
+                // SAFETY: a cached range is ours alone.
+                let _ = unsafe { sys::munmap(a, l) };
+            }
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes.load(Relaxed)
     }
@@ -209,6 +232,23 @@ mod tests {
         unsafe { *((b + 255 * P) as *mut u8) = 1 };
         assert_eq!(c.bytes(), 0);
         unsafe { sys::munmap(b, 256 * P).unwrap() };
+    }
+
+    #[test]
+    fn trim_releases_pieces_that_stayed_idle() {
+        let c = Cache::new();
+        let a = map(8 * P);
+        assert!(c.put(a, 8 * P));
+        c.trim();
+        assert_eq!(c.bytes(), 8 * P, "a fresh piece survives one trim");
+        c.trim();
+        assert_eq!(c.bytes(), 0);
+        let mut v = 0u8;
+        assert_ne!(
+            unsafe { libc::mincore(a as *mut _, P, &mut v) },
+            0,
+            "unmapped"
+        );
     }
 
     #[test]

@@ -305,6 +305,9 @@ fn origin_of(o: u8) -> Origin {
 /// How long the client thread waits before it does anything.
 const START_DELAY: Duration = Duration::from_millis(20);
 
+/// How often idle pieces of the freed-mapping cache are given back.
+const CACHE_TRIM_INTERVAL: Duration = Duration::from_millis(1000);
+
 /// How often the `Maps` regions are brought up to date.
 const MAPS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -498,7 +501,13 @@ fn run(cfg: &'static Config) {
     let mut warned = false;
     let mut cover_maps = cfg.cover_maps;
     let mut next_maps = Instant::now();
+    let mut next_trim = Instant::now() + CACHE_TRIM_INTERVAL;
     loop {
+        // Idle freed memory goes back to the kernel.
+        if Instant::now() >= next_trim {
+            crate::cache::CACHE.trim();
+            next_trim = Instant::now() + CACHE_TRIM_INTERVAL;
+        }
         // 0. Keep the `Maps` regions current.
         if cover_maps && Instant::now() >= next_maps {
             let text = read_maps();
@@ -595,6 +604,9 @@ fn run(cfg: &'static Config) {
         if cover_maps {
             wake_at = wake_at.min(next_maps);
         }
+        if crate::cache::CACHE.bytes() > 0 {
+            wake_at = wake_at.min(next_trim);
+        }
         let timeout = wake_at
             .saturating_duration_since(Instant::now())
             .as_millis()
@@ -689,6 +701,9 @@ fn disconnect(conn: Option<Conn>) {
 fn go_dormant() {
     THRESHOLD.store(usize::MAX, Release);
     DORMANT.store(true, Release);
+    // Nobody will trim the cache any more: empty it (two trims release every piece).
+    crate::cache::CACHE.trim();
+    crate::cache::CACHE.trim();
     ACTIVE.store(false, Release);
     let mut g = STATE.lock();
     let st = g.state();

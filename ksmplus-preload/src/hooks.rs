@@ -87,7 +87,8 @@ fn map_aligned(len: usize, align: usize) -> Option<usize> {
 /// Gives a shim-owned mapping back: to the cache, else to the kernel.
 fn release(addr: usize, len: usize) {
     emit(event(Kind::Removed, Origin::Malloc, addr, len));
-    if !CACHE.put(addr, len) {
+    // A dormant shim has no client thread to trim the cache: no caching then.
+    if DORMANT.load(Relaxed) || !CACHE.put(addr, len) {
         // SAFETY: the registry entry was just removed, so this mapping is ours alone.
         let _ = unsafe { sys::munmap(addr, len) };
     }
