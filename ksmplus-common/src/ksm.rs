@@ -114,7 +114,10 @@ impl KsmSettings {
                 run = Some(value);
                 continue;
             }
-            if read_sysfs_text(root, name).map(|v| selected_choice(&v)).ok() == Some(value.clone())
+            if read_sysfs_text(root, name)
+                .map(|v| selected_choice(&v))
+                .ok()
+                == Some(value.clone())
             {
                 continue;
             }

@@ -7,7 +7,7 @@ pub mod protocol;
 pub use protocol::track_flags;
 pub use protocol::{
     decode_frame, page_hash, Advice, DecodeError, FrameReader, Hello, Message, Origin, PageHash,
-    ShimStats, Status, MAX_FINGERPRINT_PAGES, MAX_FRAME, PROTOCOL_VERSION,
+    ShimStats, Status, MAX_FINGERPRINT_PAGES, MAX_FRAME, MAX_RESIDENCY_RUNS, PROTOCOL_VERSION,
 };
 
 use std::io::{self, Read, Write};

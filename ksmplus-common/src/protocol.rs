@@ -19,6 +19,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Most page addresses in one `Fingerprint` command (and hashes in its reply).
 pub const MAX_FINGERPRINT_PAGES: usize = 16 * 1024;
+/// Most resident runs in one `ResidencyReply`.
+pub const MAX_RESIDENCY_RUNS: usize = 16 * 1024;
 /// Longest string field (comm, exe path, control JSON is separate).
 pub const MAX_STR: usize = 4096;
 /// Longest control-channel JSON document.
@@ -156,6 +158,15 @@ pub enum Message {
         id: u32,
         stats: ShimStats,
     },
+    /// Reply to `Residency`: the resident page runs `(start, len)` (bytes, page-aligned, in
+    /// address order) found in the first `covered` bytes of the asked range. `covered` is less
+    /// than asked when `MAX_RESIDENCY_RUNS` runs were found first: ask again from there.
+    ResidencyReply {
+        id: u32,
+        status: Status,
+        covered: u64,
+        runs: Vec<(u64, u64)>,
+    },
     // agent -> shim
     Track {
         flags: u32,
@@ -173,6 +184,13 @@ pub enum Message {
     },
     GetStats {
         id: u32,
+    },
+    /// Which pages of `[start, start+len)` (inside one registered region) are resident, from
+    /// `mincore`: lets the agent sample only memory that exists.
+    Residency {
+        id: u32,
+        start: u64,
+        len: u64,
     },
     // ksmplusctl <-> agent
     ControlRequest {
@@ -218,11 +236,13 @@ mod tag {
     pub const FINGERPRINT_REPLY: u8 = 7;
     pub const REPLY: u8 = 8;
     pub const STATS_REPLY: u8 = 9;
+    pub const RESIDENCY_REPLY: u8 = 10;
     pub const TRACK: u8 = 32;
     pub const IGNORE: u8 = 33;
     pub const FINGERPRINT: u8 = 34;
     pub const MADVISE: u8 = 35;
     pub const GET_STATS: u8 = 36;
+    pub const RESIDENCY: u8 = 37;
     pub const CONTROL_REQUEST: u8 = 64;
     pub const CONTROL_REPLY: u8 = 65;
 }
@@ -241,6 +261,7 @@ impl Message {
                 | Message::FingerprintReply { .. }
                 | Message::Reply { .. }
                 | Message::StatsReply { .. }
+                | Message::ResidencyReply { .. }
         )
     }
 
@@ -346,6 +367,28 @@ impl Message {
                 ] {
                     put_u64(out, v);
                 }
+            }
+            Message::ResidencyReply {
+                id,
+                status,
+                covered,
+                runs,
+            } => {
+                out.push(tag::RESIDENCY_REPLY);
+                put_u32(out, *id);
+                put_status(out, *status);
+                put_u64(out, *covered);
+                put_u32(out, runs.len() as u32);
+                for (s, l) in runs {
+                    put_u64(out, *s);
+                    put_u64(out, *l);
+                }
+            }
+            Message::Residency { id, start, len } => {
+                out.push(tag::RESIDENCY);
+                put_u32(out, *id);
+                put_u64(out, *start);
+                put_u64(out, *len);
             }
             Message::Track { flags } => {
                 out.push(tag::TRACK);
@@ -480,6 +523,27 @@ impl Message {
                     registry_full: r.u64()?,
                     thread_cpu_ns: r.u64()?,
                 },
+            },
+            tag::RESIDENCY_REPLY => {
+                let id = r.u32()?;
+                let status = r.status()?;
+                let covered = r.u64()?;
+                let n = r.count("runs", MAX_RESIDENCY_RUNS, 16)?;
+                let mut runs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    runs.push((r.u64()?, r.u64()?));
+                }
+                Message::ResidencyReply {
+                    id,
+                    status,
+                    covered,
+                    runs,
+                }
+            }
+            tag::RESIDENCY => Message::Residency {
+                id: r.u32()?,
+                start: r.u64()?,
+                len: r.u64()?,
             },
             tag::TRACK => Message::Track { flags: r.u32()? },
             tag::IGNORE => Message::Ignore,

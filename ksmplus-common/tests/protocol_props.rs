@@ -65,7 +65,11 @@ fn message() -> impl Strategy<Value = Message> {
             status(),
             proptest::collection::vec(page_hash_s(), 0..300)
         )
-            .prop_map(|(id, status, hashes)| Message::FingerprintReply { id, status, hashes }),
+            .prop_map(|(id, status, hashes)| Message::FingerprintReply {
+                id,
+                status,
+                hashes
+            }),
         (any::<u32>(), status()).prop_map(|(id, status)| Message::Reply { id, status }),
         (any::<u32>(), any::<[u64; 9]>()).prop_map(|(id, a)| Message::StatsReply {
             id,
@@ -83,17 +87,41 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         any::<u32>().prop_map(|flags| Message::Track { flags }),
         Just(Message::Ignore),
-        (any::<u32>(), proptest::collection::vec(any::<u64>(), 0..300))
+        (
+            any::<u32>(),
+            proptest::collection::vec(any::<u64>(), 0..300)
+        )
             .prop_map(|(id, pages)| Message::Fingerprint { id, pages }),
         (any::<u32>(), any::<[u64; 2]>(), any::<bool>()).prop_map(|(id, a, m)| {
             Message::Madvise {
                 id,
                 start: a[0],
                 len: a[1],
-                advice: if m { Advice::Mergeable } else { Advice::Unmergeable },
+                advice: if m {
+                    Advice::Mergeable
+                } else {
+                    Advice::Unmergeable
+                },
             }
         }),
         any::<u32>().prop_map(|id| Message::GetStats { id }),
+        (any::<u32>(), any::<[u64; 2]>()).prop_map(|(id, a)| Message::Residency {
+            id,
+            start: a[0],
+            len: a[1]
+        }),
+        (
+            any::<u32>(),
+            status(),
+            any::<u64>(),
+            proptest::collection::vec(any::<(u64, u64)>(), 0..200)
+        )
+            .prop_map(|(id, status, covered, runs)| Message::ResidencyReply {
+                id,
+                status,
+                covered,
+                runs
+            }),
         ".{0,200}".prop_map(|json| Message::ControlRequest { json }),
         ".{0,200}".prop_map(|json| Message::ControlReply { json }),
     ]

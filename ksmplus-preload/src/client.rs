@@ -27,7 +27,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
 use ksmplus_common::{
     page_hash, track_flags, Advice, Message, Origin, PageHash, ShimStats, Status,
-    MAX_FINGERPRINT_PAGES,
+    MAX_FINGERPRINT_PAGES, MAX_RESIDENCY_RUNS,
 };
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -373,6 +373,50 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `[start, start+len)` lies inside one live registered region (the view brought up to date).
+fn registered(start: usize, len: usize) -> bool {
+    let mut g = STATE.lock();
+    let st = g.state();
+    st.drain();
+    st.view.containing(start, len).is_some()
+}
+
+/// The resident page runs of `[start, start+len)` from `mincore`, in chunks, at most
+/// `MAX_RESIDENCY_RUNS` of them: `(status, bytes covered, runs)`.
+fn resident_runs(start: usize, len: usize) -> (Status, usize, Vec<(u64, u64)>) {
+    const CHUNK_PAGES: usize = 64 * 1024;
+    let mut vec = vec![0u8; CHUNK_PAGES];
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut at = start;
+    let end = start + len;
+    while at < end {
+        let n = ((end - at) / PAGE).min(CHUNK_PAGES);
+        // SAFETY: mincore writes one byte per page of [at, at + n pages) into vec (n ≤ its len).
+        if unsafe { libc::mincore(at as *mut _, n * PAGE, vec.as_mut_ptr()) } != 0 {
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return (Status::Errno(e), at - start, runs);
+        }
+        for (i, &b) in vec[..n].iter().enumerate() {
+            if b & 1 == 0 {
+                continue;
+            }
+            let page = (at + i * PAGE) as u64;
+            if let Some((s, l)) = runs.last_mut() {
+                if *s + *l == page {
+                    *l += PAGE as u64;
+                    continue;
+                }
+            }
+            if runs.len() == MAX_RESIDENCY_RUNS {
+                return (Status::Ok, page as usize - start, runs);
+            }
+            runs.push((page, PAGE as u64));
+        }
+        at += n * PAGE;
+    }
+    (Status::Ok, len, runs)
+}
+
 /// Executes one agent command; `None` for messages that need no reply.
 fn execute(msg: Message) -> Option<Message> {
     match msg {
@@ -429,20 +473,31 @@ fn execute(msg: Message) -> Option<Message> {
             advice,
         } => {
             let (start, len) = (start as usize, len as usize);
-            let registered = || {
-                let mut g = STATE.lock();
-                let st = g.state();
-                st.drain();
-                st.view.containing(start, len).is_some()
-            };
             let status = if start & PAGE_MASK != 0 || len == 0 || len & PAGE_MASK != 0 {
                 Status::Invalid
-            } else if !registered() {
+            } else if !registered(start, len) {
                 Status::NotRegistered
             } else {
                 mark(start, len, advice)
             };
             Some(Message::Reply { id, status })
+        }
+        Message::Residency { id, start, len } => {
+            let (start, len) = (start as usize, len as usize);
+            let (status, covered, runs) =
+                if start & PAGE_MASK != 0 || len == 0 || len & PAGE_MASK != 0 {
+                    (Status::Invalid, 0, Vec::new())
+                } else if !registered(start, len) {
+                    (Status::NotRegistered, 0, Vec::new())
+                } else {
+                    resident_runs(start, len)
+                };
+            Some(Message::ResidencyReply {
+                id,
+                status,
+                covered: covered as u64,
+                runs,
+            })
         }
         Message::GetStats { id } => {
             let (regions, bytes) = {
