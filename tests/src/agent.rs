@@ -110,7 +110,8 @@ impl ClientRecord {
         self.messages.iter().find(|m| match m {
             Message::Reply { id: i, .. }
             | Message::FingerprintReply { id: i, .. }
-            | Message::StatsReply { id: i, .. } => *i == id,
+            | Message::StatsReply { id: i, .. }
+            | Message::ResidencyReply { id: i, .. } => *i == id,
             _ => false,
         })
     }
