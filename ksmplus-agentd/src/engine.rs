@@ -1,9 +1,11 @@
 //! The KSM+ engine: a pure state machine, no I/O. Time (`now_ms`), randomness (seed) and the
 //! kernel's feedback are inputs; agent→shim commands are outputs ([`Engine::take_output`]).
 //!
-//! Per region (thesis 4.1.3, 4.2.2), rounds of sampling: with coefficient `c`, the region's
-//! `n` pages are cut into `m = max(1, n·c/100)` equal gaps and one random page of each gap is
-//! fingerprinted. A page is a *candidate* when its hash equals the one of its previous sample
+//! Per region (thesis 4.1.3, 4.2.2), rounds of sampling: each round first asks the shim which
+//! pages of the region are resident (`Residency`, in pieces of at most `MAX_RESIDENCY_RUNS`
+//! runs), then, with coefficient `c`, the `R` resident pages (the index space of the
+//! concatenated runs) are cut into `m = ceil(R·c/100)` equal gaps and one random page of each
+//! gap is fingerprinted. Reserved, never-touched address space costs nothing but the query. A page is a *candidate* when its hash equals the one of its previous sample
 //! (KSM's checksum rule against volatile pages) and at least one other page anywhere (this
 //! region, another region, another process) has that hash now. A candidate grows into a run by
 //! fingerprinting its neighbours in both directions, stopping at a page whose hash has no
@@ -14,15 +16,19 @@
 //! `unmerge_after_full_scans` full ksmd scans is marked UNMERGEABLE again.
 //!
 //! Invariants:
-//! - a client has at most one `Fingerprint` command in flight; replies are matched by id and
+//! - a client has at most one `Fingerprint` or `Residency` command in flight; replies are matched by id and
 //!   region generation, so a reply for a region removed meanwhile is ignored;
 //! - `index[h]` is the number of remembered pages whose latest hash is `h` (each page counts
 //!   once), so "another page has this hash" is `index[h] >= 2`;
 //! - remembered fingerprints never exceed `max_fingerprints` (least recently sampled regions
 //!   are evicted first). Memory: see [`BYTES_PER_FINGERPRINT`].
 //! - `NotResident` and `Unavailable` pages are never candidates and never extend a run.
+//! - resident runs are kept for one piece of one round only: at most one region per client
+//!   holds them (the one being sampled), at most `MAX_RESIDENCY_RUNS` entries (16 bytes each).
 
 use ksmplus_common::policy::Policy;
+#[cfg(test)]
+use ksmplus_common::MAX_RESIDENCY_RUNS;
 use ksmplus_common::{Advice, Message, PageHash, Status, MAX_FINGERPRINT_PAGES};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -154,8 +160,15 @@ struct Run {
 enum Phase {
     /// Next round starts at `at`.
     Waiting { at: u64 },
-    /// Round in progress: gaps `next..m` still to issue.
-    Sampling { m: u64, next: u64 },
+    /// Round in progress. The residency of pages `0..scan` is known (`seen` of them resident);
+    /// gaps `next..m` of the current piece (`Region::piece`) are still to issue. When the
+    /// piece is done and `scan < pages`, the next piece's residency is asked.
+    Sampling {
+        m: u64,
+        next: u64,
+        scan: u64,
+        seen: u64,
+    },
     /// Schedule ran out with nothing merged: fingerprints forgotten.
     Dropped,
 }
@@ -175,6 +188,11 @@ struct Region {
     /// Runs unmarked for merging less than half their pages.
     loosened: u32,
     last_sampled_ms: u64,
+    /// Resident runs of the current piece of the round: `(first page, resident pages of the
+    /// piece before it)`, in page order. Empty outside a round's piece.
+    piece: Vec<(u64, u64)>,
+    /// Resident pages of the current piece.
+    piece_pages: u64,
 }
 
 impl Region {
@@ -190,6 +208,8 @@ impl Region {
             rejected: Vec::new(),
             loosened: 0,
             last_sampled_ms: now,
+            piece: Vec::new(),
+            piece_pages: 0,
         }
     }
     fn in_run(&self, idx: u64) -> bool {
@@ -197,6 +217,25 @@ impl Region {
     }
     fn rejected(&self, idx: u64) -> bool {
         self.rejected.iter().any(|&(lo, hi)| lo <= idx && idx < hi)
+    }
+    /// Page index of the `j`-th resident page of the current piece (`j < piece_pages`).
+    fn piece_page(&self, j: u64) -> u64 {
+        let i = self.piece.partition_point(|&(_, before)| before <= j) - 1;
+        let (lo, before) = self.piece[i];
+        lo + (j - before)
+    }
+    /// The round is over: the next starts after a pause.
+    fn end_round(&mut self, cfg: &Config, now: u64) {
+        // Past the schedule (kept for its marked runs) a region is only watched for new
+        // duplicates, at a tenth of the pace.
+        let pause = if self.coefficient <= cfg.floor {
+            cfg.round_interval_ms * FLOOR_SLOWDOWN
+        } else {
+            cfg.round_interval_ms
+        };
+        self.phase = Phase::Waiting { at: now + pause };
+        self.piece = Vec::new();
+        self.piece_pages = 0;
     }
 }
 
@@ -230,6 +269,12 @@ enum Pending {
         job: Grow,
         pages: Vec<u64>,
     },
+    /// Residency of the region's pages `from..` asked.
+    Residency {
+        region: u64,
+        gen: u64,
+        from: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -258,6 +303,9 @@ pub struct ProcCounters {
     pub marks_refused: u64,
     pub regions_dropped: u64,
     pub madvise_errors: u64,
+    /// `Residency` commands answered, and the resident pages they reported.
+    pub residency_queries: u64,
+    pub resident_pages: u64,
 }
 
 /// What `status` shows for one client.
@@ -461,6 +509,12 @@ impl Engine {
                 status,
                 hashes,
             } => self.fingerprint_reply(id, rid, status, hashes, now),
+            Message::ResidencyReply {
+                id: rid,
+                status,
+                covered,
+                runs,
+            } => self.residency_reply(id, rid, status, covered, runs, now),
             Message::Reply { id: rid, status } => self.madvise_reply(id, rid, status),
             _ => {}
         }
@@ -565,6 +619,8 @@ impl Engine {
             r.gen = self.new_gen();
             if matches!(r.phase, Phase::Sampling { .. }) {
                 r.phase = Phase::Waiting { at: 0 };
+                r.piece = Vec::new();
+                r.piece_pages = 0;
             }
             self.procs.get_mut(&id).unwrap().regions.insert(s, r);
         }
@@ -622,8 +678,13 @@ impl Engine {
                     r.coefficient.saturating_sub(cfg_step).max(cfg_floor)
                 };
                 r.rounds += 1;
-                let m = (r.pages * r.coefficient as u64 / 100).max(1);
-                r.phase = Phase::Sampling { m, next: 0 };
+                // The gaps are known once the residency of the first piece is.
+                r.phase = Phase::Sampling {
+                    m: 0,
+                    next: 0,
+                    scan: 0,
+                    seen: 0,
+                };
             }
         }
         let mut forgotten = Vec::new();
@@ -692,16 +753,32 @@ impl Engine {
                 let p = self.procs.get_mut(&id).unwrap();
                 let ps = p.page_size;
                 for (s, r) in p.regions.iter_mut() {
-                    if let Phase::Sampling { m, next } = r.phase {
+                    let Phase::Sampling {
+                        m,
+                        next,
+                        scan,
+                        seen,
+                    } = r.phase
+                    else {
+                        continue;
+                    };
+                    if next < m {
+                        // One random resident page in each gap of the piece.
+                        let n = r.piece_pages;
                         let k = budget.min(m - next);
                         let mut pages = Vec::with_capacity(k as usize);
                         for g in next..next + k {
-                            let lo = g * r.pages / m;
-                            let hi = ((g + 1) * r.pages / m).max(lo + 1);
-                            let idx = lo + self.rng.below(hi - lo);
-                            pages.push(s + idx * ps);
+                            let lo = g * n / m;
+                            let hi = ((g + 1) * n / m).max(lo + 1);
+                            let j = lo + self.rng.below(hi - lo);
+                            pages.push(s + r.piece_page(j) * ps);
                         }
-                        r.phase = Phase::Sampling { m, next: next + k };
+                        r.phase = Phase::Sampling {
+                            m,
+                            next: next + k,
+                            scan,
+                            seen,
+                        };
                         r.last_sampled_ms = now;
                         work = Some(Pending::Sample {
                             region: *s,
@@ -710,20 +787,44 @@ impl Engine {
                         });
                         break;
                     }
+                    if scan < r.pages {
+                        work = Some(Pending::Residency {
+                            region: *s,
+                            gen: r.gen,
+                            from: scan,
+                        });
+                        break;
+                    }
+                    // Nothing left to ask or sample (normally ended by the last reply).
+                    r.end_round(&self.cfg, now);
                 }
             }
         }
         if let Some(w) = work {
-            let pages = match &w {
-                Pending::Sample { pages, .. } | Pending::Grow { pages, .. } => pages.clone(),
-            };
-            let n = pages.len() as u64;
             let rid = self.new_id();
             let p = self.procs.get_mut(&id).unwrap();
-            p.bucket.tokens -= n.min(p.bucket.tokens);
+            let msg = match &w {
+                Pending::Sample { pages, .. } | Pending::Grow { pages, .. } => {
+                    let n = pages.len() as u64;
+                    p.bucket.tokens -= n.min(p.bucket.tokens);
+                    self.global.tokens -= n.min(self.global.tokens);
+                    Message::Fingerprint {
+                        id: rid,
+                        pages: pages.clone(),
+                    }
+                }
+                // mincore costs the shim a byte per page, no page is read: no tokens.
+                Pending::Residency { region, from, .. } => {
+                    let pages = p.regions[region].pages;
+                    Message::Residency {
+                        id: rid,
+                        start: region + from * p.page_size,
+                        len: (pages - from) * p.page_size,
+                    }
+                }
+            };
             p.inflight = Some((rid, w));
-            self.global.tokens -= n.min(self.global.tokens);
-            self.out.push((id, Message::Fingerprint { id: rid, pages }));
+            self.out.push((id, msg));
         }
         self.schedule_client_after(id, now, forgotten);
     }
@@ -788,18 +889,29 @@ impl Engine {
                 let Some(r) = p.regions.get(&region).filter(|r| r.gen == gen) else {
                     return;
                 };
-                let round_done = matches!(r.phase, Phase::Sampling { m, next } if next >= m);
+                let round_done = matches!(r.phase,
+                    Phase::Sampling { m, next, scan, .. } if next >= m && scan >= r.pages);
+                let piece_done = matches!(r.phase, Phase::Sampling { m, next, .. } if next >= m);
                 let nreg = r.pages;
+                let run_of = |idx: u64| r.piece.partition_point(|&(lo, _)| lo <= idx);
+                let runs: Vec<usize> = pages.iter().map(|a| run_of((a - region) / ps)).collect();
                 p.stats.fingerprinted_pages += hashes.len() as u64;
                 // Only the first candidate of a stretch of consecutive candidate samples seeds
                 // a growth (the growth covers the rest), so a dense region costs a few jobs,
                 // not one per page; a stretch broken by a unique page is found next round.
+                // Consecutive samples in different resident runs are not one stretch: growth
+                // stops at the non-resident pages between them.
                 let mut candidates = Vec::new();
                 let mut in_stretch = false;
-                for (addr, ph) in pages.iter().zip(hashes.iter()) {
+                let mut last_run = usize::MAX;
+                for ((addr, ph), run) in pages.iter().zip(hashes.iter()).zip(runs) {
                     let idx = (addr - region) / ps;
                     if idx >= nreg {
                         continue;
+                    }
+                    if run != last_run {
+                        in_stretch = false;
+                        last_run = run;
                     }
                     let h = match ph {
                         PageHash::Hash(h) => Some(*h),
@@ -837,14 +949,10 @@ impl Engine {
                     });
                 }
                 if round_done {
-                    // Past the schedule (kept for its marked runs) a region is only watched
-                    // for new duplicates, at a tenth of the pace.
-                    let pause = if r.coefficient <= self.cfg.floor {
-                        self.cfg.round_interval_ms * FLOOR_SLOWDOWN
-                    } else {
-                        self.cfg.round_interval_ms
-                    };
-                    r.phase = Phase::Waiting { at: now + pause };
+                    r.end_round(&self.cfg, now);
+                } else if piece_done {
+                    r.piece = Vec::new();
+                    r.piece_pages = 0;
                 }
                 self.evict(now, region);
             }
@@ -903,6 +1011,102 @@ impl Engine {
                 }
                 self.evict(now, u64::MAX);
             }
+            Pending::Residency { .. } => {
+                crate::debug!("client {id}: FingerprintReply to a Residency command ignored");
+            }
+        }
+    }
+
+    /// The resident runs of a piece of a region: the piece's gaps are cut among them.
+    fn residency_reply(
+        &mut self,
+        id: ClientId,
+        rid: u32,
+        status: Status,
+        covered: u64,
+        runs: Vec<(u64, u64)>,
+        now: u64,
+    ) {
+        let p = self.procs.get_mut(&id).unwrap();
+        let Some((want, pending)) = p.inflight.take() else {
+            return;
+        };
+        if want != rid {
+            p.inflight = Some((want, pending));
+            return;
+        }
+        if status == Status::Dormant {
+            p.dormant = true;
+            return;
+        }
+        let Pending::Residency { region, gen, from } = pending else {
+            crate::debug!("client {id}: ResidencyReply to a Fingerprint command ignored");
+            return;
+        };
+        let ps = p.page_size;
+        let Some(r) = p.regions.get_mut(&region).filter(|r| r.gen == gen) else {
+            return;
+        };
+        let Phase::Sampling { scan, seen, .. } = r.phase else {
+            return;
+        };
+        if scan != from {
+            return;
+        }
+        p.stats.residency_queries += 1;
+        if status != Status::Ok {
+            // NotRegistered: the region is going away (its event follows); an errno: nothing
+            // to sample in the rest of it this round.
+            crate::debug!("client {id}: residency of region {region:#x}: {status:?}");
+        }
+        let end = region + r.pages * ps;
+        let mut piece = Vec::with_capacity(if status == Status::Ok { runs.len() } else { 0 });
+        let mut resident = 0u64;
+        let mut last = from;
+        if status == Status::Ok {
+            for (a, l) in runs {
+                let (a, b) = (a.max(region + from * ps), a.saturating_add(l).min(end));
+                if b <= a {
+                    continue;
+                }
+                let (lo, hi) = ((a - region).div_ceil(ps), (b - region) / ps);
+                // Out of order or overlapping runs are not trusted.
+                if hi <= lo || lo < last {
+                    continue;
+                }
+                piece.push((lo, resident));
+                resident += hi - lo;
+                last = hi;
+            }
+        }
+        let covered_pages = if status == Status::Ok {
+            covered / ps
+        } else {
+            0
+        };
+        // A reply that covers nothing would ask the same forever: the rest counts as empty.
+        let scan = if covered_pages == 0 {
+            r.pages
+        } else {
+            (from + covered_pages).min(r.pages)
+        };
+        p.stats.resident_pages += resident;
+        // m over the whole round is ceil(R·c/100): each piece gets its share of it.
+        let c = r.coefficient as u64;
+        let m = ((seen + resident) * c).div_ceil(100) - (seen * c).div_ceil(100);
+        r.phase = Phase::Sampling {
+            m,
+            next: 0,
+            scan,
+            seen: seen + resident,
+        };
+        if m == 0 {
+            if scan >= r.pages {
+                r.end_round(&self.cfg, now);
+            }
+        } else {
+            r.piece = piece;
+            r.piece_pages = resident;
         }
     }
 
@@ -1191,6 +1395,8 @@ mod tests {
         volatile_client: Option<ClientId>,
         now: u64,
         counter: u64,
+        /// Most runs per ResidencyReply (the shim's is MAX_RESIDENCY_RUNS).
+        max_runs: usize,
     }
 
     fn cfg() -> Config {
@@ -1211,6 +1417,7 @@ mod tests {
                 volatile_client: None,
                 now: 0,
                 counter: 1 << 40,
+                max_runs: MAX_RESIDENCY_RUNS,
             }
         }
         fn client(&mut self, id: ClientId, regions: Vec<(u64, Vec<Option<u64>>)>) {
@@ -1255,6 +1462,35 @@ mod tests {
                 None => PageHash::Unavailable,
             }
         }
+        /// What the shim answers to Residency: resident runs from the start of the range.
+        fn residency(&self, id: ClientId, start: u64, len: u64) -> (Status, u64, Vec<(u64, u64)>) {
+            let m = &self.mem[&id];
+            let Some((s, v)) = m.range(..=start).next_back() else {
+                return (Status::NotRegistered, 0, Vec::new());
+            };
+            if start + len > s + v.len() as u64 * PS {
+                return (Status::NotRegistered, 0, Vec::new());
+            }
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            let first = (start - s) / PS;
+            for i in first..first + len / PS {
+                if v[i as usize].is_none() {
+                    continue;
+                }
+                let a = s + i * PS;
+                if let Some((rs, rl)) = runs.last_mut() {
+                    if *rs + *rl == a {
+                        *rl += PS;
+                        continue;
+                    }
+                }
+                if runs.len() == self.max_runs {
+                    return (Status::Ok, a - start, runs);
+                }
+                runs.push((a, PS));
+            }
+            (Status::Ok, len, runs)
+        }
         fn step(&mut self) {
             self.eng.tick(self.now);
             for (c, m) in self.eng.take_output() {
@@ -1283,6 +1519,19 @@ mod tests {
                             Message::Reply {
                                 id,
                                 status: Status::Ok,
+                            },
+                            self.now,
+                        );
+                    }
+                    Message::Residency { id, start, len } => {
+                        let (status, covered, runs) = self.residency(c, start, len);
+                        self.eng.on_message(
+                            c,
+                            Message::ResidencyReply {
+                                id,
+                                status,
+                                covered,
+                                runs,
                             },
                             self.now,
                         );
@@ -1401,7 +1650,80 @@ mod tests {
         s.client(2, vec![(0x2000_0000, vec![None; 1024])]);
         s.run(10_000);
         assert!(s.madvised.is_empty());
-        assert_eq!(s.eng.status(1).unwrap().regions_dropped, 1);
+        let st = s.eng.status(1).unwrap();
+        assert_eq!(st.regions_dropped, 1);
+        // Nothing resident: nothing fingerprinted.
+        assert_eq!(st.counters.fingerprinted_pages, 0, "{st:?}");
+    }
+
+    /// Regions of 1 Mi pages (4 GiB, like JavaScriptCore's gigacages) with 2 000 resident
+    /// pages each, 300 of them duplicates across the two processes.
+    fn sparse(salt: u64) -> Vec<Option<u64>> {
+        let mut v = vec![None; 1 << 20];
+        for (k, base) in [1000usize, 300_000, 900_000].into_iter().enumerate() {
+            let n = if k == 0 { 800 } else { 600 };
+            for i in 0..n {
+                v[base + i] = Some((salt << 32) | (base + i) as u64);
+            }
+        }
+        // The duplicates: a run in the middle of the second resident stretch.
+        for p in &mut v[300_100..300_400] {
+            *p = Some(0xd0d0);
+        }
+        v
+    }
+
+    #[test]
+    fn sparse_regions_sample_resident_pages_only() {
+        let mut s = Sim::new(cfg());
+        s.client(1, vec![(0x1000_0000_0000, sparse(1))]);
+        s.client(2, vec![(0x2000_0000_0000, sparse(2))]);
+        s.run(20_000);
+        for (c, base) in [(1, 0x1000_0000_0000u64), (2, 0x2000_0000_0000)] {
+            assert_eq!(
+                s.eng.marked(c),
+                vec![(base + 300_100 * PS, 300 * PS)],
+                "{:?}",
+                s.eng.status(c)
+            );
+            let st = s.eng.status(c).unwrap();
+            // A round samples at most the resident pages it found (100 + 90 + … + 10 % of
+            // the 2 000, then 10 % per round at the floor); growth adds the run and one batch
+            // beyond each end. Nothing of the 1 046 576 non-resident pages.
+            let f = st.counters.fingerprinted_pages;
+            assert!(f > 2000 * 55 / 10, "{f} {st:?}");
+            assert!(f <= st.counters.resident_pages + 1000, "{f} {st:?}");
+            assert!(f < 2000 * 10, "{f} {st:?}");
+        }
+    }
+
+    #[test]
+    fn residency_in_pieces() {
+        let mut s = Sim::new(cfg());
+        s.max_runs = 50;
+        // Every other page resident: 1024 runs of one page, asked 50 at a time.
+        let mut a: Vec<Option<u64>> = vec![None; 2048];
+        let mut b = a.clone();
+        for i in (0..1024).step_by(2) {
+            a[i] = Some(0x77);
+            b[i] = Some(0x77);
+        }
+        for i in (1024..2048).step_by(2) {
+            a[i] = Some((1 << 40) | i as u64);
+            b[i] = Some((2 << 40) | i as u64);
+        }
+        s.client(1, vec![(0x1000_0000, a)]);
+        s.client(2, vec![(0x2000_0000, b)]);
+        s.run(15_000);
+        let st = s.eng.status(1).unwrap();
+        assert!(st.counters.residency_queries > 40, "{st:?}");
+        // Single-page runs (growth stops at the non-resident pages), 2 pages apart: coalesced
+        // into one range (gap 8).
+        let m = s.eng.marked(1);
+        assert_eq!(m.len(), 1, "{m:?} {st:?}");
+        assert!(m[0].0 < 0x1000_0000 + 16 * PS && m[0].1 > 900 * PS, "{m:?}");
+        // The first round sampled every resident page once.
+        assert!(st.counters.fingerprinted_pages >= 1024, "{st:?}");
     }
 
     #[test]

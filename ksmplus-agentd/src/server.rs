@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 
 /// Largest frame accepted before a peer said what it is (Hello is ≤ 8.2 KiB, control requests small).
 pub const PRE_ID_FRAME_MAX: usize = 64 * 1024;
-/// Largest frame accepted from a shim (a full FingerprintReply is ~144 KiB).
-pub const SHIM_FRAME_MAX: usize = 256 * 1024;
+/// Largest frame accepted from a shim (a full FingerprintReply is ~144 KiB, a full
+/// ResidencyReply 256 KiB + 20 bytes).
+pub const SHIM_FRAME_MAX: usize = 320 * 1024;
 /// Output buffered for one shim before it is dropped as not reading.
 pub const SHIM_OUT_MAX: usize = 1 << 20;
 /// Output buffered for one ksmplusctl (a status reply may be large).
