@@ -187,8 +187,23 @@ fn ten_thousand_hostile_frames_close_only_their_senders() {
         };
         let _ = s.write_all(&frame);
     }
-    // The good client is still served: its region is fingerprinted and the reply accepted.
+    // The good client is still served: its region's residency is asked (all of it resident),
+    // then it is fingerprinted and the reply accepted.
     good.set_read_timeout(Some(T)).unwrap();
+    let m = read_message(&mut good).unwrap().expect("a command");
+    let Message::Residency { id, start, len } = m else {
+        panic!("expected Residency, got {m:?}");
+    };
+    write_message(
+        &mut good,
+        &Message::ResidencyReply {
+            id,
+            status: ksmplus_common::Status::Ok,
+            covered: len,
+            runs: vec![(start, len)],
+        },
+    )
+    .unwrap();
     let m = read_message(&mut good).unwrap().expect("a command");
     let Message::Fingerprint { id, pages } = m else {
         panic!("expected Fingerprint, got {m:?}");
