@@ -588,7 +588,12 @@ impl Agent {
                     info!("tracking pid {pid} ({} {})", h.comm, h.exe);
                     self.engine
                         .add_client(t.0 as ClientId, pid, &h.comm, h.page_size as u64, now);
-                    self.send(t, &Message::Track { flags: 0 });
+                    let flags = if self.policy.cover_maps {
+                        ksmplus_common::track_flags::COVER_MAPS
+                    } else {
+                        0
+                    };
+                    self.send(t, &Message::Track { flags });
                 } else {
                     if decision == Decision::Excluded {
                         self.stats.excluded += 1;

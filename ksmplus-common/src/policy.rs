@@ -49,6 +49,9 @@ pub struct Policy {
     pub exclude: Vec<String>,
     /// Regions smaller than this many bytes are not sampled.
     pub min_region_bytes: u64,
+    /// Ask tracked shims to also register the heap, glibc's arenas and the other private
+    /// anonymous writable mappings (`track_flags::COVER_MAPS`), not only large allocations.
+    pub cover_maps: bool,
     pub sampling: Sampling,
     pub limits: Limits,
     pub ksmd: Ksmd,
@@ -104,7 +107,8 @@ impl Default for Policy {
             track_all: false,
             track: Vec::new(),
             exclude: DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect(),
-            min_region_bytes: 1 << 20,
+            min_region_bytes: 65536,
+            cover_maps: true,
             sampling: Sampling::default(),
             limits: Limits::default(),
             ksmd: Ksmd::default(),
@@ -326,6 +330,7 @@ track_all = false
 track = ["okular", "firefox"]
 exclude = ["ssh-agent"]
 min_region_bytes = 65536
+cover_maps = false
 [sampling]
 start = 100
 step = 20
@@ -347,6 +352,8 @@ pages_to_scan = 1000
         assert_eq!(pol.sampling.step, 20);
         assert_eq!(pol.ksmd.pages_to_scan, Some(1000));
         assert_eq!(pol.ksmd.sleep_millisecs, None);
+        assert!(!pol.cover_maps);
+        assert!(Policy::default().cover_maps);
     }
 
     #[test]

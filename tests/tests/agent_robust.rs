@@ -123,6 +123,19 @@ fn a_thousand_clients_at_once_then_fds_and_memory_return_to_baseline() {
     );
 }
 
+/// The default policy asks tracked shims to cover the heap and anonymous mappings too.
+#[test]
+fn default_policy_asks_shims_to_cover_maps() {
+    let agent = Agent::start("track = [\"agent_work\"]\n");
+    let (_s, a) = fake_shim(&agent.socket);
+    assert_eq!(
+        a,
+        Message::Track {
+            flags: ksmplus_common::track_flags::COVER_MAPS
+        }
+    );
+}
+
 #[test]
 fn ten_thousand_hostile_frames_close_only_their_senders() {
     let agent = Agent::start(FAST_POLICY);
