@@ -56,6 +56,7 @@ pub struct Config {
     pub step: u32,
     pub floor: u32,
     pub round_interval_ms: u64,
+    pub first_recheck_ms: u64,
     pub coalesce_gap_pages: u64,
     pub unmerge_after_full_scans: u64,
     pub min_region_bytes: u64,
@@ -72,6 +73,7 @@ impl Config {
             step: p.sampling.step,
             floor: p.sampling.floor,
             round_interval_ms: p.sampling.round_interval_ms,
+            first_recheck_ms: p.sampling.first_recheck_ms,
             coalesce_gap_pages: p.sampling.coalesce_gap_pages,
             unmerge_after_full_scans: p.sampling.unmerge_after_full_scans,
             min_region_bytes: p.min_region_bytes,
@@ -228,8 +230,11 @@ impl Region {
     fn end_round(&mut self, cfg: &Config, now: u64) {
         // Past the schedule (kept for its marked runs) a region is only watched for new
         // duplicates, at a tenth of the pace.
+        // The second round comes sooner: a new region's duplicates need two samples.
         let pause = if self.coefficient <= cfg.floor {
             cfg.round_interval_ms * FLOOR_SLOWDOWN
+        } else if self.rounds == 1 {
+            cfg.first_recheck_ms.min(cfg.round_interval_ms)
         } else {
             cfg.round_interval_ms
         };
@@ -1625,6 +1630,39 @@ mod tests {
         s.run(10_000);
         assert!(s.madvised.is_empty());
         assert_eq!(s.eng.fingerprints(), 0);
+    }
+
+    /// Default schedule (rounds 1 s apart, the second after `first_recheck_ms`): two
+    /// processes' duplicates are marked well before the first full interval, and pages
+    /// rewritten continuously are still never marked.
+    #[test]
+    fn second_round_comes_after_first_recheck() {
+        let c = Config {
+            min_region_bytes: 64 * 1024,
+            ..Config::default()
+        };
+        assert_eq!((c.round_interval_ms, c.first_recheck_ms), (1000, 150));
+        let mut s = Sim::new(c.clone());
+        let same: Vec<Option<u64>> = vec![Some(7); 5120];
+        s.client(1, vec![(0x1000_0000, same.clone())]);
+        s.client(2, vec![(0x5000_0000, same)]);
+        s.run(400);
+        assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 5120 * PS)]);
+        assert_eq!(s.eng.marked(2), vec![(0x5000_0000, 5120 * PS)]);
+        let st = s.eng.status(1).unwrap();
+        assert_eq!(st.min_coefficient, 90, "{st:?}");
+
+        let mut s = Sim::new(c);
+        s.volatile = true;
+        s.client(1, vec![(0x1000_0000, vec![Some(3); 1024])]);
+        s.client(2, vec![(0x2000_0000, vec![Some(3); 1024])]);
+        s.run(15_000);
+        assert!(s.madvised.is_empty());
+        for c in [1, 2] {
+            let st = s.eng.status(c).unwrap();
+            assert_eq!(st.counters.candidates, 0, "{st:?}");
+            assert_eq!(st.min_coefficient, 10, "{st:?}");
+        }
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct Sampling {
     pub floor: u32,
     /// Pause between two rounds of one region, milliseconds.
     pub round_interval_ms: u64,
+    /// Pause between the first and the second round of a region, milliseconds (at most
+    /// `round_interval_ms`): the checksum rule needs two samples of a page, so this sets how
+    /// soon a new region's duplicates can be marked.
+    pub first_recheck_ms: u64,
     /// Marked runs closer than this many pages are coalesced into one (bounds VMA splits).
     pub coalesce_gap_pages: u64,
     /// A marked run with nothing merged after this many full ksmd scans is unmarked.
@@ -123,6 +127,7 @@ impl Default for Sampling {
             step: 10,
             floor: 10,
             round_interval_ms: 1000,
+            first_recheck_ms: 150,
             coalesce_gap_pages: 8,
             unmerge_after_full_scans: 3,
         }
@@ -336,6 +341,7 @@ start = 100
 step = 20
 floor = 20
 round_interval_ms = 200
+first_recheck_ms = 50
 coalesce_gap_pages = 4
 unmerge_after_full_scans = 2
 [limits]
@@ -353,6 +359,7 @@ pages_to_scan = 1000
         assert_eq!(pol.ksmd.pages_to_scan, Some(1000));
         assert_eq!(pol.ksmd.sleep_millisecs, None);
         assert!(!pol.cover_maps);
+        assert_eq!(pol.sampling.first_recheck_ms, 50);
         assert!(Policy::default().cover_maps);
     }
 
