@@ -24,7 +24,7 @@ use crate::table::TABLE;
 use crate::view::{Region, View};
 use crate::{DORMANT, REGISTRY_FULL, THRESHOLD};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering::*};
 use ksmplus_common::{
     page_hash, track_flags, Advice, Message, Origin, PageHash, ShimStats, Status,
     MAX_FINGERPRINT_PAGES, MAX_RESIDENCY_RUNS,
@@ -49,6 +49,8 @@ pub static CONFIG: OnceLock<Config> = OnceLock::new();
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// The connected socket's fd, so the fork child can close its inherited copy.
 static SOCK_FD: AtomicI32 = AtomicI32::new(-1);
+/// An address inside the glibc arena the client thread allocates from (see `refresh_maps`).
+static ARENA_PROBE: AtomicUsize = AtomicUsize::new(0);
 /// `fork_prepare` took the state lock: its partner handler must release it.
 static FORK_HELD: AtomicBool = AtomicBool::new(false);
 
@@ -226,10 +228,18 @@ impl State {
             .view
             .iter()
             .partition(|r| r.origin == Origin::Maps as u8);
+        // The shim's own memory is no program content: its .bss, and the glibc arena its client
+        // thread allocates from (freed scratch buffers there look like duplicates and are
+        // rewritten at once) — unless that arena is the main heap, which the program shares.
+        let probe = ARENA_PROBE.load(Relaxed);
+        let probe_in_heap = lines
+            .iter()
+            .any(|m| m.name == "[heap]" && (m.start..m.end).contains(&probe));
         let own = [
             &TABLE as *const _ as usize,
             &RING as *const _ as usize,
             &crate::cache::CACHE as *const _ as usize,
+            if probe_in_heap { 0 } else { probe },
         ];
         let wanted = maps::candidates(&lines, &others, min_len, &own);
         let maps_origin = Origin::Maps as u8;
@@ -538,6 +548,10 @@ fn run(cfg: &'static Config) {
     // Most processes that live less than this (a shell's `ls`, `cat`, `true`) would only pay for
     // a connection they never use.
     std::thread::sleep(START_DELAY);
+    // A small allocation made by this thread lands in the arena glibc gave it; it lives as long
+    // as the thread (leaked on purpose: one per process).
+    let probe: &'static mut [u8; 64] = Box::leak(Box::new([0u8; 64]));
+    ARENA_PROBE.store(probe.as_ptr() as usize, Relaxed);
     let Some(mut wake) = new_wake_fd() else {
         log("cannot create an eventfd; going dormant");
         go_dormant();
