@@ -118,15 +118,21 @@ fn glibc_usable_size(p: *mut c_void) -> usize {
     size - if size & 2 != 0 { 16 } else { 8 }
 }
 
-#[no_mangle]
-pub extern "C" fn malloc(size: usize) -> *mut c_void {
+/// A page-aligned shim block for a large request, else what `glibc` gives.
+#[inline(always)]
+fn large_or(size: usize, glibc: impl FnOnce() -> *mut c_void) -> *mut c_void {
     if size >= threshold() {
         if let Some(p) = large_alloc(size, PAGE, false) {
             return p;
         }
     }
+    glibc()
+}
+
+#[no_mangle]
+pub extern "C" fn malloc(size: usize) -> *mut c_void {
     // SAFETY: plain forwarding to glibc.
-    unsafe { sys::__libc_malloc(size) }
+    large_or(size, || unsafe { sys::__libc_malloc(size) })
 }
 
 #[no_mangle]
@@ -294,29 +300,20 @@ pub extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usiz
 
 #[no_mangle]
 pub extern "C" fn valloc(size: usize) -> *mut c_void {
-    if size >= threshold() {
-        if let Some(p) = large_alloc(size, PAGE, false) {
-            return p;
-        }
-    }
     // SAFETY: plain forwarding to glibc.
-    unsafe { sys::__libc_valloc(size) }
+    large_or(size, || unsafe { sys::__libc_valloc(size) })
 }
 
 #[no_mangle]
 pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    // pvalloc rounds the request up to whole pages (0 gives one page).
     let rounded = if size == 0 {
-        Some(PAGE)
+        PAGE
     } else {
-        page_round(size)
+        page_round(size).unwrap_or(size)
     };
-    if let Some(r) = rounded.filter(|&r| r >= threshold()) {
-        if let Some(p) = large_alloc(r, PAGE, false) {
-            return p;
-        }
-    }
     // SAFETY: plain forwarding to glibc.
-    unsafe { sys::__libc_pvalloc(size) }
+    large_or(rounded, || unsafe { sys::__libc_pvalloc(size) })
 }
 
 fn registrable(len: usize, prot: i32, flags: i32) -> bool {
