@@ -73,7 +73,10 @@ report() {
             -v pr="$(field "$p" ksm_process_profit)" \
             'BEGIN { printf "%-8s %10d %12d %12d %12.1f\n", p, r / 1024, mp, ri, pr / 1048576 }'
     done
-    awk -v rss="$rss" -v m="$m" 'BEGIN { printf "total RSS %d MiB; KSM merges %d pages = %.1f MiB saved (%.1f %% of the workers'"'"' memory)\n", rss / 1024, m, m * 4 / 1024, rss ? m * 4 * 100 / rss : 0 }'
+    local sharing; sharing=$(cat $KSM/pages_sharing)
+    awk -v rss="$rss" -v m="$m" -v sh="$sharing" 'BEGIN {
+        printf "total RSS %d MiB; %d of its pages (%.1f MiB) are backed by shared KSM pages\n", rss / 1024, m, m * 4 / 1024
+        printf "memory freed (ksmd pages_sharing): %.1f MiB = %.1f %% of the workers'"'"' RSS\n", sh * 4 / 1024, rss ? sh * 4 * 100 / rss : 0 }'
 }
 
 echo
