@@ -140,6 +140,25 @@ fn ksmd(root: &Path) -> Value {
     Value::Object(m)
 }
 
+/// The process's resident anonymous memory (Σ `Anonymous:` of its smaps) and how much of it lies in
+/// VMAs that overlap a tracked region: what ksmplus covers of what the program really holds
+/// (tracked bytes are address space, often mostly reserved and absent). `(0, 0)` if unreadable.
+fn anon_coverage(root: &std::path::Path, pid: u32, regions: &[(u64, u64)]) -> (u64, u64) {
+    let Ok(vmas) = ksm::read_smaps(root, pid) else {
+        return (0, 0);
+    };
+    let (mut anon, mut covered) = (0, 0);
+    for v in &vmas {
+        let bytes = v.anonymous_kib * 1024;
+        anon += bytes;
+        let first = regions.partition_point(|&(s, l)| s + l <= v.start);
+        if regions.get(first).is_some_and(|&(s, _)| s < v.end) {
+            covered += bytes;
+        }
+    }
+    (anon, covered)
+}
+
 fn status(agent: &mut Agent) -> Value {
     let root = agent.opts.root.clone();
     let ps = 4096u64;
@@ -152,6 +171,7 @@ fn status(agent: &mut Agent) -> Value {
         };
         let ks = ksm::read_ksm_stat(&root, pid).ok();
         let k = ks.unwrap_or_default();
+        let (anon, covered) = anon_coverage(&root, pid, &agent.engine.regions(id));
         tot[0] += st.regions;
         tot[1] += st.tracked_bytes;
         tot[2] += st.marked_bytes;
@@ -168,6 +188,8 @@ fn status(agent: &mut Agent) -> Value {
             "regions_sampling": st.regions_sampling,
             "regions_dropped": st.regions_dropped,
             "tracked_bytes": st.tracked_bytes,
+            "anon_bytes": anon,
+            "anon_covered_bytes": covered,
             "marked_bytes": st.marked_bytes,
             "marked_ranges": st.marked_ranges,
             "fingerprints": st.fingerprints,

@@ -1364,6 +1364,16 @@ impl Engine {
         v
     }
 
+    /// The client's tracked regions, `(start, len)` in bytes, in address order.
+    pub fn regions(&self, id: ClientId) -> Vec<(u64, u64)> {
+        self.procs.get(&id).map_or_else(Vec::new, |p| {
+            p.regions
+                .iter()
+                .map(|(s, r)| (*s, r.pages * p.page_size))
+                .collect()
+        })
+    }
+
     /// Whether every region of every client has finished its schedule (dropped or at floor).
     pub fn idle(&self) -> bool {
         self.procs.values().all(|p| {

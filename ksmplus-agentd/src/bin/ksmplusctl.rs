@@ -126,11 +126,12 @@ fn mib(v: &Value) -> String {
 
 fn print_status(v: &Value) {
     println!(
-        "{:>7}  {:<15}  {:>7}  {:>11}  {:>10}  {:>8}  {:>10}  {:>11}",
+        "{:>7}  {:<15}  {:>7}  {:>11}  {:>16}  {:>10}  {:>8}  {:>10}  {:>11}",
         "PID",
         "COMM",
         "REGIONS",
         "TRACKED MiB",
+        "ANON COVERED MiB",
         "MARKED MiB",
         "MERGING",
         "RMAP_ITEMS",
@@ -139,11 +140,16 @@ fn print_status(v: &Value) {
     let empty = vec![];
     for p in v["processes"].as_array().unwrap_or(&empty) {
         println!(
-            "{:>7}  {:<15}  {:>7}  {:>11}  {:>10}  {:>8}  {:>10}  {:>11}",
+            "{:>7}  {:<15}  {:>7}  {:>11}  {:>16}  {:>10}  {:>8}  {:>10}  {:>11}",
             n(&p["pid"]),
             p["comm"].as_str().unwrap_or(""),
             n(&p["regions"]),
             mib(&p["tracked_bytes"]),
+            format!(
+                "{} / {}",
+                mib(&p["anon_covered_bytes"]),
+                mib(&p["anon_bytes"])
+            ),
             mib(&p["marked_bytes"]),
             n(&p["merging_pages"]),
             n(&p["rmap_items"]),
@@ -152,11 +158,12 @@ fn print_status(v: &Value) {
     }
     let t = &v["totals"];
     println!(
-        "{:>7}  {:<15}  {:>7}  {:>11}  {:>10}  {:>8}  {:>10}  {:>11}",
+        "{:>7}  {:<15}  {:>7}  {:>11}  {:>16}  {:>10}  {:>8}  {:>10}  {:>11}",
         "TOTAL",
         format!("{} processes", t["processes"]),
         n(&t["regions"]),
         mib(&t["tracked_bytes"]),
+        "",
         mib(&t["marked_bytes"]),
         n(&t["merging_pages"]),
         n(&t["rmap_items"]),
