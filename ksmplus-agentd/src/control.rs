@@ -296,4 +296,33 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "track = [\nbroken");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn anon_coverage_counts_vmas_overlapping_tracked_regions() {
+        let dir = std::env::temp_dir().join(format!("ksmplus-cov-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("proc/42")).unwrap();
+        std::fs::write(
+            dir.join("proc/42/smaps"),
+            "\
+10000-20000 rw-p 00000000 00:00 0 \n\
+Anonymous:            64 kB\n\
+30000-50000 rw-p 00000000 00:00 0                          [heap]\n\
+Anonymous:           128 kB\n\
+60000-61000 rw-p 00000000 00:00 0 \n\
+Anonymous:             4 kB\n",
+        )
+        .unwrap();
+        // One region inside the second VMA only.
+        assert_eq!(
+            anon_coverage(&dir, 42, &[(0x38000, 0x1000)]),
+            (196 * 1024, 128 * 1024)
+        );
+        // Regions touching the first and the last VMA.
+        assert_eq!(
+            anon_coverage(&dir, 42, &[(0x1f000, 0x1000), (0x60000, 0x2000)]),
+            (196 * 1024, 68 * 1024)
+        );
+        assert_eq!(anon_coverage(&dir, 43, &[]), (0, 0), "process gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
