@@ -416,21 +416,38 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         eprintln!("ksmplus-bench: wrote {}", p.display());
     }
 
+    conclude(
+        "ksmplus-bench",
+        &saved,
+        &now,
+        restored,
+        smoke.then(|| smoke_assertions(&cells, cli.require_ksmplus)),
+    )
+}
+
+/// The end of a run, shared with `desktop`: an error if the ksmd settings were not restored,
+/// exit 1 with every failed smoke assertion, else success.
+fn conclude(
+    who: &str,
+    saved: &KsmSettings,
+    now: &KsmSettings,
+    restored: bool,
+    smoke_failures: Option<Vec<String>>,
+) -> Result<ExitCode, String> {
     if !restored {
         return Err(format!(
             "ksmd settings not restored: saved {:?}, now {:?}",
             saved.values, now.values
         ));
     }
-    if smoke {
-        let failures = smoke_assertions(&cells, cli.require_ksmplus);
+    if let Some(failures) = smoke_failures {
         if !failures.is_empty() {
             for f in &failures {
-                eprintln!("ksmplus-bench: SMOKE FAILED: {f}");
+                eprintln!("{who}: SMOKE FAILED: {f}");
             }
             return Ok(ExitCode::from(1));
         }
-        eprintln!("ksmplus-bench: smoke passed");
+        eprintln!("{who}: smoke passed");
     }
     Ok(ExitCode::SUCCESS)
 }

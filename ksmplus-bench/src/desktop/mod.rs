@@ -407,23 +407,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     std::fs::write(results.join("desktop.json"), &json).map_err(|e| e.to_string())?;
     std::fs::write(results.join("desktop.txt"), &text).map_err(|e| e.to_string())?;
     print!("{text}");
-    if !restored {
-        return Err(format!(
-            "ksmd settings not restored: saved {:?}, now {:?}",
-            saved.values, now.values
-        ));
-    }
-    if smoke {
-        let f = smoke_assertions(&cells, cli.require_ksmplus);
-        if !f.is_empty() {
-            for x in &f {
-                eprintln!("ksmplus-bench desktop: SMOKE FAILED: {x}");
-            }
-            return Ok(ExitCode::from(1));
-        }
-        eprintln!("ksmplus-bench desktop: smoke passed");
-    }
-    Ok(ExitCode::SUCCESS)
+    crate::conclude(
+        "ksmplus-bench desktop",
+        &saved,
+        &now,
+        restored,
+        smoke.then(|| smoke_assertions(&cells, cli.require_ksmplus)),
+    )
 }
 
 /// CI's reduced mode: what must hold on any machine with the programs installed.
