@@ -22,7 +22,7 @@ pub use agent::{AgentState, ClientRecord, HarnessAgent, HelloAnswer};
 pub use cc::compile;
 pub use ksmd::{require_ksm, KsmdGuard};
 pub use process::{run, Interactive, RunOutput};
-pub use shim::{shim_lib, ShimMode};
+pub use shim::{shim_lib, target_bin, ShimMode};
 
 /// Parses `0x...` or decimal, as the C workloads print pointers and numbers.
 pub fn parse_num(s: &str) -> u64 {

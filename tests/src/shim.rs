@@ -48,6 +48,26 @@ pub fn shim_lib() -> PathBuf {
     shim_lib_for(None)
 }
 
+/// `<target>/<profile>/<name>`: a binary of the workspace (`ksmplus-agentd`, `ksmplusctl`, ...)
+/// built into the profile this test was built with.
+pub fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    for dir in exe.ancestors().skip(1) {
+        let own = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if own == "debug" || own == "release" {
+            let p = dir.join(name);
+            assert!(
+                p.is_file(),
+                "{} not found: build it first with `cargo build --workspace` (same target dir{})",
+                p.display(),
+                if own == "release" { ", --release" } else { "" }
+            );
+            return p;
+        }
+    }
+    panic!("cannot locate the target dir from {}", exe.display());
+}
+
 /// How a command runs with respect to the shim.
 #[derive(Clone, Debug)]
 pub enum ShimMode {

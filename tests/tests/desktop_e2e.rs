@@ -14,22 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    for dir in exe.ancestors().skip(1) {
-        let own = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if own == "debug" || own == "release" {
-            let p = dir.join(name);
-            assert!(
-                p.is_file(),
-                "{} not found: build it first with `cargo build -p ksmplus-agentd`",
-                p.display()
-            );
-            return p;
-        }
-    }
-    panic!("cannot locate the target dir from {}", exe.display());
-}
+use ksmplus_tests::target_bin as bin;
 
 fn which(prog: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?

@@ -4,26 +4,10 @@
 //! needs root (or ptrace rights over it: the program is our child, so with Yama scope ≤ 1 a same
 //! user scan works too).
 use ksmplus_tests::{compile, num_field, page_size, procfs, Interactive};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    for dir in exe.ancestors().skip(1) {
-        let own = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if own == "debug" || own == "release" {
-            let p = dir.join(name);
-            assert!(
-                p.is_file(),
-                "{} not found: build it first with `cargo build -p ksmplus-agentd`",
-                p.display()
-            );
-            return p;
-        }
-    }
-    panic!("cannot locate the target dir from {}", exe.display());
-}
+use ksmplus_tests::target_bin as bin;
 
 /// The value of `"key":` in a flat part of a JSON text: a number or a string.
 fn json_field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {

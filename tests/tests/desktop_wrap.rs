@@ -6,24 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// `<target>/<profile>/<name>` for the profile this test was built with.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    for dir in exe.ancestors().skip(1) {
-        let own = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if own == "debug" || own == "release" {
-            let p = dir.join(name);
-            assert!(
-                p.is_file(),
-                "{} not found: build it first with `cargo build -p ksmplus-agentd` (same target dir{})",
-                p.display(),
-                if own == "release" { ", --release" } else { "" }
-            );
-            return p;
-        }
-    }
-    panic!("cannot locate the target dir from {}", exe.display());
-}
+use ksmplus_tests::target_bin as bin;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/desktop")

@@ -23,27 +23,7 @@ first_recheck_ms = 200
 unmerge_after_full_scans = 3
 "#;
 
-/// `target/<profile>/NAME` next to the running test binary (built by `cargo build --workspace`).
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    for dir in exe.ancestors().skip(1) {
-        let cand = dir.join(name);
-        if cand.is_file() {
-            return cand;
-        }
-        if dir
-            .file_name()
-            .is_some_and(|n| n == "debug" || n == "release")
-        {
-            break;
-        }
-    }
-    panic!(
-        "{name} not found next to {}: build it first with `cargo build -p ksmplus-agentd` \
-         (same target dir)",
-        exe.display()
-    );
-}
+pub use ksmplus_tests::target_bin as bin;
 
 /// A running `ksmplus-agentd` on a private socket, killed (SIGTERM) on drop.
 pub struct Agent {
