@@ -242,7 +242,12 @@ fn foreign_uid_agent_is_not_talked_to() {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     let path = sockdir.join("agent.sock");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_harness-agent"));
+    // User nobody must be able to reach the binary: the checkout may sit in a directory only
+    // root can enter (e.g. under /root), so run a copy from the world-readable temp dir.
+    let exe = dir.path().join("harness-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_harness-agent"), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = std::process::Command::new(&exe);
     std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
     std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
     cmd.arg(&path);
