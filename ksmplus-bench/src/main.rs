@@ -281,21 +281,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         ksmd_pid: sys::ksmd_pid(),
         baseline,
     };
-    let settings: Vec<(String, String)> = [
-        "pages_to_scan",
-        "sleep_millisecs",
-        "use_zero_pages",
-        "max_page_sharing",
-        "merge_across_nodes",
-        "advisor_mode",
-    ]
-    .iter()
-    .filter_map(|n| {
-        ksm::read_sysfs_text(root, n)
-            .ok()
-            .map(|v| (n.to_string(), v))
-    })
-    .collect();
+    let settings = shown_settings(root);
     let mut header = format!(
         "ksmplus-bench{} — {} — Linux {} — {} CPUs, load average {}\nksmd: {} smart_scan=0 (1 for the smart_scan approach only)\n",
         if smoke { " --smoke" } else { "" },
@@ -423,6 +409,25 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         restored,
         smoke.then(|| smoke_assertions(&cells, cli.require_ksmplus)),
     )
+}
+
+/// The ksmd settings a run prints in its header (those that exist on this kernel).
+fn shown_settings(root: &Path) -> Vec<(String, String)> {
+    [
+        "pages_to_scan",
+        "sleep_millisecs",
+        "use_zero_pages",
+        "max_page_sharing",
+        "merge_across_nodes",
+        "advisor_mode",
+    ]
+    .iter()
+    .filter_map(|n| {
+        ksm::read_sysfs_text(root, n)
+            .ok()
+            .map(|v| (n.to_string(), v))
+    })
+    .collect()
 }
 
 /// The end of a run, shared with `desktop`: an error if the ksmd settings were not restored,

@@ -255,21 +255,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     if saved.get("advisor_mode").is_some() {
         set("advisor_mode", "none".into())?;
     }
-    let settings: Vec<(String, String)> = [
-        "pages_to_scan",
-        "sleep_millisecs",
-        "use_zero_pages",
-        "max_page_sharing",
-        "merge_across_nodes",
-        "advisor_mode",
-    ]
-    .iter()
-    .filter_map(|n| {
-        ksm::read_sysfs_text(root, n)
-            .ok()
-            .map(|v| (n.to_string(), v))
-    })
-    .collect();
+    let settings = crate::shown_settings(root);
 
     let desktop = x11::Desktop::start(&tmp.0)?;
     let home_template = results.join("home-template");
