@@ -218,6 +218,7 @@ mod tests {
         assert_eq!(c.take(64 * P), Some(a));
         assert_eq!(c.bytes(), 0);
         assert_eq!(c.take(P), None);
+        // SAFETY: test mappings made above, owned by this test.
         unsafe { sys::munmap(a, 64 * P).unwrap() };
     }
 
@@ -225,12 +226,16 @@ mod tests {
     fn grows_the_largest_piece_and_keeps_contents() {
         let c = Cache::new();
         let a = map(4 * P);
+        // SAFETY: test mappings made above, owned by this test.
         unsafe { *(a as *mut u8) = 42 };
         assert!(c.put(a, 4 * P));
         let b = c.take(256 * P).unwrap();
+        // SAFETY: test mappings made above, owned by this test.
         assert_eq!(unsafe { *(b as *const u8) }, 42);
+        // SAFETY: test mappings made above, owned by this test.
         unsafe { *((b + 255 * P) as *mut u8) = 1 };
         assert_eq!(c.bytes(), 0);
+        // SAFETY: test mappings made above, owned by this test.
         unsafe { sys::munmap(b, 256 * P).unwrap() };
     }
 
@@ -244,6 +249,7 @@ mod tests {
         c.trim();
         assert_eq!(c.bytes(), 0);
         let mut v = 0u8;
+        // SAFETY: mincore writes one byte into `v`; an unmapped page only gives ENOMEM.
         assert_ne!(
             unsafe { libc::mincore(a as *mut _, P, &mut v) },
             0,
@@ -266,6 +272,7 @@ mod tests {
         assert!(c.put(a, P));
         assert_eq!(c.bytes(), SLOTS * P);
         let mut v = 0u8;
+        // SAFETY: mincore writes one byte into `v`; an unmapped page only gives ENOMEM.
         assert_ne!(
             unsafe { libc::mincore(a as *mut _, P, &mut v) },
             0,

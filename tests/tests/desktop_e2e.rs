@@ -195,18 +195,6 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
-/// The value after `"key":` in a JSON text (number or string), first occurrence.
-fn json_field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\":");
-    let at = obj.find(&pat)? + pat.len();
-    let rest = obj[at..].trim_start();
-    if let Some(s) = rest.strip_prefix('"') {
-        return Some(&s[..s.find('"')?]);
-    }
-    let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
-    Some(rest[..end].trim())
-}
-
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .unwrap_or_default()
@@ -369,12 +357,12 @@ fn viewer_from_wrapped_entry_runs_under_shim_tracked_and_merged() {
             .args(["status", "--json"])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
     };
-    let listed = |json: &str, pid: u32| {
-        let p = format!("\"pid\":{pid}");
-        json.match_indices(&p)
-            .any(|(i, _)| matches!(json.as_bytes().get(i + p.len()), Some(b',') | Some(b'}')))
+    let listed = |json: &serde_json::Value, pid: u32| {
+        json["processes"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["pid"] == pid))
     };
     wait_until(
         "the agent lists every instance",
@@ -394,15 +382,11 @@ fn viewer_from_wrapped_entry_runs_under_shim_tracked_and_merged() {
     while Instant::now() < deadline && flat < 5 {
         std::thread::sleep(Duration::from_secs(2));
         let j = status();
-        let totals = &j[j.find("\"totals\":").unwrap_or(0)..];
-        let merging: i64 = json_field(totals, "merging_pages")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let profit: i64 = json_field(totals, "profit")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let totals = &j["totals"];
+        let merging = totals["merging_pages"].as_i64().unwrap_or(0);
+        let profit = totals["profit"].as_i64().unwrap_or(0);
         if merging > best.0 {
-            best = (merging, profit, totals.chars().take(300).collect());
+            best = (merging, profit, totals.to_string());
             flat = 0;
         } else if best.0 > 0 {
             flat += 1;
