@@ -238,7 +238,14 @@ fn hook_reallocarray_overflow_is_enomem_and_keeps_block() {
     assert_eq!(p.cmd(&format!("sum {a} 200000"), T), sum);
     let r = p.cmd(&format!("reallocarray {a} {} 16", u64::MAX / 8), T);
     assert_eq!(num_field(&r, "ptr"), 0, "{r}");
+    // Events reach the agent asynchronously: a later block's registration is the barrier
+    // after which a (wrong) removal of `a` would already have arrived.
+    let b = num_field(&p.cmd("malloc 300000", T), "ptr");
+    agent.wait_for("later block registered", T, |s| {
+        s.clients[idx].region_containing(b)
+    });
     assert!(agent.state().clients[idx].region_containing(a).is_some());
+    assert_eq!(p.cmd(&format!("free {b}"), T), "ok");
     assert_eq!(p.cmd(&format!("free {a}"), T), "ok");
     assert!(p.finish(T).0.success());
 }
@@ -360,10 +367,9 @@ fn stress_threads_mixed_allocations() {
     );
     assert!(text.contains("ok ops=1600000"), "{text}");
     eprintln!("stress: {:?} RSS per round {rss:?} KiB", out.elapsed);
-    assert!(
-        agent.state().clients.iter().any(|c| c.hello.is_some()),
-        "the shim never said Hello: was it loaded?"
-    );
+    agent.wait_for("a Hello (was the shim loaded?)", T, |s| {
+        s.clients.iter().any(|c| c.hello.is_some()).then_some(())
+    });
 }
 
 #[test]

@@ -58,13 +58,17 @@ fn same_everywhere(comm: &str, code: i32, job: impl Fn(&ShimMode, &Path) -> (Run
             "{comm} {mode:?}: produced files differ"
         );
     }
-    let st = agent.state();
-    assert!(
-        st.clients
-            .iter()
-            .any(|c| c.hello.as_ref().is_some_and(|h| h.comm.starts_with(comm))),
-        "no Hello from a `{comm}` process: was the shim loaded?\n{}",
-        st.summary()
+    // The agent reads its socket on its own thread: a Hello sent just before the program exited
+    // may still be on its way.
+    agent.wait_for(
+        &format!("a Hello from a `{comm}` process (was the shim loaded?)"),
+        Duration::from_secs(10),
+        |st| {
+            st.clients
+                .iter()
+                .any(|c| c.hello.as_ref().is_some_and(|h| h.comm.starts_with(comm)))
+                .then_some(())
+        },
     );
 }
 
