@@ -122,6 +122,9 @@ pub struct Agent {
     last_feedback: u64,
     sig_fd: i32,
     shutdown: bool,
+    /// ksmd tunables the policy changed, with the value each had before the agent first wrote
+    /// it; written back when the policy stops naming them and at exit.
+    ksmd_saved: Vec<(&'static str, String)>,
 }
 
 static SIG_WRITE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
@@ -225,7 +228,7 @@ impl Agent {
         let engine = Engine::new(Config::from_policy(&policy), opts.seed, now_ms);
         // SAFETY: geteuid has no preconditions.
         let uid = unsafe { libc::geteuid() };
-        let a = Agent {
+        let mut a = Agent {
             opts,
             poll,
             listener,
@@ -240,6 +243,7 @@ impl Agent {
             last_feedback: 0,
             sig_fd: -1,
             shutdown: false,
+            ksmd_saved: Vec::new(),
         };
         a.apply_ksmd();
         Ok(a)
@@ -273,24 +277,60 @@ impl Agent {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Applies the policy's ksmd settings (root only).
-    fn apply_ksmd(&self) {
+    /// Applies the policy's ksmd settings (root only), remembering each tunable's value from
+    /// before the agent first changed it; a tunable the policy no longer names gets that value
+    /// back.
+    fn apply_ksmd(&mut self) {
         if self.uid != 0 {
             return;
         }
         let k = &self.policy.ksmd;
         // Tunables first, `run` last.
-        for (name, v) in [
+        let wanted = [
             ("pages_to_scan", k.pages_to_scan),
             ("sleep_millisecs", k.sleep_millisecs),
             ("use_zero_pages", k.use_zero_pages),
             ("run", k.run),
-        ] {
-            if let Some(v) = v {
-                if let Err(e) = ksm::write_sysfs(&self.opts.root, name, &v.to_string()) {
-                    warn!("cannot apply ksmd.{name} = {v}: {e}");
+        ];
+        for (name, v) in wanted {
+            let saved = self.ksmd_saved.iter().position(|(n, _)| *n == name);
+            match (v, saved) {
+                (Some(v), _) => {
+                    if saved.is_none() {
+                        match ksm::read_sysfs_text(&self.opts.root, name) {
+                            Ok(old) => self.ksmd_saved.push((name, old.trim().to_string())),
+                            Err(e) => {
+                                warn!("cannot read ksmd.{name}, not changing it: {e}");
+                                continue;
+                            }
+                        }
+                    }
+                    if let Err(e) = ksm::write_sysfs(&self.opts.root, name, &v.to_string()) {
+                        warn!("cannot apply ksmd.{name} = {v}: {e}");
+                    }
                 }
+                (None, Some(i)) => {
+                    let (name, old) = self.ksmd_saved.remove(i);
+                    self.write_back(name, &old);
+                }
+                (None, None) => {}
             }
+        }
+    }
+
+    /// Writes back every ksmd tunable the agent changed (`run` last).
+    fn restore_ksmd(&mut self) {
+        let mut saved = std::mem::take(&mut self.ksmd_saved);
+        saved.sort_by_key(|(n, _)| *n == "run");
+        for (name, old) in saved {
+            self.write_back(name, &old);
+        }
+    }
+
+    fn write_back(&self, name: &str, old: &str) {
+        match ksm::write_sysfs(&self.opts.root, name, old) {
+            Ok(()) => info!("ksmd.{name} restored to {old}"),
+            Err(e) => warn!("cannot restore ksmd.{name} to {old}: {e}"),
         }
     }
 
@@ -348,8 +388,16 @@ impl Agent {
         Ok(())
     }
 
-    /// Runs until SIGTERM/SIGINT.
+    /// Runs until SIGTERM/SIGINT, then removes the socket and restores the ksmd tunables it
+    /// changed.
     pub fn run(&mut self) -> io::Result<()> {
+        let r = self.serve();
+        let _ = std::fs::remove_file(&self.opts.socket);
+        self.restore_ksmd();
+        r
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         while !self.shutdown {
             let timeout = if self.again.is_empty() {
@@ -381,7 +429,6 @@ impl Agent {
             }
             self.turn();
         }
-        let _ = std::fs::remove_file(&self.opts.socket);
         Ok(())
     }
 

@@ -229,3 +229,55 @@ fn dense_thesis_program_in_two_processes_merges_99_percent() {
     assert!(p1.finish(LINE).0.success());
     assert!(p2.finish(LINE).0.success());
 }
+
+fn ksmd_value(name: &str) -> String {
+    std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{name}"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn wait_ksmd_value(name: &str, want: &str, what: &str, agent: &Agent) {
+    let deadline = Instant::now() + LINE;
+    while ksmd_value(name) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: ksmd {name} is {} not {want}; agent log:\n{}",
+            ksmd_value(name),
+            agent_support::tail(&agent.log(), 3000)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The policy's `[ksmd]` table is applied at start, a tunable dropped from it on reload gets its
+/// old value back, and at exit (SIGTERM) every tunable the agent changed is restored.
+#[test]
+fn policy_ksmd_settings_are_applied_and_restored() {
+    if !require_ksm() {
+        return;
+    }
+    let _ksmd = KsmdGuard::acquire();
+    let (scan0, sleep0) = (ksmd_value("pages_to_scan"), ksmd_value("sleep_millisecs"));
+    // Values nobody else would pick, different from what is there now.
+    let scan1 = if scan0 == "1234" { "1235" } else { "1234" };
+    let sleep1 = if sleep0 == "37" { "38" } else { "37" };
+    let with_both =
+        format!("{FAST_POLICY}\n[ksmd]\npages_to_scan = {scan1}\nsleep_millisecs = {sleep1}\n");
+    let mut agent = Agent::start(&with_both);
+    wait_ksmd_value("pages_to_scan", scan1, "applied at start", &agent);
+    assert_eq!(ksmd_value("sleep_millisecs"), sleep1);
+    // Reload without pages_to_scan: that one goes back, sleep_millisecs stays.
+    std::fs::write(
+        &agent.policy,
+        format!("{FAST_POLICY}\n[ksmd]\nsleep_millisecs = {sleep1}\n"),
+    )
+    .unwrap();
+    let out = agent.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_ksmd_value("pages_to_scan", &scan0, "dropped on reload", &agent);
+    assert_eq!(ksmd_value("sleep_millisecs"), sleep1);
+    agent.stop(libc::SIGTERM);
+    assert_eq!(ksmd_value("sleep_millisecs"), sleep0, "restored at exit");
+    assert_eq!(ksmd_value("pages_to_scan"), scan0);
+}
