@@ -17,6 +17,7 @@ cargo build --workspace
 step "cargo test"
 cargo test --workspace -- --test-threads="${KSMPLUS_TEST_THREADS:-2}"
 if [ -f ksmplus-bench/src/main.rs ] && grep -q -- '--smoke' ksmplus-bench/src/*.rs 2>/dev/null; then
-    step "benchmark smoke run"
-    cargo run --release -p ksmplus-bench -- --smoke
+    step "benchmark smoke run (release: the bench finds the shim and the agent next to itself)"
+    cargo build --release -p ksmplus-preload -p ksmplus-agentd -p ksmplus-bench
+    cargo run --release -p ksmplus-bench -- --smoke --require-ksmplus
 fi

@@ -89,7 +89,8 @@ struct Cli {
     /// Extra argument for the agent (repeatable), after `--socket S --policy P`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
-    /// Smoke mode: fail (instead of skipping the ksmplus assertions) when ksmplus is unavailable.
+    /// Smoke mode: fail (instead of skipping the ksmplus assertions) when ksmplus is unavailable;
+    /// implied by KSMPLUS_REQUIRE_KSM=1 (as in CI).
     #[arg(long)]
     require_ksmplus: bool,
 }
@@ -407,7 +408,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         &saved,
         &now,
         restored,
-        smoke.then(|| smoke_assertions(&cells, cli.require_ksmplus)),
+        smoke.then(|| smoke_assertions(&cells, crate::require_ksmplus(cli.require_ksmplus))),
     )
 }
 
@@ -458,6 +459,12 @@ fn conclude(
 }
 
 /// What must hold whatever the machine: returns the failures.
+/// `--require-ksmplus`, or KSMPLUS_REQUIRE_KSM=1 in the environment (CI): a smoke run whose
+/// ksmplus cells could not run fails instead of passing on the kernel's approaches alone.
+pub(crate) fn require_ksmplus(flag: bool) -> bool {
+    flag || std::env::var("KSMPLUS_REQUIRE_KSM").as_deref() == Ok("1")
+}
+
 fn smoke_assertions(cells: &[CellResult], require_ksmplus: bool) -> Vec<String> {
     let mut f = Vec::new();
     let get = |wl: &str, ap: &str| cells.iter().find(|c| c.workload == wl && c.approach == ap);

@@ -68,9 +68,8 @@ struct Cli {
     /// Skip the warm-up launch of each program (first-run caches).
     #[arg(long)]
     no_warm_up: bool,
-    /// The agent policy's `min_region_bytes`: regions smaller than this are not sampled. The
-    /// shim registers regions from 64 KiB (`KSMPLUS_MIN_REGION`); the policy's default (1 MiB)
-    /// leaves toolkits' mid-sized buffers unsampled.
+    /// The agent policy's `min_region_bytes`: regions smaller than this are not sampled (the
+    /// policy's default, like the shim's `KSMPLUS_MIN_REGION`, is 64 KiB).
     #[arg(long, default_value_t = 65536)]
     agent_min_region: u64,
     #[arg(long)]
@@ -79,7 +78,8 @@ struct Cli {
     agent: Option<PathBuf>,
     #[arg(long)]
     ctl: Option<PathBuf>,
-    /// Smoke: fail (instead of skipping the ksmplus assertions) when ksmplus is unavailable.
+    /// Smoke: fail (instead of skipping the ksmplus assertions) when ksmplus is unavailable;
+    /// implied by KSMPLUS_REQUIRE_KSM=1 (as in CI).
     #[arg(long)]
     require_ksmplus: bool,
 }
@@ -398,7 +398,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         &saved,
         &now,
         restored,
-        smoke.then(|| smoke_assertions(&cells, cli.require_ksmplus)),
+        smoke.then(|| smoke_assertions(&cells, crate::require_ksmplus(cli.require_ksmplus))),
     )
 }
 
