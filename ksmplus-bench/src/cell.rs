@@ -117,14 +117,6 @@ impl CellResult {
     }
 }
 
-fn sysfs(name: &str) -> i64 {
-    ksm::read_sysfs(root(), name).unwrap_or(-1)
-}
-
-fn set(name: &str, value: &str) -> Result<(), String> {
-    ksm::write_sysfs(root(), name, value).map_err(|e| e.to_string())
-}
-
 /// Runs one cell. `Err` only for what must end the whole run (a signal, ksmd left dirty, a
 /// tunable that cannot be written); a cell that fails on its own is returned with an `error:`
 /// status.
@@ -137,8 +129,8 @@ pub fn run(ctx: &Ctx, wl: Workload, ap: Approach) -> Result<CellResult, String> 
         ..Default::default()
     };
     wait_clean(ctx, Duration::from_secs(20))?;
-    set("run", "0")?;
-    set("smart_scan", if ap.smart_scan() { "1" } else { "0" })?;
+    sys::ksm_set("run", "0")?;
+    sys::ksm_set("smart_scan", if ap.smart_scan() { "1" } else { "0" })?;
 
     let cell_name = format!("{}-{}", wl.id(), ap.name());
     let mut launch = match ap.launch(&ctx.tools, &ctx.tmp, &cell_name) {
@@ -176,7 +168,7 @@ pub fn run(ctx: &Ctx, wl: Workload, ap: Approach) -> Result<CellResult, String> 
             "workload process {p} is still alive after the cell"
         ));
     }
-    set("run", "1")?;
+    sys::ksm_set("run", "1")?;
     wait_clean(ctx, Duration::from_secs(30))?;
     Ok(r)
 }
@@ -193,10 +185,10 @@ pub struct Global {
 impl Global {
     pub fn read() -> Global {
         Global {
-            pages_shared: sysfs("pages_shared"),
-            pages_sharing: sysfs("pages_sharing"),
-            zero_pages: sysfs("ksm_zero_pages").max(0),
-            general_profit: sysfs("general_profit"),
+            pages_shared: sys::ksm_get("pages_shared"),
+            pages_sharing: sys::ksm_get("pages_sharing"),
+            zero_pages: sys::ksm_get("ksm_zero_pages").max(0),
+            general_profit: sys::ksm_get("general_profit"),
         }
     }
 
@@ -224,12 +216,12 @@ impl Global {
 /// up only while it runs). Returns once nothing is left, or once ksmd did two full scans (what
 /// is left then belongs to live processes), or after 15 s.
 pub fn settle() -> Result<Global, String> {
-    set("run", "1")?;
-    let scans0 = sysfs("full_scans");
+    sys::ksm_set("run", "1")?;
+    let scans0 = sys::ksm_get("full_scans");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let g = Global::read();
-        if g.is_empty() || sysfs("full_scans") - scans0 >= 2 || Instant::now() >= deadline {
+        if g.is_empty() || sys::ksm_get("full_scans") - scans0 >= 2 || Instant::now() >= deadline {
             return Ok(g);
         }
         sys::sleep_checked(Duration::from_millis(50))?;
@@ -248,7 +240,7 @@ fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<(), String> {
             return Ok(());
         }
         if !started {
-            set("run", "1")?;
+            sys::ksm_set("run", "1")?;
             started = true;
         }
         if Instant::now() >= deadline {
@@ -315,12 +307,12 @@ fn observe(
             .sum()
     };
     let vm0 = sys::vmstat_ksm();
-    let gp0 = sysfs("general_profit");
-    let scans0 = sysfs("full_scans");
+    let gp0 = sys::ksm_get("general_profit");
+    let scans0 = sys::ksm_get("full_scans");
     let app0 = app_ns(&procs);
     let k0 = ksmd_ns();
     let t0 = Instant::now();
-    ksm::write_sysfs(root(), "run", "1").map_err(|e| e.to_string())?;
+    sys::ksm_set("run", "1")?;
 
     let mut last = u64::MAX;
     let (mut t_change, mut k_change, mut scans_change) = (0.0, k0, scans0);
@@ -356,7 +348,7 @@ fn observe(
             profit += st.process_profit;
             zero += st.zero_pages;
         }
-        let scans = sysfs("full_scans");
+        let scans = sys::ksm_get("full_scans");
         if merging != last {
             last = merging;
             if merging != 0 || t_change > 0.0 {
@@ -390,8 +382,8 @@ fn observe(
     r.merging_pages = sample.merging;
     r.rmap_items = sample.rmap_items;
     r.process_profit = sample.profit;
-    r.general_profit_delta = sysfs("general_profit") - gp0;
-    r.full_scans = sysfs("full_scans") - scans0;
+    r.general_profit_delta = sys::ksm_get("general_profit") - gp0;
+    r.full_scans = sys::ksm_get("full_scans") - scans0;
     r.converge_secs = t_change;
     r.t99_secs = if r.ideal_pages == 0 {
         Some(0.0)
@@ -432,8 +424,8 @@ fn observe(
             )
         })
         .collect();
-    r.pages_unshared = sysfs("pages_unshared");
-    r.pages_volatile = sysfs("pages_volatile");
+    r.pages_unshared = sys::ksm_get("pages_unshared");
+    r.pages_volatile = sys::ksm_get("pages_volatile");
     Ok(procs)
 }
 

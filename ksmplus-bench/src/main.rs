@@ -10,20 +10,19 @@ mod approach;
 mod cell;
 mod desktop;
 mod report;
+mod session;
 mod sys;
 mod workload;
 
 use approach::{Approach, Tools};
 use cell::{CellResult, Ctx, Params};
 use clap::Parser;
-use ksmplus_common::ksm::{self, KsmSettings};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use session::Session;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use workload::Workload;
-
-const LOCK: &str = "/tmp/ksmplus-ksmd.lock";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,52 +94,6 @@ struct Cli {
     require_ksmplus: bool,
 }
 
-/// Restores the saved ksmd settings when dropped, so an error, a panic or a signal that unwinds
-/// leaves ksmd as it was found.
-struct SettingsGuard {
-    saved: KsmSettings,
-    done: bool,
-}
-
-impl SettingsGuard {
-    fn restore(&mut self) -> Result<(), String> {
-        self.done = true;
-        // max_page_sharing refuses changes while pages are shared: retry while ksmd cleans up.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            match self.saved.restore(Path::new("/")) {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() < deadline => {
-                    let _ = ksm::write_sysfs(Path::new("/"), "run", "1");
-                    eprintln!("ksmplus-bench: restoring ksmd settings: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => return Err(format!("cannot restore the ksmd settings: {e}")),
-            }
-        }
-    }
-}
-
-impl Drop for SettingsGuard {
-    fn drop(&mut self) {
-        if !self.done {
-            match self.restore() {
-                Ok(()) => eprintln!("ksmplus-bench: ksmd settings restored"),
-                Err(e) => eprintln!("ksmplus-bench: {e}"),
-            }
-        }
-    }
-}
-
-/// A temporary directory removed on drop.
-struct TmpDir(PathBuf);
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[derive(Serialize)]
 struct Output<'a> {
     date: String,
@@ -169,35 +122,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn date() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-/// Why this machine cannot run the bench, if it cannot.
-fn unsupported() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (it changes /sys/kernel/mm/ksm)".into());
-    }
-    if !Path::new("/sys/kernel/mm/ksm/run").exists() {
-        return Some("this kernel has no KSM (/sys/kernel/mm/ksm/run missing)".into());
-    }
-    if !Path::new("/proc/self/ksm_stat").exists() {
-        return Some("this kernel has no /proc/PID/ksm_stat (needs Linux 6.1+)".into());
-    }
-    None
-}
-
 fn parse_list<T>(s: &str, what: &str, f: fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
     s.split(',')
         .filter(|x| !x.is_empty())
@@ -206,9 +130,8 @@ fn parse_list<T>(s: &str, what: &str, f: fn(&str) -> Option<T>) -> Result<Vec<T>
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, String> {
-    if let Some(why) = unsupported() {
-        let required = std::env::var("KSMPLUS_REQUIRE_KSM").as_deref() == Ok("1");
-        if cli.smoke && !required {
+    if let Some(why) = session::unsupported() {
+        if cli.smoke && !session::ksm_required() {
             println!("ksmplus-bench: skipped: {why} (set KSMPLUS_REQUIRE_KSM=1 to fail instead)");
             return Ok(ExitCode::SUCCESS);
         }
@@ -235,71 +158,46 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         agent_args: cli.agent_args.clone(),
     };
 
-    let _lock = sys::LockFile::acquire(Path::new(LOCK)).map_err(|e| format!("{LOCK}: {e}"))?;
-    let stray = sys::find_by_comm(workload::COMM);
-    if !stray.is_empty() {
-        return Err(format!(
-            "{} process(es) already running ({stray:?}): they would contaminate the cells",
-            workload::COMM
-        ));
-    }
-    let root = Path::new("/");
-    let saved = KsmSettings::save(root).map_err(|e| e.to_string())?;
-    let mut guard = SettingsGuard {
-        saved: saved.clone(),
-        done: false,
-    };
-    let tmp = TmpDir(std::env::temp_dir().join(format!("ksmplus-bench-{}", std::process::id())));
-    std::fs::create_dir_all(&tmp.0).map_err(|e| format!("{}: {e}", tmp.0.display()))?;
-    let bin = workload::compile(&tmp.0)?;
-
-    let sysfs = |n: &str| ksm::read_sysfs(root, n).unwrap_or(-1);
-    let set = |n: &str, v: String| ksm::write_sysfs(root, n, &v).map_err(|e| e.to_string());
-    set("pages_to_scan", cli.pages_to_scan.to_string())?;
-    set("sleep_millisecs", cli.sleep_millisecs.to_string())?;
-    set("use_zero_pages", cli.use_zero_pages.to_string())?;
-    if saved.get("advisor_mode").is_some() {
-        set("advisor_mode", "none".into())?;
-    }
-    // Let ksmd drop what exited processes left (run=1) before the baseline is taken.
-    let baseline = cell::settle()?;
-    if sysfs("max_page_sharing") != cli.max_page_sharing as i64 {
-        if sysfs("pages_shared") > 0 {
+    let mut session = Session::start("ksmplus-bench", || {
+        let stray = sys::find_by_comm(workload::COMM);
+        if !stray.is_empty() {
             return Err(format!(
-                "max_page_sharing is {} and cannot change to {} while ksmd shares pages; pass --max-page-sharing {}",
-                sysfs("max_page_sharing"),
-                cli.max_page_sharing,
-                sysfs("max_page_sharing")
+                "{} process(es) already running ({stray:?}): they would contaminate the cells",
+                workload::COMM
             ));
         }
-        set("max_page_sharing", cli.max_page_sharing.to_string())?;
+        Ok(())
+    })?;
+    let bin = workload::compile(session.tmp())?;
+
+    session.tune(cli.pages_to_scan, cli.sleep_millisecs, cli.use_zero_pages)?;
+    // Let ksmd drop what exited processes left (run=1) before the baseline is taken.
+    let baseline = cell::settle()?;
+    let mps = sys::ksm_get("max_page_sharing");
+    if mps != cli.max_page_sharing as i64 {
+        if sys::ksm_get("pages_shared") > 0 {
+            return Err(format!(
+                "max_page_sharing is {mps} and cannot change to {} while ksmd shares pages; pass --max-page-sharing {mps}",
+                cli.max_page_sharing,
+            ));
+        }
+        sys::ksm_set("max_page_sharing", &cli.max_page_sharing.to_string())?;
     }
     let ctx = Ctx {
         bin,
-        tmp: tmp.0.clone(),
+        tmp: session.tmp().to_path_buf(),
         tools,
         params: params.clone(),
         ksmd_pid: sys::ksmd_pid(),
         baseline,
     };
-    let settings = shown_settings(root);
+    let settings = session::shown_settings();
     let mut header = format!(
-        "ksmplus-bench{} — {} — Linux {} — {} CPUs, load average {}\nksmd: {} smart_scan=0 (1 for the smart_scan approach only)\n",
+        "ksmplus-bench{} — {}, load average {}\nksmd: {} smart_scan=0 (1 for the smart_scan approach only)\n",
         if smoke { " --smoke" } else { "" },
-        date(),
-        kernel(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-        settings
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" "),
+        session::machine(),
+        session::loadavg(),
+        session::settings_text(&settings),
     );
     header += &format!(
         "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; baseline pages_shared {} sharing {} general_profit {}{}\nshim: {}  agent: {}\n",
@@ -315,8 +213,8 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         } else {
             " (live processes outside the bench use KSM)"
         },
-        ctx.tools.preload.as_ref().map_or("not found".into(), |p| p.display().to_string()),
-        ctx.tools.agent.as_ref().map_or("not found".into(), |p| p.display().to_string()),
+        session::shown_path(&ctx.tools.preload),
+        session::shown_path(&ctx.tools.agent),
     );
     eprint!("{header}");
     if ctx.ksmd_pid.is_none() {
@@ -345,9 +243,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
     }
     drop(ctx);
-    guard.restore()?;
-    let now = KsmSettings::save(root).map_err(|e| e.to_string())?;
-    let restored = now == saved;
+    let restored = session.restore()?;
 
     let wl_ids: Vec<&str> = workloads.iter().map(|w| w.id()).collect();
     let targets = report::targets(&cells);
@@ -361,12 +257,12 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     );
     text += &format!(
         "ksmd settings restored: {}\nwall time {:.0} s\n",
-        if restored { "yes" } else { "NO" },
+        if restored.ok() { "yes" } else { "NO" },
         started.elapsed().as_secs_f64()
     );
     let out = Output {
-        date: date(),
-        kernel: kernel(),
+        date: session::date(),
+        kernel: session::kernel(),
         smoke,
         settings,
         params: &params,
@@ -392,7 +288,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     if let Some(p) = svg_path.filter(|_| workloads.contains(&Workload::Sparse)) {
         let title = format!(
             "W2 (thesis 5.2.3): merged MiB and rmap_items vs time — Linux {}, pages_to_scan={}, sleep_millisecs={}",
-            kernel(),
+            session::kernel(),
             cli.pages_to_scan,
             cli.sleep_millisecs
         );
@@ -403,68 +299,14 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         eprintln!("ksmplus-bench: wrote {}", p.display());
     }
 
-    conclude(
+    session::conclude(
         "ksmplus-bench",
-        &saved,
-        &now,
-        restored,
-        smoke.then(|| smoke_assertions(&cells, crate::require_ksmplus(cli.require_ksmplus))),
+        &restored,
+        smoke.then(|| smoke_assertions(&cells, session::require_ksmplus(cli.require_ksmplus))),
     )
 }
 
-/// The ksmd settings a run prints in its header (those that exist on this kernel).
-fn shown_settings(root: &Path) -> Vec<(String, String)> {
-    [
-        "pages_to_scan",
-        "sleep_millisecs",
-        "use_zero_pages",
-        "max_page_sharing",
-        "merge_across_nodes",
-        "advisor_mode",
-    ]
-    .iter()
-    .filter_map(|n| {
-        ksm::read_sysfs_text(root, n)
-            .ok()
-            .map(|v| (n.to_string(), v))
-    })
-    .collect()
-}
-
-/// The end of a run, shared with `desktop`: an error if the ksmd settings were not restored,
-/// exit 1 with every failed smoke assertion, else success.
-fn conclude(
-    who: &str,
-    saved: &KsmSettings,
-    now: &KsmSettings,
-    restored: bool,
-    smoke_failures: Option<Vec<String>>,
-) -> Result<ExitCode, String> {
-    if !restored {
-        return Err(format!(
-            "ksmd settings not restored: saved {:?}, now {:?}",
-            saved.values, now.values
-        ));
-    }
-    if let Some(failures) = smoke_failures {
-        if !failures.is_empty() {
-            for f in &failures {
-                eprintln!("{who}: SMOKE FAILED: {f}");
-            }
-            return Ok(ExitCode::from(1));
-        }
-        eprintln!("{who}: smoke passed");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// What must hold whatever the machine: returns the failures.
-/// `--require-ksmplus`, or KSMPLUS_REQUIRE_KSM=1 in the environment (CI): a smoke run whose
-/// ksmplus cells could not run fails instead of passing on the kernel's approaches alone.
-pub(crate) fn require_ksmplus(flag: bool) -> bool {
-    flag || std::env::var("KSMPLUS_REQUIRE_KSM").as_deref() == Ok("1")
-}
-
 fn smoke_assertions(cells: &[CellResult], require_ksmplus: bool) -> Vec<String> {
     let mut f = Vec::new();
     let get = |wl: &str, ap: &str| cells.iter().find(|c| c.workload == wl && c.approach == ap);

@@ -17,21 +17,31 @@ pub fn ksmd_pid() -> Option<u32> {
 
 /// Every pid whose `/proc/PID/comm` is exactly `comm`.
 pub fn find_by_comm(comm: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(c) = fs::read_to_string(format!("/proc/{pid}/comm")) {
-            if c.trim_end_matches('\n') == comm {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    pids()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end_matches('\n') == comm)
+        })
+        .collect()
+}
+
+/// The pid of every process (the numeric entries of `/proc`; none when it cannot be read).
+pub fn pids() -> impl Iterator<Item = u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// A ksmd value of `/sys/kernel/mm/ksm` (-1 when it cannot be read).
+pub fn ksm_get(name: &str) -> i64 {
+    ksmplus_common::ksm::read_sysfs(Path::new("/"), name).unwrap_or(-1)
+}
+
+/// Writes a ksmd tunable of `/sys/kernel/mm/ksm`.
+pub fn ksm_set(name: &str, value: &str) -> Result<(), String> {
+    ksmplus_common::ksm::write_sysfs(Path::new("/"), name, value).map_err(|e| e.to_string())
 }
 
 /// Processes outside `ours` that KSM knows about (`ksm_rmap_items` or `ksm_merging_pages` not 0):
@@ -39,13 +49,7 @@ pub fn find_by_comm(comm: &str) -> Vec<u32> {
 /// the global columns (general_profit, ksmd CPU, cow_ksm).
 pub fn foreign_ksm_users(ours: &[u32]) -> Vec<(u32, String, u64, u64)> {
     let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
+    for pid in pids() {
         if ours.contains(&pid) {
             continue;
         }

@@ -27,10 +27,6 @@ fn root() -> &'static Path {
     Path::new("/")
 }
 
-fn sysfs(name: &str) -> i64 {
-    ksm::read_sysfs(root(), name).unwrap_or(-1)
-}
-
 fn set(name: &str, value: &str) -> Result<(), String> {
     ksm::write_sysfs(root(), name, value).map_err(|e| format!("ksm {name}={value}: {e}"))
 }
@@ -313,9 +309,9 @@ pub fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<bool, String> {
     let deadline = Instant::now() + timeout;
     set("run", "1")?;
     loop {
-        if sysfs("pages_shared") <= ctx.baseline.0
-            && sysfs("pages_sharing") <= ctx.baseline.1
-            && sysfs("general_profit") >= ctx.baseline.2
+        if sys::ksm_get("pages_shared") <= ctx.baseline.0
+            && sys::ksm_get("pages_sharing") <= ctx.baseline.1
+            && sys::ksm_get("general_profit") >= ctx.baseline.2
         {
             return Ok(true);
         }
@@ -351,9 +347,9 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
     if !wait_clean(ctx, Duration::from_secs(30))? {
         r.notes.push(format!(
             "ksmd did not return to the baseline before the cell (pages_shared {} sharing {} general_profit {})",
-            sysfs("pages_shared"),
-            sysfs("pages_sharing"),
-            sysfs("general_profit")
+            sys::ksm_get("pages_shared"),
+            sys::ksm_get("pages_sharing"),
+            sys::ksm_get("general_profit")
         ));
     }
     set("run", "0")?;
@@ -512,10 +508,10 @@ fn observe(
     // ksmd on: t0.
     let ksmd_ns = || ctx.ksmd_pid.and_then(sys::task_runtime_ns).unwrap_or(0);
     let (shared0, sharing0, gp0, scans0) = (
-        sysfs("pages_shared"),
-        sysfs("pages_sharing"),
-        sysfs("general_profit"),
-        sysfs("full_scans"),
+        sys::ksm_get("pages_shared"),
+        sys::ksm_get("pages_sharing"),
+        sys::ksm_get("general_profit"),
+        sys::ksm_get("full_scans"),
     );
     let k0 = ksmd_ns();
     let t0 = Instant::now();
@@ -547,7 +543,7 @@ fn observe(
                 rmap += st.rmap_items;
             }
         }
-        let sharing = sysfs("pages_sharing") - sharing0;
+        let sharing = sys::ksm_get("pages_sharing") - sharing0;
         r.series.push(Sample {
             t,
             merging,
@@ -560,7 +556,7 @@ fn observe(
             t_change = t;
             k_change = ksmd_ns();
         }
-        let scans = sysfs("full_scans") - scans0;
+        let scans = sys::ksm_get("full_scans") - scans0;
         // Two full scans since t0, unless ksmd has nothing of ours to scan (approach none).
         if t >= ctx.min_secs && t - t_change >= ctx.stable_secs && (scans >= 2 || rmap == 0) {
             converged = true;
@@ -577,10 +573,10 @@ fn observe(
     r.converge_secs = t_change;
     r.ksmd_cpu_secs = k_change.saturating_sub(k0) as f64 / 1e9;
     r.ksmd_cpu_total_secs = k_end.saturating_sub(k0) as f64 / 1e9;
-    r.full_scans = sysfs("full_scans") - scans0;
-    r.pages_sharing = sysfs("pages_sharing") - sharing0;
-    r.pages_shared = sysfs("pages_shared") - shared0;
-    r.general_profit_delta = sysfs("general_profit") - gp0;
+    r.full_scans = sys::ksm_get("full_scans") - scans0;
+    r.pages_sharing = sys::ksm_get("pages_sharing") - sharing0;
+    r.pages_shared = sys::ksm_get("pages_shared") - shared0;
+    r.general_profit_delta = sys::ksm_get("general_profit") - gp0;
     if let Some(a) = launch.agent.as_mut() {
         r.agent_cpu_secs = sys::process_cpu_ns(a.pid()).map(|n| n as f64 / 1e9);
         r.agent_rss_kib = sys::status_kib(a.pid(), "VmRSS");

@@ -15,10 +15,10 @@ mod scenario;
 mod x11;
 
 use crate::approach::{self, Approach, Tools};
+use crate::session::{self, Session};
 use crate::sys;
 use cell::{Ctx, DeskCell};
 use clap::Parser;
-use ksmplus_common::ksm::{self, KsmSettings};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -120,8 +120,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
 }
 
 fn skip_or_fail(smoke: bool, why: &str) -> Result<ExitCode, String> {
-    let required = std::env::var("KSMPLUS_REQUIRE_KSM").as_deref() == Ok("1");
-    if smoke && !required {
+    if smoke && !session::ksm_required() {
         println!(
             "ksmplus-bench desktop: SKIPPED: {why} (set KSMPLUS_REQUIRE_KSM=1 to fail instead)"
         );
@@ -147,7 +146,7 @@ fn package_versions(pkgs: &[&str]) -> Vec<(String, String)> {
 
 fn run(cli: &Cli) -> Result<ExitCode, String> {
     let smoke = cli.smoke;
-    if let Some(why) = crate::unsupported() {
+    if let Some(why) = session::unsupported() {
         return skip_or_fail(smoke, &why);
     }
     let results = std::path::absolute(&cli.results).map_err(|e| e.to_string())?;
@@ -235,29 +234,12 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     };
     let ctl = approach::find_tool(cli.ctl.clone(), "ksmplusctl");
 
-    let _lock = sys::LockFile::acquire(Path::new(crate::LOCK))
-        .map_err(|e| format!("{}: {e}", crate::LOCK))?;
-    let root = Path::new("/");
-    let saved = KsmSettings::save(root).map_err(|e| e.to_string())?;
-    let mut guard = crate::SettingsGuard {
-        saved: saved.clone(),
-        done: false,
-    };
-    let tmp =
-        crate::TmpDir(std::env::temp_dir().join(format!("ksmplus-desktop-{}", std::process::id())));
-    std::fs::create_dir_all(&tmp.0).map_err(|e| e.to_string())?;
-    let sysfs = |n: &str| ksm::read_sysfs(root, n).unwrap_or(-1);
-    let set = |n: &str, v: String| ksm::write_sysfs(root, n, &v).map_err(|e| e.to_string());
-    set("run", "0".into())?;
-    set("pages_to_scan", cli.pages_to_scan.to_string())?;
-    set("sleep_millisecs", cli.sleep_millisecs.to_string())?;
-    set("use_zero_pages", cli.use_zero_pages.to_string())?;
-    if saved.get("advisor_mode").is_some() {
-        set("advisor_mode", "none".into())?;
-    }
-    let settings = crate::shown_settings(root);
+    let mut session = Session::start("ksmplus-desktop", || Ok(()))?;
+    sys::ksm_set("run", "0")?;
+    session.tune(cli.pages_to_scan, cli.sleep_millisecs, cli.use_zero_pages)?;
+    let settings = session::shown_settings();
 
-    let desktop = x11::Desktop::start(&tmp.0)?;
+    let desktop = x11::Desktop::start(session.tmp())?;
     let home_template = results.join("home-template");
     std::fs::create_dir_all(&home_template).map_err(|e| e.to_string())?;
     let ctx = Ctx {
@@ -265,13 +247,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         tools,
         ctl,
         results: results.clone(),
-        tmp: tmp.0.clone(),
+        tmp: session.tmp().to_path_buf(),
         home_template,
         ksmd_pid: sys::ksmd_pid(),
         baseline: (
-            sysfs("pages_shared"),
-            sysfs("pages_sharing"),
-            sysfs("general_profit"),
+            sys::ksm_get("pages_shared"),
+            sys::ksm_get("pages_sharing"),
+            sys::ksm_get("general_profit"),
         ),
         min_secs: cli.min_secs.unwrap_or(if smoke { 10.0 } else { 12.0 }),
         stable_secs: cli.stable_secs,
@@ -290,27 +272,16 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         "imagemagick",
     ]);
     let header = format!(
-        "ksmplus-bench desktop{} — {} — Linux {} — {} CPUs, load {}\nksmd: {}\nXvfb {} {}; shim {}; agent {}; ksmplusctl {}\npackages: {}\n",
+        "ksmplus-bench desktop{} — {}, load {}\nksmd: {}\nXvfb {} {}; shim {}; agent {}; ksmplusctl {}\npackages: {}\n",
         if smoke { " --smoke" } else { "" },
-        crate::date(),
-        crate::kernel(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-        settings
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" "),
+        session::machine(),
+        session::loadavg(),
+        session::settings_text(&settings),
         desktop.display,
         x11::SCREEN,
-        ctx.tools.preload.as_ref().map_or("not found".into(), |p| p.display().to_string()),
-        ctx.tools.agent.as_ref().map_or("not found".into(), |p| p.display().to_string()),
-        ctx.ctl.as_ref().map_or("not found".into(), |p| p.display().to_string()),
+        session::shown_path(&ctx.tools.preload),
+        session::shown_path(&ctx.tools.agent),
+        session::shown_path(&ctx.ctl),
         packages
             .iter()
             .map(|(a, b)| format!("{a} {b}"))
@@ -357,9 +328,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     let _ = cell::wait_clean(&ctx, Duration::from_secs(30));
     drop(ctx);
     drop(desktop);
-    guard.restore()?;
-    let now = KsmSettings::save(root).map_err(|e| e.to_string())?;
-    let restored = now == saved;
+    let restored = session.restore()?;
 
     let targets = report::targets(&cells, &scenarios);
     let mut text = header;
@@ -373,13 +342,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     );
     text += &format!(
         "ksmd settings restored: {}\nwall time {:.0} s\nscreenshots: {}\n",
-        if restored { "yes" } else { "NO" },
+        if restored.ok() { "yes" } else { "NO" },
         started.elapsed().as_secs_f64(),
         results.join("screenshots").display()
     );
     let out = Output {
-        date: crate::date(),
-        kernel: crate::kernel(),
+        date: session::date(),
+        kernel: session::kernel(),
         smoke,
         settings,
         packages,
@@ -393,12 +362,10 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     std::fs::write(results.join("desktop.json"), &json).map_err(|e| e.to_string())?;
     std::fs::write(results.join("desktop.txt"), &text).map_err(|e| e.to_string())?;
     print!("{text}");
-    crate::conclude(
+    session::conclude(
         "ksmplus-bench desktop",
-        &saved,
-        &now,
-        restored,
-        smoke.then(|| smoke_assertions(&cells, crate::require_ksmplus(cli.require_ksmplus))),
+        &restored,
+        smoke.then(|| smoke_assertions(&cells, session::require_ksmplus(cli.require_ksmplus))),
     )
 }
 

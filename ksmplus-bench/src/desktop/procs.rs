@@ -8,13 +8,7 @@ use std::fs;
 /// `pid -> ppid` of every process.
 fn parents() -> BTreeMap<u32, u32> {
     let mut m = BTreeMap::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return m;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
+    for pid in crate::sys::pids() {
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
