@@ -3,6 +3,7 @@
 
 use crate::sys;
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,6 +74,27 @@ pub struct Launch {
     pub agent: Option<Agent>,
     /// Each workload process must map this file (the shim).
     pub must_map: Option<String>,
+}
+
+impl Launch {
+    /// Puts the launcher on a process about to start: its environment, and for merge_any the
+    /// `prctl` between fork and exec.
+    pub fn apply(&self, cmd: &mut Command) {
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if self.prctl_merge_any {
+            // SAFETY: the closure runs in the child between fork and exec and only makes one
+            // async-signal-safe system call. On Linux >= 6.4 (checked on 6.18) the MERGE_ANY flag
+            // set here survives exec, so the program itself stays unchanged.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
 }
 
 /// A running agent; killed and reaped on drop, its temporary directory removed.

@@ -5,7 +5,6 @@ use crate::approach::Launch;
 use crate::sys;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -192,22 +191,7 @@ pub fn start(
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        for (k, v) in &launch.env {
-            cmd.env(k, v);
-        }
-        if launch.prctl_merge_any {
-            // SAFETY: the closure runs in the child between fork and exec and only makes one
-            // async-signal-safe system call. On Linux >= 6.4 (checked on 6.18) the MERGE_ANY flag
-            // set here survives exec, so the workload program itself stays unchanged.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        launch.apply(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;

@@ -192,23 +192,13 @@ pub fn spawn(
         .env_remove("KSMPLUS_SOCKET")
         .envs(desktop.env())
         .envs(base_env(home, run))
-        .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(home)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .process_group(0);
-    if launch.prctl_merge_any {
-        // SAFETY: the closure only calls prctl, which is async-signal-safe, between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    // After base_env: the approach's variables win.
+    launch.apply(&mut cmd);
     let spawned = Instant::now();
     let child = cmd
         .spawn()
