@@ -585,15 +585,11 @@ fn observe(
             continue;
         };
         p.processes += 1;
-        p.mem_t0.pss_kib += pr.mem_t0.pss_kib;
-        p.mem_t0.rss_kib += pr.mem_t0.rss_kib;
-        p.mem_t0.anon_kib += pr.mem_t0.anon_kib;
+        p.mem_t0 += pr.mem_t0;
         p.merging_pages += pr.merging_pages;
         p.rmap_items += pr.rmap_items;
         p.profit += pr.profit;
-        r.mem_t0.pss_kib += pr.mem_t0.pss_kib;
-        r.mem_t0.rss_kib += pr.mem_t0.rss_kib;
-        r.mem_t0.anon_kib += pr.mem_t0.anon_kib;
+        r.mem_t0 += pr.mem_t0;
         r.merging_pages += pr.merging_pages;
         r.rmap_items += pr.rmap_items;
         r.zero_pages += pr.zero_pages;

@@ -63,6 +63,14 @@ pub struct Mem {
     pub anon_kib: u64,
 }
 
+impl std::ops::AddAssign for Mem {
+    fn add_assign(&mut self, o: Mem) {
+        self.rss_kib += o.rss_kib;
+        self.pss_kib += o.pss_kib;
+        self.anon_kib += o.anon_kib;
+    }
+}
+
 pub fn mem(pid: u32) -> Mem {
     let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     let mut m = Mem::default();
