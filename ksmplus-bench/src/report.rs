@@ -169,6 +169,19 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
             },
         })
     };
+    // A target comparing the ksmplus cell of `wl` with its merge_any cell.
+    let vs = |wl, f: fn(&CellResult, &CellResult) -> (bool, String)| {
+        k(wl).zip(m(wl)).map(|(k, m)| f(k, m))
+    };
+    // Its `ksm_process_profit` sums, bytes, with a verdict on them.
+    let profit_vs = |wl, ok: fn(i64, i64) -> bool| {
+        k(wl).zip(m(wl)).map(|(k, m)| {
+            (
+                ok(k.process_profit, m.process_profit),
+                format!("{} B vs {} B", k.process_profit, m.process_profit),
+            )
+        })
+    };
     push(
         "W2 ksmplus merges >= 510 of 512 with <= 600 rmap_items",
         k("W2").map(|k| {
@@ -180,22 +193,14 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     );
     push(
         "W2 ksmd CPU to converge <= 1/20 of merge_any's",
-        k("W2").zip(m("W2")).map(|(k, m)| {
+        vs("W2", |k, m| {
             (
                 k.ksmd_cpu_secs * 20.0 <= m.ksmd_cpu_secs,
                 format!("{:.3} s vs {:.3} s", k.ksmd_cpu_secs, m.ksmd_cpu_secs),
             )
         }),
     );
-    push(
-        "W2 profit > merge_any's",
-        k("W2").zip(m("W2")).map(|(k, m)| {
-            (
-                k.process_profit > m.process_profit,
-                format!("{} B vs {} B", k.process_profit, m.process_profit),
-            )
-        }),
-    );
+    push("W2 profit > merge_any's", profit_vs("W2", |k, m| k > m));
     push(
         "W3 ksmplus rmap_items = 0",
         k("W3").map(|k| (k.rmap_items == 0, format!("{} rmap_items", k.rmap_items))),
@@ -211,34 +216,21 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     );
     push(
         "W1 converge time <= 1.2x merge_any's",
-        k("W1").zip(m("W1")).map(|(k, m)| {
+        vs("W1", |k, m| {
             (
                 k.converged && k.converge_secs <= 1.2 * m.converge_secs,
                 format!("{:.1} s vs {:.1} s", k.converge_secs, m.converge_secs),
             )
         }),
     );
-    push(
-        "W5 profit >= merge_any's",
-        k("W5").zip(m("W5")).map(|(k, m)| {
-            (
-                k.process_profit >= m.process_profit,
-                format!("{} B vs {} B", k.process_profit, m.process_profit),
-            )
-        }),
-    );
+    push("W5 profit >= merge_any's", profit_vs("W5", |k, m| k >= m));
     push(
         "W6 profit >= 0.9x merge_any's",
-        k("W6").zip(m("W6")).map(|(k, m)| {
-            (
-                k.process_profit as f64 >= 0.9 * m.process_profit as f64,
-                format!("{} B vs {} B", k.process_profit, m.process_profit),
-            )
-        }),
+        profit_vs("W6", |k, m| k as f64 >= 0.9 * m as f64),
     );
     push(
         "W6 rmap_items <= 1/5 of merge_any's",
-        k("W6").zip(m("W6")).map(|(k, m)| {
+        vs("W6", |k, m| {
             (
                 k.rmap_items * 5 <= m.rmap_items,
                 format!("{} vs {}", k.rmap_items, m.rmap_items),
@@ -445,11 +437,33 @@ mod tests {
         let t = targets(&cells);
         assert_eq!(t[0].verdict, Some(false)); // 1027 > 600
         assert_eq!(t[2].verdict, Some(true));
+        assert_eq!(t[2].detail, "1000 B vs -100 B");
         assert_eq!(t[3].verdict, None);
+        assert_eq!(t[3].detail, "cells missing");
         let svg = svg(&cells, "W2", "W2 <test>");
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
         assert_eq!(svg.matches("<polyline").count(), 4);
         assert!(svg.contains("W2 &lt;test&gt;"));
         assert!(table(&cells).contains("ksmplus"));
+    }
+
+    #[test]
+    fn profit_targets_compare_with_merge_any() {
+        let cells = vec![
+            cell("W6", "merge_any", 25800, 103550, 1000),
+            cell("W6", "ksmplus", 25600, 25600, 900),
+        ];
+        let t = targets(&cells);
+        let get = |name: &str| t.iter().find(|t| t.name == name).expect(name);
+        let w6 = get("W6 profit >= 0.9x merge_any's");
+        assert_eq!(
+            (w6.verdict, w6.detail.as_str()),
+            (Some(true), "900 B vs 1000 B")
+        );
+        assert_eq!(
+            get("W6 rmap_items <= 1/5 of merge_any's").verdict,
+            Some(false)
+        );
+        assert_eq!(get("W5 profit >= merge_any's").verdict, None);
     }
 }
