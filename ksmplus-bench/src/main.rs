@@ -3,8 +3,9 @@
 //!
 //! Invariants: the exclusive flock on /tmp/ksmplus-ksmd.lock is held for the whole run; the ksmd
 //! settings saved at the start are restored on every exit path that unwinds (normal end, error,
-//! panic, SIGINT/SIGTERM/SIGHUP); no cell starts while the previous one's processes live or ksmd
-//! still holds more pages than before the run.
+//! panic, SIGINT/SIGTERM/SIGHUP) — both kept by `session::Session`, shared with `desktop`; no
+//! cell starts while the previous one's processes live or ksmd still holds more pages than
+//! before the run.
 
 mod approach;
 mod cell;

@@ -2,11 +2,12 @@
 //! programs — okular ×4, gimp with 5 images, epiphany offline, a mixed session — under every
 //! approach with identical ksmd settings, headless (Xvfb, xdotool). See docs/DESKTOP-BENCH.md.
 //!
-//! Invariants (those of the head-to-head bench, which this reuses): the exclusive flock on
-//! /tmp/ksmplus-ksmd.lock is held for the whole run; the ksmd settings saved at the start are
-//! restored on every exit path that unwinds (end, error, panic, SIGINT/SIGTERM/SIGHUP); every
-//! program, the agent, the X server and the bus are children of the bench and ended by it; the
-//! inputs are generated locally (`ksmplus-bench/desktop/gen_inputs.py`), nothing is downloaded.
+//! Invariants (those of the head-to-head bench, kept by the same `session::Session`): the
+//! exclusive flock on /tmp/ksmplus-ksmd.lock is held for the whole run; the ksmd settings saved
+//! at the start are restored on every exit path that unwinds (end, error, panic,
+//! SIGINT/SIGTERM/SIGHUP); every program, the agent, the X server and the bus are children of
+//! the bench and ended by it; the inputs are generated locally
+//! (`ksmplus-bench/desktop/gen_inputs.py`), nothing is downloaded.
 
 mod cell;
 mod procs;
