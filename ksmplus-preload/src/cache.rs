@@ -7,17 +7,27 @@
 //!   no allocation; every operation scans the `SLOTS` slots a bounded number of times.
 //! - Cached ranges are disjoint page-aligned pieces of shim mappings that no registry entry and
 //!   no caller holds; at most `MAX_BYTES` of them.
+//! - Only blocks of at most `MAX_PIECE` bytes are kept, and only requests of at most `MAX_PIECE`
+//!   are served. A cached piece keeps its old owner's resident pages, and a request served from
+//!   it pays for all of them, touched or not, where a fresh mapping faults in only what the
+//!   program touches. glibc never reuses a freed block above its mmap threshold, which it raises
+//!   to at most 32 MiB (`DEFAULT_MMAP_THRESHOLD_MAX`); neither does the cache. (Without this
+//!   bound GIMP grew a freed 47 MiB buffer into a sparsely used 48 MiB one: +14 MiB Pss.)
 //! - Adjacent pieces are coalesced on `put`; `take` serves the best fit and puts the rest back,
 //!   or grows the largest piece with `mremap` so only the missing pages are new.
 //! - Cached memory is not zeroed: calloc never takes from here.
-//! - A piece not reused within one to two `trim` periods (about a second) goes back to the kernel,
-//!   so the cache speeds up allocate/free loops without holding idle memory.
+//! - A piece not reused within one to two `trim` periods (one to two seconds) goes back to the
+//!   kernel, so the cache speeds up allocate/free loops without holding idle memory. The rest of
+//!   a split piece keeps the piece's age (serving part of it does not make the rest young); a
+//!   piece coalesced with a newly freed block is as young as that block.
 
 use crate::sys;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::*};
 
 const SLOTS: usize = 32;
 pub const MAX_BYTES: usize = 64 << 20;
+/// The largest block kept, and the largest request served (see the module invariants).
+pub const MAX_PIECE: usize = 32 << 20;
 const FREE: u8 = 0;
 const BUSY: u8 = 1;
 const FULL: u8 = 2;
@@ -46,12 +56,16 @@ const NEW_SLOT: Slot = Slot {
 pub static CACHE: Cache = Cache::new();
 
 impl Slot {
-    /// Claims a FULL slot and empties it: its range.
-    fn claim(&self) -> Option<(usize, usize)> {
+    /// Claims a FULL slot and empties it: its range and age.
+    fn claim(&self) -> Option<(usize, usize, u8)> {
         self.state
             .compare_exchange(FULL, BUSY, Acquire, Relaxed)
             .ok()?;
-        let r = (self.addr.load(Relaxed), self.len.load(Relaxed));
+        let r = (
+            self.addr.load(Relaxed),
+            self.len.load(Relaxed),
+            self.age.load(Relaxed),
+        );
         self.state.store(FREE, Release);
         Some(r)
     }
@@ -69,9 +83,15 @@ impl Cache {
         }
     }
 
-    /// Keeps `[addr, addr+len)` for reuse, merged with adjacent cached pieces; `false` if it
-    /// would exceed `MAX_BYTES` (the caller unmaps it). Takes ownership otherwise.
-    pub fn put(&self, mut addr: usize, mut len: usize) -> bool {
+    /// Keeps a freed block `[addr, addr+len)` for reuse, merged with adjacent cached pieces;
+    /// `false` if it is larger than `MAX_PIECE` or would exceed `MAX_BYTES` (the caller unmaps
+    /// it). Takes ownership otherwise.
+    pub fn put(&self, addr: usize, len: usize) -> bool {
+        len <= MAX_PIECE && self.put_aged(addr, len, 0)
+    }
+
+    /// `put` of a range that has been cached for `age` trims already.
+    fn put_aged(&self, mut addr: usize, mut len: usize, mut age: u8) -> bool {
         if self.bytes.fetch_add(len, AcqRel) + len > MAX_BYTES {
             self.bytes.fetch_sub(len, AcqRel);
             return false;
@@ -83,15 +103,17 @@ impl Cache {
                 if a + l != addr && addr + len != a {
                     continue;
                 }
-                if let Some((a, l)) = s.claim() {
+                if let Some((a, l, g)) = s.claim() {
                     if a + l == addr {
                         addr = a;
                         len += l;
+                        age = age.min(g);
                         continue 'merge;
                     } else if addr + len == a {
                         len += l;
+                        age = age.min(g);
                         continue 'merge;
-                    } else if !self.store(a, l) {
+                    } else if !self.store(a, l, g) {
                         // Raced with a change: put it back; if no slot, release it.
                         // SAFETY: a cached range is ours alone.
                         let _ = unsafe { sys::munmap(a, l) };
@@ -101,7 +123,7 @@ impl Cache {
             }
             break;
         }
-        if !self.store(addr, len) {
+        if !self.store(addr, len, age) {
             // Every slot taken meanwhile. The range may include merged neighbours, which the
             // caller does not know of, so release it here.
             // SAFETY: the caller's range and the claimed neighbours are ours alone.
@@ -111,7 +133,7 @@ impl Cache {
         true
     }
 
-    fn store(&self, addr: usize, len: usize) -> bool {
+    fn store(&self, addr: usize, len: usize, age: u8) -> bool {
         for s in &self.slots {
             if s.state
                 .compare_exchange(FREE, BUSY, Acquire, Relaxed)
@@ -119,7 +141,7 @@ impl Cache {
             {
                 s.addr.store(addr, Relaxed);
                 s.len.store(len, Relaxed);
-                s.age.store(0, Relaxed);
+                s.age.store(age, Relaxed);
                 s.state.store(FULL, Release);
                 return true;
             }
@@ -128,9 +150,12 @@ impl Cache {
     }
 
     /// A range of exactly `len` bytes built from cached memory: the best-fitting piece (its rest
-    /// goes back), else the largest piece grown with `mremap`. `None` if the cache is empty or
-    /// the growth fails.
+    /// goes back), else the largest piece grown with `mremap`. `None` if `len` is larger than
+    /// `MAX_PIECE`, the cache is empty or the growth fails.
     pub fn take(&self, len: usize) -> Option<usize> {
+        if len > MAX_PIECE {
+            return None;
+        }
         for _ in 0..4 {
             let mut best: Option<(usize, usize)> = None; // (slot, len) smallest >= len
             let mut largest: Option<(usize, usize)> = None;
@@ -144,12 +169,12 @@ impl Cache {
                 }
             }
             let (i, _) = best.or(largest)?;
-            let Some((a, l)) = self.slots[i].claim() else {
+            let Some((a, l, age)) = self.slots[i].claim() else {
                 continue;
             };
             self.bytes.fetch_sub(l, AcqRel);
             if l >= len {
-                if l > len && !self.put(a + len, l - len) {
+                if l > len && !self.put_aged(a + len, l - len, age) {
                     // SAFETY: the rest of a cached range is ours alone.
                     let _ = unsafe { sys::munmap(a + len, l - len) };
                 }
@@ -160,7 +185,7 @@ impl Cache {
                 Ok(new) => return Some(new),
                 Err(_) => {
                     // E.g. the piece spans two VMAs: keep it for a request it fits.
-                    if !self.put(a, l) {
+                    if !self.put_aged(a, l, age) {
                         // SAFETY: as above.
                         let _ = unsafe { sys::munmap(a, l) };
                     }
@@ -181,7 +206,7 @@ impl Cache {
             if s.age.fetch_add(1, Relaxed) == 0 {
                 continue;
             }
-            if let Some((a, l)) = s.claim() {
+            if let Some((a, l, _)) = s.claim() {
                 self.bytes.fetch_sub(l, AcqRel);
                 // SAFETY: a cached range is ours alone.
                 let _ = unsafe { sys::munmap(a, l) };
@@ -201,6 +226,93 @@ mod tests {
 
     fn map(len: usize) -> usize {
         sys::mmap_anon(len).unwrap()
+    }
+
+    /// How many of the `n` pages at `a` are resident.
+    fn resident(a: usize, n: usize) -> usize {
+        let mut v = vec![0u8; n];
+        // SAFETY: mincore writes one byte per page of the range into `v`, which has `n` bytes.
+        assert_eq!(
+            unsafe { libc::mincore(a as *mut _, n * P, v.as_mut_ptr()) },
+            0
+        );
+        v.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    fn mapped(a: usize) -> bool {
+        let mut v = 0u8;
+        // SAFETY: mincore writes one byte into `v`; an unmapped page only gives ENOMEM.
+        unsafe { libc::mincore(a as *mut _, P, &mut v) == 0 }
+    }
+
+    /// A mapping of `n` pages, every page written.
+    fn touched(n: usize) -> usize {
+        let a = map(n * P);
+        for i in 0..n {
+            // SAFETY: page i of the mapping made just above, owned by this test.
+            unsafe { *((a + i * P) as *mut u8) = 0x0c };
+        }
+        a
+    }
+
+    #[test]
+    fn no_stale_pages_for_a_block_above_max_piece() {
+        let c = Cache::new();
+        // A freed, fully resident block that could be grown into a larger request.
+        let a = touched(64);
+        assert!(c.put(a, 64 * P));
+        // A request above MAX_PIECE is not served from the cache (before the bound it got this
+        // piece grown with mremap, its 64 stale resident pages included)...
+        let len = MAX_PIECE + P;
+        assert_eq!(c.take(len), None);
+        assert_eq!(
+            c.bytes(),
+            64 * P,
+            "the piece stays cached for a request it fits"
+        );
+        // ... so the hook maps it fresh: nothing resident until the program touches it.
+        let b = map(len);
+        assert_eq!(resident(b, len / P), 0);
+        // A freed block above MAX_PIECE is not kept: the caller unmaps it.
+        assert!(!c.put(b, len));
+        assert_eq!(c.bytes(), 64 * P);
+        // Up to MAX_PIECE the warm piece is grown (only the missing pages are new).
+        let g = c.take(MAX_PIECE).unwrap();
+        assert_eq!(resident(g, MAX_PIECE / P), 64);
+        // SAFETY: test mappings made above, owned by this test.
+        unsafe {
+            sys::munmap(b, len).unwrap();
+            sys::munmap(g, MAX_PIECE).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_rest_of_a_split_piece_keeps_its_age() {
+        let c = Cache::new();
+        let a = touched(64);
+        assert!(c.put(a, 64 * P));
+        c.trim();
+        // A small request served from the old piece does not make its rest young...
+        let x = c.take(4 * P).unwrap();
+        assert_eq!(x, a);
+        assert_eq!(c.bytes(), 60 * P);
+        c.trim();
+        assert_eq!(c.bytes(), 0, "the unused rest went back at the next trim");
+        assert!(!mapped(a + 4 * P) && !mapped(a + 63 * P));
+        assert_eq!(resident(x, 4), 4, "the block handed out is untouched");
+        // ... while a block freed next to an old piece keeps the coalesced piece alive.
+        let b = touched(64);
+        assert!(c.put(b, 64 * P));
+        c.trim();
+        let y = c.take(4 * P).unwrap();
+        assert!(c.put(y, 4 * P));
+        c.trim();
+        assert_eq!(c.bytes(), 64 * P, "reused within the trim period");
+        c.trim();
+        assert_eq!(c.bytes(), 0);
+        assert!(!mapped(b));
+        // SAFETY: test mapping made above, owned by this test.
+        unsafe { sys::munmap(x, 4 * P).unwrap() };
     }
 
     #[test]
@@ -260,8 +372,16 @@ mod tests {
     #[test]
     fn bounded_bytes_and_slots() {
         let c = Cache::new();
-        assert!(!c.put(0x10_0000_0000, MAX_BYTES + P));
+        assert!(!c.put(0x10_0000_0000, MAX_PIECE + P));
         assert_eq!(c.bytes(), 0);
+        // At most MAX_BYTES in all (here: two non-adjacent pieces of MAX_PIECE).
+        assert_eq!(MAX_BYTES, 2 * MAX_PIECE);
+        assert!(c.put(0x10_0000_0000, MAX_PIECE));
+        assert!(c.put(0x18_0000_0000, MAX_PIECE));
+        assert_eq!(c.bytes(), MAX_BYTES);
+        assert!(!c.put(0x1c_0000_0000, P));
+        assert_eq!(c.bytes(), MAX_BYTES);
+        let c = Cache::new();
         // Non-adjacent pieces each take a slot.
         for i in 0..SLOTS {
             assert!(c.put(0x20_0000_0000 + i * 2 * P, P));
