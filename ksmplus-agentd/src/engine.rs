@@ -7,7 +7,8 @@
 //! concatenated runs) are cut into `m = ceil(R·c/100)` equal gaps and one random page of each
 //! gap is fingerprinted. Reserved, never-touched address space costs nothing but the query. A page is a *candidate* when its hash equals the one of its previous sample
 //! (KSM's checksum rule against volatile pages) and at least one other page anywhere (this
-//! region, another region, another process) has that hash now. A candidate grows into a run by
+//! region, another region, another process) has that hash now; an all-zero page only from the
+//! region's third round on ([`ZERO_PAGE_MIN_ROUND`]: fresh buffers are zero until written). A candidate grows into a run by
 //! fingerprinting its neighbours in both directions, stopping at a page whose hash has no
 //! duplicate; runs closer than `coalesce_gap_pages` are coalesced, then marked MERGEABLE through
 //! the shim. After each round `c` decreases by `step`; a region whose round at the floor ends
@@ -44,6 +45,14 @@ pub const BYTES_PER_FINGERPRINT: u64 = 80;
 
 /// Most runs per region unmarked for merging less than half of their pages (then re-grown).
 pub const MAX_LOOSEN: u32 = 3;
+
+/// An all-zero page is a candidate only from this round of its region on. The first two rounds
+/// come `first_recheck_ms` apart right after the region appears, while a program typically still
+/// fills what it just allocated (calloc, memset, a transparent huge page faulted in ahead of the
+/// writer): zero pages stable over that short gap are mostly about to be written, and marking
+/// them costs rmap items, and a COW fault per page if ksmd merges them first. The third round
+/// comes a full `round_interval_ms` later.
+pub const ZERO_PAGE_MIN_ROUND: u64 = 3;
 
 /// Rounds at the floor coefficient (regions kept because something in them is marked) pause
 /// this many times `round_interval_ms`.
@@ -287,6 +296,8 @@ struct Proc {
     pid: u32,
     comm: String,
     page_size: u64,
+    /// Hash of an all-zero page of `page_size` bytes (see [`ZERO_PAGE_MIN_ROUND`]).
+    zero_hash: u64,
     regions: BTreeMap<u64, Region>,
     /// Regions kept across a resync when the shim re-announces them unchanged.
     resync_old: Option<BTreeMap<u64, Region>>,
@@ -422,6 +433,7 @@ impl Engine {
                 pid,
                 comm: comm.to_owned(),
                 page_size,
+                zero_hash: ksmplus_common::protocol::page_hash(&vec![0u8; page_size as usize]),
                 regions: BTreeMap::new(),
                 resync_old: None,
                 inflight: None,
@@ -898,6 +910,8 @@ impl Engine {
                     Phase::Sampling { m, next, scan, .. } if next >= m && scan >= r.pages);
                 let piece_done = matches!(r.phase, Phase::Sampling { m, next, .. } if next >= m);
                 let nreg = r.pages;
+                let zero_ok = r.rounds >= ZERO_PAGE_MIN_ROUND;
+                let zero = p.zero_hash;
                 let run_of = |idx: u64| r.piece.partition_point(|&(lo, _)| lo <= idx);
                 let runs: Vec<usize> = pages.iter().map(|a| run_of((a - region) / ps)).collect();
                 p.stats.fingerprinted_pages += hashes.len() as u64;
@@ -923,7 +937,8 @@ impl Engine {
                         _ => None,
                     };
                     let prev = self.remember(id, region, idx, h);
-                    let cand = h.is_some_and(|h| prev == Some(h) && self.dup(h));
+                    let cand =
+                        h.is_some_and(|h| prev == Some(h) && self.dup(h) && (zero_ok || h != zero));
                     if cand && !in_stretch {
                         candidates.push(idx);
                     }
@@ -1673,6 +1688,31 @@ mod tests {
             assert_eq!(st.counters.candidates, 0, "{st:?}");
             assert_eq!(st.min_coefficient, 10, "{st:?}");
         }
+    }
+
+    /// All-zero pages (a buffer just allocated and not yet written) wait for the third round,
+    /// a full interval after the region appeared; other duplicates are marked after the second.
+    #[test]
+    fn zero_pages_wait_for_the_third_round() {
+        let c = Config {
+            min_region_bytes: 64 * 1024,
+            ..Config::default()
+        };
+        let zero = ksmplus_common::protocol::page_hash(&[0u8; PS as usize]);
+        let mut s = Sim::new(c);
+        s.client(1, vec![(0x1000_0000, vec![Some(zero); 512])]);
+        s.client(2, vec![(0x5000_0000, vec![Some(zero); 512])]);
+        s.client(3, vec![(0x7000_0000, vec![Some(9); 512])]);
+        s.client(4, vec![(0x9000_0000, vec![Some(9); 512])]);
+        s.run(400);
+        assert!(s.eng.marked(1).is_empty(), "{:?}", s.eng.marked(1));
+        assert!(s.eng.marked(2).is_empty());
+        assert_eq!(s.eng.status(1).unwrap().counters.candidates, 0);
+        assert_eq!(s.eng.marked(3), vec![(0x7000_0000, 512 * PS)]);
+        assert_eq!(s.eng.marked(4), vec![(0x9000_0000, 512 * PS)]);
+        s.run(1_500);
+        assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 512 * PS)]);
+        assert_eq!(s.eng.marked(2), vec![(0x5000_0000, 512 * PS)]);
     }
 
     #[test]
