@@ -295,6 +295,7 @@ fn a_peer_of_another_uid_is_refused() {
     }
     // Everything the child needs is prepared before fork: it only makes system calls.
     let frame = hello("agent_work").to_frame();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let path = agent.socket.as_os_str().as_encoded_bytes();
