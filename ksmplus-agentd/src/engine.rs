@@ -880,6 +880,22 @@ impl Engine {
         self.index.get(&h).copied().unwrap_or(0) >= 2
     }
 
+    /// The command a reply answers, if it is the one in flight (matched by id; a stale reply
+    /// leaves the in-flight command waiting). A `Dormant` status makes the client dormant.
+    fn take_reply(&mut self, id: ClientId, rid: u32, status: Status) -> Option<Pending> {
+        let p = self.procs.get_mut(&id).unwrap();
+        let (want, pending) = p.inflight.take()?;
+        if want != rid {
+            p.inflight = Some((want, pending));
+            return None;
+        }
+        if status == Status::Dormant {
+            p.dormant = true;
+            return None;
+        }
+        Some(pending)
+    }
+
     fn fingerprint_reply(
         &mut self,
         id: ClientId,
@@ -888,18 +904,10 @@ impl Engine {
         hashes: Vec<PageHash>,
         now: u64,
     ) {
-        let p = self.procs.get_mut(&id).unwrap();
-        let Some((want, pending)) = p.inflight.take() else {
+        let Some(pending) = self.take_reply(id, rid, status) else {
             return;
         };
-        if want != rid {
-            p.inflight = Some((want, pending));
-            return;
-        }
-        if status == Status::Dormant {
-            p.dormant = true;
-            return;
-        }
+        let p = self.procs.get_mut(&id).unwrap();
         let ps = p.page_size;
         match pending {
             Pending::Sample { region, gen, pages } => {
@@ -1047,22 +1055,14 @@ impl Engine {
         runs: Vec<(u64, u64)>,
         now: u64,
     ) {
-        let p = self.procs.get_mut(&id).unwrap();
-        let Some((want, pending)) = p.inflight.take() else {
+        let Some(pending) = self.take_reply(id, rid, status) else {
             return;
         };
-        if want != rid {
-            p.inflight = Some((want, pending));
-            return;
-        }
-        if status == Status::Dormant {
-            p.dormant = true;
-            return;
-        }
         let Pending::Residency { region, gen, from } = pending else {
             crate::debug!("client {id}: ResidencyReply to a Fingerprint command ignored");
             return;
         };
+        let p = self.procs.get_mut(&id).unwrap();
         let ps = p.page_size;
         let Some(r) = p.regions.get_mut(&region).filter(|r| r.gen == gen) else {
             return;
