@@ -172,6 +172,9 @@ fn status(agent: &mut Agent) -> Value {
         let ks = ksm::read_ksm_stat(&root, pid).ok();
         let k = ks.unwrap_or_default();
         let (anon, covered) = anon_coverage(&root, pid, &agent.engine.regions(id));
+        if !agent.client_alive(id) {
+            continue; // exited meanwhile: the figures may be another process's
+        }
         tot[0] += st.regions;
         tot[1] += st.tracked_bytes;
         tot[2] += st.marked_bytes;

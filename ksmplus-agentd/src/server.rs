@@ -23,7 +23,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -74,6 +74,10 @@ struct Peer {
     uid: u32,
     /// Close once the output is flushed (after Ignore).
     close_after_flush: bool,
+    /// A pidfd of a tracked shim's process (None before Hello, or where pidfd_open fails):
+    /// what the agent reads from `/proc/PID` counts only if this process was still alive after
+    /// the read, so a recycled pid is never mistaken for the client.
+    pidfd: Option<OwnedFd>,
 }
 
 impl Peer {
@@ -198,6 +202,26 @@ fn peer_cred(fd: i32) -> Option<(u32, u32)> {
         )
     };
     (rc == 0).then_some((cred.pid as u32, cred.uid))
+}
+
+/// A pidfd for `pid` (Linux ≥ 5.3), or None.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative return is a fresh fd that nothing else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// True once the process behind `pidfd` has exited (its pidfd polls readable).
+fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// Raises the soft fd limit to the hard one so thousands of peers fit.
@@ -459,6 +483,9 @@ impl Agent {
                 continue;
             };
             match ksm::read_smaps(&self.opts.root, st.pid) {
+                Ok(_) if !self.client_alive(id) => {
+                    debug!("pid {}: exited while its smaps were read", st.pid)
+                }
                 Ok(vmas) => {
                     let v: Vec<(u64, u64, u64)> =
                         vmas.iter().map(|v| (v.start, v.end, v.ksm_kib)).collect();
@@ -528,6 +555,7 @@ impl Agent {
                             pid,
                             uid,
                             close_after_flush: false,
+                            pidfd: None,
                         },
                     );
                     // Data may already be waiting (edge-triggered).
@@ -633,6 +661,7 @@ impl Agent {
                 };
                 if tracked {
                     info!("tracking pid {pid} ({} {})", h.comm, h.exe);
+                    p.pidfd = pidfd_open(pid);
                     self.engine
                         .add_client(t.0 as ClientId, pid, &h.comm, h.page_size as u64, now);
                     let flags = if self.policy.cover_maps {
@@ -734,6 +763,16 @@ impl Agent {
     }
 
     /// Tracked clients: (client id, hello).
+    /// False if the client's process has exited, so what was just read from `/proc/PID` may
+    /// belong to another process that got the pid (or the client is gone). Call it after the
+    /// read: a process alive after the read held its pid during it.
+    pub fn client_alive(&self, id: ClientId) -> bool {
+        match self.peers.get(&Token(id as usize)) {
+            Some(p) => !p.pidfd.as_ref().is_some_and(pidfd_exited),
+            None => false,
+        }
+    }
+
     pub fn tracked(&self) -> Vec<(ClientId, &Hello, u32)> {
         let mut v: Vec<_> = self
             .peers
@@ -765,5 +804,25 @@ fn msg_name(m: &Message) -> &'static str {
             "agent command"
         }
         _ => "shim message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guard behind `client_alive`: a pidfd polls "exited" only once its process is gone,
+    /// and keeps saying so after the pid is reaped (when the pid could be recycled).
+    #[test]
+    fn pidfd_tells_a_live_process_from_an_exited_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let fd = pidfd_open(child.id()).expect("pidfd_open (Linux >= 5.3)");
+        assert!(!pidfd_exited(&fd), "a running process");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(pidfd_exited(&fd), "killed and reaped");
     }
 }
