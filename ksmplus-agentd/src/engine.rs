@@ -490,17 +490,7 @@ impl Engine {
                 new_start,
                 new_len,
                 ..
-            } => {
-                let p = &self.procs[&id];
-                let same =
-                    p.regions.get(&old_start).map(|r| r.pages * p.page_size) == Some(old_len);
-                if same && new_start == old_start && new_len < old_len {
-                    self.region_removed(id, old_start + new_len, old_len - new_len);
-                } else {
-                    self.region_removed(id, old_start, old_len);
-                    self.region_added(id, new_start, new_len, now);
-                }
-            }
+            } => self.region_resized(id, (old_start, old_len), (new_start, new_len), now),
             Message::ResyncBegin { .. } => {
                 crate::debug!("client {id}: resync");
                 let p = self.procs.get_mut(&id).unwrap();
@@ -560,6 +550,57 @@ impl Engine {
         }
         let p = self.procs.get_mut(&id).unwrap();
         p.regions.insert(start, Region::new(pages, gen, now));
+    }
+
+    /// mremap of a whole known region. Shrunk in place: the tail is removed. Moved or grown:
+    /// its fingerprints and marked runs go with it (the kernel moves the pages and their VMA
+    /// flags), clipped to the new size, and a grown region starts its schedule again so the new
+    /// pages are sampled. Anything else (a region not known at that size, or now too small) is a
+    /// removal and an addition.
+    fn region_resized(&mut self, id: ClientId, old: (u64, u64), new: (u64, u64), now: u64) {
+        let ((old_start, old_len), (new_start, new_len)) = (old, new);
+        let p = &self.procs[&id];
+        let ps = p.page_size;
+        let same = p.regions.get(&old_start).map(|r| r.pages * ps) == Some(old_len);
+        if same && new_start == old_start && new_len < old_len {
+            self.region_removed(id, old_start + new_len, old_len - new_len);
+            return;
+        }
+        if !same || new_start & (ps - 1) != 0 || new_len < self.cfg.min_region_bytes.max(ps) {
+            self.region_removed(id, old_start, old_len);
+            self.region_added(id, new_start, new_len, now);
+            return;
+        }
+        let pages = new_len / ps;
+        if pages < old_len / ps {
+            // Moved and shrunk: the tail goes first, with its fingerprints and runs.
+            self.region_removed(id, old_start + pages * ps, old_len - pages * ps);
+        }
+        let gen = self.new_gen();
+        let p = self.procs.get_mut(&id).unwrap();
+        let mut r = p.regions.remove(&old_start).unwrap();
+        p.grows.retain(|g| g.region != old_start);
+        crate::debug!("client {id}: region {old_start:#x} now {new_start:#x} + {pages} pages");
+        // Whatever overlapped the new place is gone.
+        self.region_removed(id, new_start, pages * ps);
+        // Replies to commands about the old place are ignored (generation), so the round
+        // in progress starts again.
+        r.gen = gen;
+        r.piece = Vec::new();
+        r.piece_pages = 0;
+        if pages > r.pages {
+            r.rounds = 0;
+            r.coefficient = 0;
+            r.phase = Phase::Waiting { at: now };
+        } else if matches!(r.phase, Phase::Sampling { .. }) {
+            r.phase = Phase::Waiting { at: now };
+        }
+        r.pages = pages;
+        self.procs
+            .get_mut(&id)
+            .unwrap()
+            .regions
+            .insert(new_start, r);
     }
 
     /// Removes the byte range `[start, start+len)` from the client's regions, cutting regions
@@ -919,6 +960,9 @@ impl Engine {
                 let piece_done = matches!(r.phase, Phase::Sampling { m, next, .. } if next >= m);
                 let nreg = r.pages;
                 let zero_ok = r.rounds >= ZERO_PAGE_MIN_ROUND;
+                // Marked pages end a stretch: a stretch running on past a marked run must seed
+                // its growth after the run, not inside it (where it would be skipped).
+                let marked: Vec<(u64, u64)> = r.runs.iter().map(|x| (x.lo, x.hi)).collect();
                 let zero = p.zero_hash;
                 let run_of = |idx: u64| r.piece.partition_point(|&(lo, _)| lo <= idx);
                 let runs: Vec<usize> = pages.iter().map(|a| run_of((a - region) / ps)).collect();
@@ -945,8 +989,11 @@ impl Engine {
                         _ => None,
                     };
                     let prev = self.remember(id, region, idx, h);
-                    let cand =
-                        h.is_some_and(|h| prev == Some(h) && self.dup(h) && (zero_ok || h != zero));
+                    let in_run = marked.iter().any(|&(lo, hi)| lo <= idx && idx < hi);
+                    let cand = !in_run
+                        && h.is_some_and(|h| {
+                            prev == Some(h) && self.dup(h) && (zero_ok || h != zero)
+                        });
                     if cand && !in_stretch {
                         candidates.push(idx);
                     }
@@ -1713,6 +1760,83 @@ mod tests {
         s.run(1_500);
         assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 512 * PS)]);
         assert_eq!(s.eng.marked(2), vec![(0x5000_0000, 512 * PS)]);
+    }
+
+    fn resize(
+        s: &mut Sim,
+        id: ClientId,
+        old: (u64, u64),
+        new: (u64, u64),
+        pages: Vec<Option<u64>>,
+    ) {
+        let m = s.mem.get_mut(&id).unwrap();
+        m.remove(&old.0);
+        m.insert(new.0, pages);
+        s.eng.on_message(
+            id,
+            Message::RegionResized {
+                seq: 9,
+                origin: ksmplus_common::Origin::Mmap,
+                old_start: old.0,
+                old_len: old.1 * PS,
+                new_start: new.0,
+                new_len: new.1 * PS,
+            },
+            s.now,
+        );
+    }
+
+    /// A region moved by mremap keeps its marked runs (the kernel moved the VMA flags with the
+    /// pages): nothing is marked again; one grown in place samples the new pages and marks them.
+    #[test]
+    fn mremap_moves_and_growth_keep_marks() {
+        let mut s = Sim::new(cfg());
+        s.client(1, vec![(0x1000_0000, vec![Some(7); 512])]);
+        s.client(2, vec![(0x5000_0000, vec![Some(7); 512])]);
+        s.run(1_000);
+        assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 512 * PS)]);
+        s.madvised.clear();
+        resize(
+            &mut s,
+            1,
+            (0x1000_0000, 512),
+            (0x3000_0000, 512),
+            vec![Some(7); 512],
+        );
+        assert_eq!(s.eng.marked(1), vec![(0x3000_0000, 512 * PS)]);
+        s.run(3_000);
+        assert_eq!(s.eng.marked(1), vec![(0x3000_0000, 512 * PS)]);
+        assert!(
+            !s.madvised.iter().any(|m| m.0 == 1),
+            "marked again after a move: {:?}",
+            s.madvised
+        );
+        // Grown in place (shrunk tail first, to check clipping): 512 -> 256 -> 1024 pages.
+        resize(
+            &mut s,
+            1,
+            (0x3000_0000, 512),
+            (0x3000_0000, 256),
+            vec![Some(7); 256],
+        );
+        assert_eq!(s.eng.marked(1), vec![(0x3000_0000, 256 * PS)]);
+        resize(
+            &mut s,
+            1,
+            (0x3000_0000, 256),
+            (0x3000_0000, 1024),
+            vec![Some(7); 1024],
+        );
+        s.run(3_000);
+        let marked: u64 = s.eng.marked(1).iter().map(|m| m.1).sum();
+        assert_eq!(
+            marked,
+            1024 * PS,
+            "{:?} {:?}",
+            s.eng.marked(1),
+            s.eng.status(1)
+        );
+        assert!(s.eng.marked(1).iter().all(|m| m.0 >= 0x3000_0000));
     }
 
     #[test]
