@@ -6,6 +6,8 @@
  *                               every other page unique (thesis Table 5-2)
  *   agent_work unique MIB       MIB MiB of unique pages
  *   agent_work dense MIB        MIB MiB filled with byte i = i % 256 (thesis 5.1.1): all pages equal
+ *   agent_work moved MIB        MIB MiB mmapped as in dense; on a line from stdin mremap moves it
+ *                               (then mallocs a 1 MiB block) and prints `b=NEW c=BLOCK sum=S`
  *   agent_work volatile MIB     MIB MiB of pages that are all equal at any instant but rewritten
  *                               continuously (a counter in every page) by a second thread
  *
@@ -13,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,6 +92,11 @@ int main(int argc, char **argv) {
         vsize = size;
         pthread_t t;
         if (pthread_create(&t, NULL, rewrite, NULL) != 0) { perror("pthread_create"); return 2; }
+    } else if (strcmp(mode, "moved") == 0) {
+        a = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (a == MAP_FAILED) { perror("mmap"); return 2; }
+        for (size_t i = 0; i < size; i++) a[i] = (unsigned char)(i % 256);
+        sum = checksum(a, size, sum);
     } else {
         fprintf(stderr, "unknown mode %s\n", mode);
         return 2;
@@ -96,6 +104,23 @@ int main(int argc, char **argv) {
     printf("a=0x%lx b=0x%lx size=%zu sum=%016llx\n", (unsigned long)a, (unsigned long)b, size,
            (unsigned long long)sum);
     fflush(stdout);
+    if (strcmp(mode, "moved") == 0) {
+        /* On a line from stdin: move the mapping elsewhere (onto a PROT_NONE reservation),
+         * then allocate a later 1 MiB block: once the agent has that, it has the move too. */
+        char line[64];
+        if (!fgets(line, sizeof line, stdin)) return 0;
+        void *dst = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (dst == MAP_FAILED) { perror("mmap"); return 2; }
+        unsigned char *m = mremap(a, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+        if (m == MAP_FAILED) { perror("mremap"); return 2; }
+        unsigned char *c = malloc(1 << 20);
+        if (!c) { perror("malloc"); return 2; }
+        memset(c, 0x33, 1 << 20);
+        uint64_t s2 = checksum(c, 1 << 20, checksum(m, size, 1469598103934665603ull));
+        printf("b=0x%lx c=0x%lx sum=%016llx\n", (unsigned long)m, (unsigned long)c,
+               (unsigned long long)s2);
+        fflush(stdout);
+    }
     char tmp[256];
     while (fread(tmp, 1, sizeof tmp, stdin) > 0) {}
     return 0;

@@ -96,6 +96,41 @@ fn volatile_pages_are_never_marked() {
     assert!(dense.finish(T).0.success());
 }
 
+/// A marked region the program moves with mremap keeps its mark: the kernel moves the
+/// VM_MERGEABLE flag with the pages, and the agent moves its runs with the region instead of
+/// forgetting them (and marking again).
+#[test]
+fn a_marked_region_moved_by_mremap_stays_marked() {
+    let agent = Agent::start(&FAST_POLICY.replace(
+        "unmerge_after_full_scans = 3",
+        "unmerge_after_full_scans = 1000000",
+    ));
+    let (mut p, line) = agent.workload("agent_work", &["moved", "4"]);
+    let pid = p.pid();
+    let a = num_field(&line, "a");
+    let st = agent.wait("the region marked", T, |s| {
+        find(s, pid)
+            .filter(|x| u(&x["marked_bytes"]) >= 4 << 20)
+            .cloned()
+    });
+    assert!(any_mergeable(pid, a, 4 << 20));
+    let (runs, regions) = (u(&st["runs_marked"]), u(&st["regions"]));
+    let r = p.cmd("move", T);
+    let b = num_field(&r, "b");
+    assert_ne!(a, b, "{r}");
+    // The program's pages really moved, intact, with their flag.
+    let mem = procfs::read_mem(pid, b, 4 << 20);
+    assert!(mem.iter().enumerate().all(|(i, &x)| x == i as u8));
+    assert!(any_mergeable(pid, b, 4 << 20));
+    let st = agent.wait("the later block registered", T, |s| {
+        find(s, pid).filter(|x| u(&x["regions"]) > regions).cloned()
+    });
+    assert!(u(&st["marked_bytes"]) >= 4 << 20, "mark forgotten: {st}");
+    assert_eq!(u(&st["runs_marked"]), runs, "marked again: {st}");
+    assert_eq!(u(&st["madvise_errors"]), 0, "{st}");
+    assert!(p.finish(T).0.success());
+}
+
 #[test]
 fn bad_policy_on_reload_keeps_the_old_one_and_add_remove_edit_the_file() {
     let agent = Agent::start("# the user's own comment\ntrack = [\"agent_work\"] # tracked\n");
