@@ -762,7 +762,6 @@ impl Agent {
         c
     }
 
-    /// Tracked clients: (client id, hello).
     /// False if the client's process has exited, so what was just read from `/proc/PID` may
     /// belong to another process that got the pid (or the client is gone). Call it after the
     /// read: a process alive after the read held its pid during it.
@@ -773,6 +772,7 @@ impl Agent {
         }
     }
 
+    /// Tracked clients: (client id, hello, pid).
     pub fn tracked(&self) -> Vec<(ClientId, &Hello, u32)> {
         let mut v: Vec<_> = self
             .peers
