@@ -5,10 +5,12 @@
 //! pages of the region are resident (`Residency`, in pieces of at most `MAX_RESIDENCY_RUNS`
 //! runs), then, with coefficient `c`, the `R` resident pages (the index space of the
 //! concatenated runs) are cut into `m = ceil(R·c/100)` equal gaps and one random page of each
-//! gap is fingerprinted. Reserved, never-touched address space costs nothing but the query. A page is a *candidate* when its hash equals the one of its previous sample
-//! (KSM's checksum rule against volatile pages) and at least one other page anywhere (this
-//! region, another region, another process) has that hash now; an all-zero page only from the
-//! region's third round on ([`ZERO_PAGE_MIN_ROUND`]: fresh buffers are zero until written). A candidate grows into a run by
+//! gap is fingerprinted. Reserved, never-touched address space costs nothing but the query.
+//! A page is a *candidate* when its hash equals the one of its previous sample (KSM's checksum
+//! rule against volatile pages) and at least one other page anywhere (this region, another
+//! region, another process) has that hash now; an all-zero page only from the region's third
+//! round on ([`ZERO_PAGE_MIN_ROUND`]: fresh buffers are zero until written), and a page in a
+//! marked run never (it ends a stretch of candidates). A candidate grows into a run by
 //! fingerprinting its neighbours in both directions, stopping at a page whose hash has no
 //! duplicate; runs closer than `coalesce_gap_pages` are coalesced, then marked MERGEABLE through
 //! the shim. After each round `c` decreases by `step`; a region whose round at the floor ends
