@@ -911,7 +911,8 @@ pub fn cli_wrapped(json_out: bool) -> i32 {
     0
 }
 
-fn fail(e: &str, json_out: bool) -> i32 {
+/// Reports a failed ksmplusctl command (as JSON with `--json`) and returns its exit code, 2.
+pub(crate) fn fail(e: &str, json_out: bool) -> i32 {
     if json_out {
         println!("{}", serde_json::json!({"ok": false, "error": e}));
     } else {

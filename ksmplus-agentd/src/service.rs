@@ -188,14 +188,7 @@ pub fn cli_install(args: &InstallArgs, json_out: bool) -> i32 {
             }
             0
         }
-        Err(e) => {
-            if json_out {
-                println!("{}", serde_json::json!({"ok": false, "error": e}));
-            } else {
-                eprintln!("ksmplusctl: {e}");
-            }
-            2
-        }
+        Err(e) => crate::desktop::fail(&e, json_out),
     }
 }
 
