@@ -30,13 +30,9 @@ fn hello(comm: &str) -> Message {
     })
 }
 
-/// A fake shim: Hello, the agent's answer, then a resync announcing one 1 MiB region.
-fn fake_shim(socket: &Path) -> (UnixStream, Message) {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    s.set_read_timeout(Some(T)).unwrap();
-    write_message(&mut s, &hello("agent_work")).unwrap();
-    let answer = read_message(&mut s).unwrap().expect("an answer to Hello");
-    for m in [
+/// A resync announcing one 1 MiB region.
+fn one_region_resync() -> [Message; 3] {
+    [
         Message::ResyncBegin { seq: 1 },
         Message::RegionAdded {
             seq: 2,
@@ -45,7 +41,16 @@ fn fake_shim(socket: &Path) -> (UnixStream, Message) {
             origin: Origin::Malloc,
         },
         Message::ResyncEnd { seq: 3, regions: 1 },
-    ] {
+    ]
+}
+
+/// A fake shim: Hello, the agent's answer, then a resync announcing one 1 MiB region.
+fn fake_shim(socket: &Path) -> (UnixStream, Message) {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(T)).unwrap();
+    write_message(&mut s, &hello("agent_work")).unwrap();
+    let answer = read_message(&mut s).unwrap().expect("an answer to Hello");
+    for m in one_region_resync() {
         write_message(&mut s, &m).unwrap();
     }
     (s, answer)
@@ -87,16 +92,7 @@ fn a_thousand_clients_at_once_then_fds_and_memory_return_to_baseline() {
     }
     for s in socks.iter_mut() {
         assert_eq!(read_message(s).unwrap(), Some(Message::Track { flags: 0 }));
-        for m in [
-            Message::ResyncBegin { seq: 1 },
-            Message::RegionAdded {
-                seq: 2,
-                start: 0x7000_0000_0000,
-                len: 1 << 20,
-                origin: Origin::Malloc,
-            },
-            Message::ResyncEnd { seq: 3, regions: 1 },
-        ] {
+        for m in one_region_resync() {
             write_message(s, &m).unwrap();
         }
     }
