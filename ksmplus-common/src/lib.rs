@@ -1,37 +1,52 @@
 //! Types shared by the ksmplus shim, agent and control CLI.
+//!
+//! - [`channel`]: the per-process channel page and family doorbell (shim ↔ agent ABI);
+//! - [`protocol`]: the socket protocol (a shim's Hello, control requests) and its one framing;
+//! - [`names`]: program names, and the default exclusion list every mode honours;
+//! - [`maps`]: the one `/proc/PID/maps` parser and what of it ksmplus covers;
+//! - [`ksm`]: KSM's sysfs and procfs files; [`policy`] (feature `policy`): the policy file;
+//!   [`status`] (feature `policy`): the control channel's typed requests and replies.
+pub mod channel;
 pub mod ksm;
+pub mod maps;
+pub mod names;
 #[cfg(feature = "policy")]
 pub mod policy;
 pub mod protocol;
+#[cfg(feature = "policy")]
+pub mod status;
 
-pub use protocol::track_flags;
 pub use protocol::{
-    decode_frame, page_hash, Advice, DecodeError, FrameReader, Hello, Message, Origin, PageHash,
-    ShimStats, Status, MAX_FINGERPRINT_PAGES, MAX_FRAME, MAX_RESIDENCY_RUNS, PROTOCOL_VERSION,
+    decode_frame, page_hash, DecodeError, FrameReader, Hello, Message, MAX_FRAME, PROTOCOL_VERSION,
 };
 
 use std::io::{self, Read, Write};
 
-/// Reads one whole message from a blocking stream. `Ok(None)` on a clean end of stream.
-pub fn read_message(r: &mut impl Read) -> io::Result<Option<Message>> {
-    let mut hdr = [0u8; protocol::HEADER_LEN];
-    match r.read_exact(&mut hdr) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+/// Reads one whole message from a blocking stream through a [`FrameReader`] of at most
+/// `max` bytes per frame. `Ok(None)` on a clean end of stream before any byte of a frame.
+pub fn read_message(r: &mut impl Read, max: usize) -> io::Result<Option<Message>> {
+    let mut frames = FrameReader::new(max);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match frames.next_message() {
+            Ok(Some(m)) => return Ok(Some(m)),
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+        let n = match r.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return if frames.pending() == 0 {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        frames.push(&buf[..n]);
     }
-    let len = u32::from_le_bytes(hdr) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            DecodeError::Oversized(len),
-        ));
-    }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)?;
-    Message::decode_payload(&payload)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Writes one message as a frame to a blocking stream.

@@ -8,34 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-/// Programs that are never tracked unless the policy overrides `exclude`: holders of secrets,
-/// for which a memory-deduplication side channel (timing of a copy-on-write fault) is a risk.
-pub const DEFAULT_EXCLUDE: &[&str] = &[
-    "ssh-agent",
-    "gpg-agent",
-    "gnome-keyring-daemon",
-    "gnome-keyring-d", // comm of gnome-keyring-daemon, cut to 15 bytes
-    "keepassxc",
-    "keepassx",
-    "keepass",
-    "KeePass",
-    "1password",
-    "bitwarden",
-    "Bitwarden",
-    "pass",
-    "kwalletd5",
-    "kwalletd6",
-    "kwalletd",
-    "seahorse",
-    "pinentry",
-    "pinentry-gnome3",
-    "pinentry-qt",
-    "pinentry-curses",
-    "sshd",
-    "sudo",
-    "su",
-    "polkit-agent-helper-1",
-];
+pub use crate::names::{name_matches, COMM_LEN, DEFAULT_EXCLUDE};
 
 /// The whole policy file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,12 +22,31 @@ pub struct Policy {
     pub exclude: Vec<String>,
     /// Regions smaller than this many bytes are not sampled.
     pub min_region_bytes: u64,
-    /// Ask tracked shims to also register the heap, glibc's arenas and the other private
-    /// anonymous writable mappings (`track_flags::COVER_MAPS`), not only large allocations.
+    /// Accepted for old policy files; no effect since the agent reads every mapping from
+    /// `/proc/PID/maps` itself.
     pub cover_maps: bool,
+    /// What to do for a process whose sandbox refuses KSM advice (a seccomp filter that
+    /// answers `madvise(MADV_MERGEABLE)` with EPERM, as Chromium's renderers do).
+    pub sandbox_fallback: SandboxFallback,
     pub sampling: Sampling,
     pub limits: Limits,
     pub ksmd: Ksmd,
+}
+
+/// See [`Policy::sandbox_fallback`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxFallback {
+    /// Ask the process the refusing children were forked from (a fork server such as
+    /// Chromium's zygote, which has no such sandbox) to switch on the kernel's
+    /// merge-everything mode (`PR_SET_MEMORY_MERGE`), which its later children inherit: they are
+    /// merged like under systemd's `MemoryKSM=yes`, at that mode's cost. Switched off again if
+    /// a child of that parent turns out to accept marks, or if the children's KSM profit
+    /// (`ksm_process_profit`) is negative.
+    #[default]
+    MergeAny,
+    /// Leave such processes alone (ksmplus saves nothing in them).
+    None,
 }
 
 /// The KSM+ sampling schedule (thesis 4.1.3).
@@ -113,6 +105,7 @@ impl Default for Policy {
             exclude: DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect(),
             min_region_bytes: 65536,
             cover_maps: true,
+            sandbox_fallback: SandboxFallback::MergeAny,
             sampling: Sampling::default(),
             limits: Limits::default(),
             ksmd: Ksmd::default(),
@@ -265,24 +258,6 @@ pub enum Decision {
     Excluded,
     /// Not in `track` and `track_all` is off.
     NotListed,
-}
-
-/// Kernel limit on the length of `comm` (TASK_COMM_LEN - 1).
-pub const COMM_LEN: usize = 15;
-
-fn name_matches(name: &str, comm: &str, exe: &str) -> bool {
-    if name.is_empty() {
-        return false;
-    }
-    let base = exe.rsplit('/').next().unwrap_or("");
-    // A deleted executable reads as "/path/prog (deleted)".
-    let base = base.strip_suffix(" (deleted)").unwrap_or(base);
-    if name == comm || name == base || (name.contains('/') && name == exe) {
-        return true;
-    }
-    name.len() > COMM_LEN
-        && comm.len() == COMM_LEN
-        && name.as_bytes()[..COMM_LEN] == *comm.as_bytes()
 }
 
 /// 1-based line and column of byte `offset` in `text`, and the key assigned on that line (if any).

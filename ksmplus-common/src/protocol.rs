@@ -1,79 +1,35 @@
-//! The wire protocol between the shim (`libksmplus.so`), the agent and `ksmplusctl`.
+//! The socket protocol of the agent: a shim's one `Hello` (sent from its constructor, then the
+//! shim closes the socket), and `ksmplusctl`'s control requests. Everything after the Hello
+//! goes through the channel page ([`crate::channel`]).
 //!
-//! A frame is `u32` little-endian payload length, then the payload:
-//! `u16` protocol version, `u8` message tag, then the message body. Integers are
-//! little-endian, strings are `u16` length + UTF-8 bytes, lists are `u32` count + items.
+//! A frame is `u32` little-endian payload length, then the payload: `u16` protocol version,
+//! `u8` message tag, then the message body. Integers are little-endian, strings are `u16`
+//! length + UTF-8 bytes (control JSON: `u32` length).
 //!
 //! Invariants (tested by property tests in `tests/protocol_props.rs`):
 //! - `decode(encode(m)) == m` for every message;
-//! - decoding never panics, and never allocates more than the frame's own length:
-//!   every count is checked against the bytes that remain before anything is reserved;
-//! - a frame longer than [`MAX_FRAME`] is refused from its length prefix alone,
-//!   before its body is buffered.
+//! - decoding never panics, and never allocates more than the frame's own length;
+//! - a frame longer than the reader's maximum is refused from its length prefix alone, before
+//!   its body is buffered ([`FrameReader`], the one framing implementation: the agent's
+//!   server, `ksmplusctl` and the tests all read through it).
 
 use thiserror::Error;
 
 /// Protocol version spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Largest payload accepted (bytes, excluding the 4-byte length prefix).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Largest payload any reader accepts (bytes, excluding the 4-byte length prefix).
 pub const MAX_FRAME: usize = 1 << 20;
-/// Most page addresses in one `Fingerprint` command (and hashes in its reply).
-pub const MAX_FINGERPRINT_PAGES: usize = 16 * 1024;
-/// Most resident runs in one `ResidencyReply`.
-pub const MAX_RESIDENCY_RUNS: usize = 16 * 1024;
-/// Longest string field (comm, exe path, control JSON is separate).
+/// Longest string field (comm, exe path).
 pub const MAX_STR: usize = 4096;
 /// Longest control-channel JSON document.
 pub const MAX_JSON: usize = MAX_FRAME - 16;
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
 
-/// Where a region came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Origin {
-    /// malloc, calloc, realloc, posix_memalign and the memalign family (shim-owned mapping).
-    Malloc = 0,
-    /// A private anonymous `mmap` made by the program.
-    Mmap = 1,
-    /// Discovered from `/proc/self/maps` (heap, arenas, other anonymous mappings).
-    Maps = 2,
-}
-
-/// What a `Madvise` command asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Advice {
-    Mergeable = 0,
-    Unmergeable = 1,
-}
-
-/// Outcome of a command, carried by replies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Status {
-    Ok,
-    /// The address range is not inside one live registered region.
-    NotRegistered,
-    /// Malformed request (unaligned, empty, too many pages).
-    Invalid,
-    /// The system call failed with this errno.
-    Errno(i32),
-    /// The shim is dormant and obeys no command.
-    Dormant,
-}
-
-/// Result for one page of a `Fingerprint` command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PageHash {
-    /// 64-bit content hash (xxh3) of the resident page.
-    Hash(u64),
-    /// The page is not resident; it was not read (and so not faulted in).
-    NotResident,
-    /// The page is outside every registered region, or could not be read.
-    Unavailable,
-}
-
-/// The first message of a shim connection.
+/// A shim's introduction, sent once from its constructor.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Hello {
+    /// `getpid()` as the process sees it (the agent trusts `SO_PEERCRED` instead).
     pub pid: u32,
     pub ppid: u32,
     pub uid: u32,
@@ -84,118 +40,25 @@ pub struct Hello {
     pub comm: String,
     /// `/proc/self/exe` target, or empty when unreadable.
     pub exe: String,
+    /// Address of the process's channel page.
+    pub channel: u64,
+    /// Address of its family doorbell page (0: none).
+    pub doorbell: u64,
+    /// The channel's nonce: the agent checks it before it writes anything.
+    pub nonce: u64,
+    /// Bits of [`crate::channel::flag`].
+    pub flags: u32,
 }
 
-/// Counters the shim keeps about itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ShimStats {
-    pub regions: u64,
-    pub region_bytes: u64,
-    pub events_sent: u64,
-    pub events_dropped: u64,
-    pub resyncs: u64,
-    pub fingerprint_pages: u64,
-    pub madvise_calls: u64,
-    pub registry_full: u64,
-    /// CPU time of the shim's client thread, nanoseconds.
-    pub thread_cpu_ns: u64,
-}
-
-/// Flags of a `Track` command.
-pub mod track_flags {
-    /// Mark every region MERGEABLE as soon as it is registered (the "madvise-all" mode).
-    pub const MADVISE_ALL: u32 = 1;
-    /// Also register the process's other private anonymous writable mappings, found in
-    /// `/proc/self/maps` (heap, glibc arenas, toolkit allocators), with origin `Maps`.
-    pub const COVER_MAPS: u32 = 2;
-}
-
-/// Every message of the protocol, in both directions.
+/// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    // shim -> agent
     Hello(Hello),
-    RegionAdded {
-        seq: u64,
-        start: u64,
-        len: u64,
-        origin: Origin,
-    },
-    RegionRemoved {
-        seq: u64,
-        start: u64,
-        len: u64,
-        origin: Origin,
-    },
-    RegionResized {
-        seq: u64,
-        origin: Origin,
-        old_start: u64,
-        old_len: u64,
-        new_start: u64,
-        new_len: u64,
-    },
-    /// The shim is about to resend its whole registry; the agent drops its view of this client.
-    ResyncBegin {
-        seq: u64,
-    },
-    /// End of a resync; `regions` RegionAdded messages were sent since `ResyncBegin`.
-    ResyncEnd {
-        seq: u64,
-        regions: u64,
-    },
-    FingerprintReply {
-        id: u32,
-        status: Status,
-        hashes: Vec<PageHash>,
-    },
-    /// Reply to `Madvise`.
-    Reply {
-        id: u32,
-        status: Status,
-    },
-    StatsReply {
-        id: u32,
-        stats: ShimStats,
-    },
-    /// Reply to `Residency`: the resident page runs `(start, len)` (bytes, page-aligned, in
-    /// address order) found in the first `covered` bytes of the asked range. `covered` is less
-    /// than asked when `MAX_RESIDENCY_RUNS` runs were found first: ask again from there.
-    ResidencyReply {
-        id: u32,
-        status: Status,
-        covered: u64,
-        runs: Vec<(u64, u64)>,
-    },
-    // agent -> shim
-    Track {
-        flags: u32,
-    },
-    Ignore,
-    Fingerprint {
-        id: u32,
-        pages: Vec<u64>,
-    },
-    Madvise {
-        id: u32,
-        start: u64,
-        len: u64,
-        advice: Advice,
-    },
-    GetStats {
-        id: u32,
-    },
-    /// Which pages of `[start, start+len)` (inside one registered region) are resident, from
-    /// `mincore`: lets the agent sample only memory that exists.
-    Residency {
-        id: u32,
-        start: u64,
-        len: u64,
-    },
-    // ksmplusctl <-> agent
+    /// ksmplusctl → agent.
     ControlRequest {
         json: String,
     },
+    /// agent → ksmplusctl.
     ControlReply {
         json: String,
     },
@@ -204,16 +67,14 @@ pub enum Message {
 /// Why a frame could not be decoded.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("frame of {0} bytes exceeds the maximum of {MAX_FRAME}")]
-    Oversized(usize),
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    Oversized { len: usize, max: usize },
     #[error("frame truncated: needed {needed} more bytes")]
     Truncated { needed: usize },
     #[error("protocol version {0} not supported (this build speaks {PROTOCOL_VERSION})")]
     Version(u16),
     #[error("unknown message tag {0}")]
     UnknownTag(u8),
-    #[error("invalid value {value} for field {field}")]
-    BadValue { field: &'static str, value: u64 },
     #[error("{field} has {len} items, more than the limit {max}")]
     TooLong {
         field: &'static str,
@@ -228,43 +89,11 @@ pub enum DecodeError {
 
 mod tag {
     pub const HELLO: u8 = 1;
-    pub const REGION_ADDED: u8 = 2;
-    pub const REGION_REMOVED: u8 = 3;
-    pub const REGION_RESIZED: u8 = 4;
-    pub const RESYNC_BEGIN: u8 = 5;
-    pub const RESYNC_END: u8 = 6;
-    pub const FINGERPRINT_REPLY: u8 = 7;
-    pub const REPLY: u8 = 8;
-    pub const STATS_REPLY: u8 = 9;
-    pub const RESIDENCY_REPLY: u8 = 10;
-    pub const TRACK: u8 = 32;
-    pub const IGNORE: u8 = 33;
-    pub const FINGERPRINT: u8 = 34;
-    pub const MADVISE: u8 = 35;
-    pub const GET_STATS: u8 = 36;
-    pub const RESIDENCY: u8 = 37;
     pub const CONTROL_REQUEST: u8 = 64;
     pub const CONTROL_REPLY: u8 = 65;
 }
 
 impl Message {
-    /// True for messages a shim sends (and an agent accepts from a shim).
-    pub fn is_from_shim(&self) -> bool {
-        matches!(
-            self,
-            Message::Hello(_)
-                | Message::RegionAdded { .. }
-                | Message::RegionRemoved { .. }
-                | Message::RegionResized { .. }
-                | Message::ResyncBegin { .. }
-                | Message::ResyncEnd { .. }
-                | Message::FingerprintReply { .. }
-                | Message::Reply { .. }
-                | Message::StatsReply { .. }
-                | Message::ResidencyReply { .. }
-        )
-    }
-
     /// Appends this message as one complete frame (length prefix included) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let at = out.len();
@@ -280,144 +109,10 @@ impl Message {
                 put_u64(out, h.min_region);
                 put_str(out, &h.comm);
                 put_str(out, &h.exe);
-            }
-            Message::RegionAdded {
-                seq,
-                start,
-                len,
-                origin,
-            } => {
-                out.push(tag::REGION_ADDED);
-                put_u64(out, *seq);
-                put_u64(out, *start);
-                put_u64(out, *len);
-                out.push(*origin as u8);
-            }
-            Message::RegionRemoved {
-                seq,
-                start,
-                len,
-                origin,
-            } => {
-                out.push(tag::REGION_REMOVED);
-                put_u64(out, *seq);
-                put_u64(out, *start);
-                put_u64(out, *len);
-                out.push(*origin as u8);
-            }
-            Message::RegionResized {
-                seq,
-                origin,
-                old_start,
-                old_len,
-                new_start,
-                new_len,
-            } => {
-                out.push(tag::REGION_RESIZED);
-                put_u64(out, *seq);
-                out.push(*origin as u8);
-                put_u64(out, *old_start);
-                put_u64(out, *old_len);
-                put_u64(out, *new_start);
-                put_u64(out, *new_len);
-            }
-            Message::ResyncBegin { seq } => {
-                out.push(tag::RESYNC_BEGIN);
-                put_u64(out, *seq);
-            }
-            Message::ResyncEnd { seq, regions } => {
-                out.push(tag::RESYNC_END);
-                put_u64(out, *seq);
-                put_u64(out, *regions);
-            }
-            Message::FingerprintReply { id, status, hashes } => {
-                out.push(tag::FINGERPRINT_REPLY);
-                put_u32(out, *id);
-                put_status(out, *status);
-                put_u32(out, hashes.len() as u32);
-                for h in hashes {
-                    match h {
-                        PageHash::Hash(v) => {
-                            out.push(0);
-                            put_u64(out, *v);
-                        }
-                        PageHash::NotResident => out.push(1),
-                        PageHash::Unavailable => out.push(2),
-                    }
-                }
-            }
-            Message::Reply { id, status } => {
-                out.push(tag::REPLY);
-                put_u32(out, *id);
-                put_status(out, *status);
-            }
-            Message::StatsReply { id, stats } => {
-                out.push(tag::STATS_REPLY);
-                put_u32(out, *id);
-                for v in [
-                    stats.regions,
-                    stats.region_bytes,
-                    stats.events_sent,
-                    stats.events_dropped,
-                    stats.resyncs,
-                    stats.fingerprint_pages,
-                    stats.madvise_calls,
-                    stats.registry_full,
-                    stats.thread_cpu_ns,
-                ] {
-                    put_u64(out, v);
-                }
-            }
-            Message::ResidencyReply {
-                id,
-                status,
-                covered,
-                runs,
-            } => {
-                out.push(tag::RESIDENCY_REPLY);
-                put_u32(out, *id);
-                put_status(out, *status);
-                put_u64(out, *covered);
-                put_u32(out, runs.len() as u32);
-                for (s, l) in runs {
-                    put_u64(out, *s);
-                    put_u64(out, *l);
-                }
-            }
-            Message::Residency { id, start, len } => {
-                out.push(tag::RESIDENCY);
-                put_u32(out, *id);
-                put_u64(out, *start);
-                put_u64(out, *len);
-            }
-            Message::Track { flags } => {
-                out.push(tag::TRACK);
-                put_u32(out, *flags);
-            }
-            Message::Ignore => out.push(tag::IGNORE),
-            Message::Fingerprint { id, pages } => {
-                out.push(tag::FINGERPRINT);
-                put_u32(out, *id);
-                put_u32(out, pages.len() as u32);
-                for p in pages {
-                    put_u64(out, *p);
-                }
-            }
-            Message::Madvise {
-                id,
-                start,
-                len,
-                advice,
-            } => {
-                out.push(tag::MADVISE);
-                put_u32(out, *id);
-                put_u64(out, *start);
-                put_u64(out, *len);
-                out.push(*advice as u8);
-            }
-            Message::GetStats { id } => {
-                out.push(tag::GET_STATS);
-                put_u32(out, *id);
+                put_u64(out, h.channel);
+                put_u64(out, h.doorbell);
+                put_u64(out, h.nonce);
+                put_u32(out, h.flags);
             }
             Message::ControlRequest { json } => {
                 out.push(tag::CONTROL_REQUEST);
@@ -442,15 +137,17 @@ impl Message {
     /// Decodes one payload (a frame without its length prefix).
     pub fn decode_payload(payload: &[u8]) -> Result<Message, DecodeError> {
         if payload.len() > MAX_FRAME {
-            return Err(DecodeError::Oversized(payload.len()));
+            return Err(DecodeError::Oversized {
+                len: payload.len(),
+                max: MAX_FRAME,
+            });
         }
         let mut r = Reader { buf: payload };
         let version = r.u16()?;
         if version != PROTOCOL_VERSION {
             return Err(DecodeError::Version(version));
         }
-        let t = r.u8()?;
-        let msg = match t {
+        let msg = match r.u8()? {
             tag::HELLO => Message::Hello(Hello {
                 pid: r.u32()?,
                 ppid: r.u32()?,
@@ -459,119 +156,11 @@ impl Message {
                 min_region: r.u64()?,
                 comm: r.str("comm")?,
                 exe: r.str("exe")?,
+                channel: r.u64()?,
+                doorbell: r.u64()?,
+                nonce: r.u64()?,
+                flags: r.u32()?,
             }),
-            tag::REGION_ADDED => Message::RegionAdded {
-                seq: r.u64()?,
-                start: r.u64()?,
-                len: r.u64()?,
-                origin: r.origin()?,
-            },
-            tag::REGION_REMOVED => Message::RegionRemoved {
-                seq: r.u64()?,
-                start: r.u64()?,
-                len: r.u64()?,
-                origin: r.origin()?,
-            },
-            tag::REGION_RESIZED => Message::RegionResized {
-                seq: r.u64()?,
-                origin: r.origin()?,
-                old_start: r.u64()?,
-                old_len: r.u64()?,
-                new_start: r.u64()?,
-                new_len: r.u64()?,
-            },
-            tag::RESYNC_BEGIN => Message::ResyncBegin { seq: r.u64()? },
-            tag::RESYNC_END => Message::ResyncEnd {
-                seq: r.u64()?,
-                regions: r.u64()?,
-            },
-            tag::FINGERPRINT_REPLY => {
-                let id = r.u32()?;
-                let status = r.status()?;
-                // Each hash takes at least one byte.
-                let n = r.count("hashes", MAX_FINGERPRINT_PAGES, 1)?;
-                let mut hashes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    hashes.push(match r.u8()? {
-                        0 => PageHash::Hash(r.u64()?),
-                        1 => PageHash::NotResident,
-                        2 => PageHash::Unavailable,
-                        v => {
-                            return Err(DecodeError::BadValue {
-                                field: "page hash kind",
-                                value: v as u64,
-                            })
-                        }
-                    });
-                }
-                Message::FingerprintReply { id, status, hashes }
-            }
-            tag::REPLY => Message::Reply {
-                id: r.u32()?,
-                status: r.status()?,
-            },
-            tag::STATS_REPLY => Message::StatsReply {
-                id: r.u32()?,
-                stats: ShimStats {
-                    regions: r.u64()?,
-                    region_bytes: r.u64()?,
-                    events_sent: r.u64()?,
-                    events_dropped: r.u64()?,
-                    resyncs: r.u64()?,
-                    fingerprint_pages: r.u64()?,
-                    madvise_calls: r.u64()?,
-                    registry_full: r.u64()?,
-                    thread_cpu_ns: r.u64()?,
-                },
-            },
-            tag::RESIDENCY_REPLY => {
-                let id = r.u32()?;
-                let status = r.status()?;
-                let covered = r.u64()?;
-                let n = r.count("runs", MAX_RESIDENCY_RUNS, 16)?;
-                let mut runs = Vec::with_capacity(n);
-                for _ in 0..n {
-                    runs.push((r.u64()?, r.u64()?));
-                }
-                Message::ResidencyReply {
-                    id,
-                    status,
-                    covered,
-                    runs,
-                }
-            }
-            tag::RESIDENCY => Message::Residency {
-                id: r.u32()?,
-                start: r.u64()?,
-                len: r.u64()?,
-            },
-            tag::TRACK => Message::Track { flags: r.u32()? },
-            tag::IGNORE => Message::Ignore,
-            tag::FINGERPRINT => {
-                let id = r.u32()?;
-                let n = r.count("pages", MAX_FINGERPRINT_PAGES, 8)?;
-                let mut pages = Vec::with_capacity(n);
-                for _ in 0..n {
-                    pages.push(r.u64()?);
-                }
-                Message::Fingerprint { id, pages }
-            }
-            tag::MADVISE => Message::Madvise {
-                id: r.u32()?,
-                start: r.u64()?,
-                len: r.u64()?,
-                advice: match r.u8()? {
-                    0 => Advice::Mergeable,
-                    1 => Advice::Unmergeable,
-                    v => {
-                        return Err(DecodeError::BadValue {
-                            field: "advice",
-                            value: v as u64,
-                        })
-                    }
-                },
-            },
-            tag::GET_STATS => Message::GetStats { id: r.u32()? },
             tag::CONTROL_REQUEST => Message::ControlRequest {
                 json: r.long_str("json")?,
             },
@@ -617,18 +206,6 @@ fn truncate(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
-fn put_status(out: &mut Vec<u8>, s: Status) {
-    match s {
-        Status::Ok => out.push(0),
-        Status::NotRegistered => out.push(1),
-        Status::Invalid => out.push(2),
-        Status::Errno(e) => {
-            out.push(3);
-            out.extend_from_slice(&e.to_le_bytes());
-        }
-        Status::Dormant => out.push(4),
-    }
-}
 
 struct Reader<'a> {
     buf: &'a [u8],
@@ -662,26 +239,6 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    /// A list count, checked against `max` and against the bytes left
-    /// (each item needs at least `min_item` bytes) before anything is allocated.
-    fn count(
-        &mut self,
-        field: &'static str,
-        max: usize,
-        min_item: usize,
-    ) -> Result<usize, DecodeError> {
-        let n = self.u32()? as usize;
-        if n > max {
-            return Err(DecodeError::TooLong { field, len: n, max });
-        }
-        let need = n * min_item;
-        if need > self.buf.len() {
-            return Err(DecodeError::Truncated {
-                needed: need - self.buf.len(),
-            });
-        }
-        Ok(n)
-    }
     fn bytes_str(&mut self, field: &'static str, n: usize) -> Result<String, DecodeError> {
         let b = self.take(n)?;
         std::str::from_utf8(b)
@@ -710,43 +267,38 @@ impl<'a> Reader<'a> {
         }
         self.bytes_str(field, n)
     }
-    fn origin(&mut self) -> Result<Origin, DecodeError> {
-        match self.u8()? {
-            0 => Ok(Origin::Malloc),
-            1 => Ok(Origin::Mmap),
-            2 => Ok(Origin::Maps),
-            v => Err(DecodeError::BadValue {
-                field: "origin",
-                value: v as u64,
-            }),
-        }
-    }
-    fn status(&mut self) -> Result<Status, DecodeError> {
-        match self.u8()? {
-            0 => Ok(Status::Ok),
-            1 => Ok(Status::NotRegistered),
-            2 => Ok(Status::Invalid),
-            3 => Ok(Status::Errno(i32::from_le_bytes(self.array()?))),
-            4 => Ok(Status::Dormant),
-            v => Err(DecodeError::BadValue {
-                field: "status",
-                value: v as u64,
-            }),
-        }
-    }
 }
 
-/// Splits a byte stream into frames. Holds at most one frame plus one read's worth of bytes.
-#[derive(Default)]
+/// Splits a byte stream into frames, refusing any frame longer than its maximum from the
+/// length prefix alone. Holds at most one frame plus one read's worth of bytes; memory beyond
+/// that is given back once the frame is consumed.
+#[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
     /// Bytes of `buf` already consumed.
     pos: usize,
+    max: usize,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader::new(MAX_FRAME)
+    }
 }
 
 impl FrameReader {
-    pub fn new() -> Self {
-        Self::default()
+    /// A reader accepting payloads of at most `max` bytes (capped at [`MAX_FRAME`]).
+    pub fn new(max: usize) -> Self {
+        FrameReader {
+            buf: Vec::new(),
+            pos: 0,
+            max: max.min(MAX_FRAME),
+        }
+    }
+
+    /// Changes the per-peer maximum (a peer that identified itself may send larger frames).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max.min(MAX_FRAME);
     }
 
     /// Appends bytes read from the stream.
@@ -763,8 +315,14 @@ impl FrameReader {
         self.buf.len() - self.pos
     }
 
-    /// The next complete message, `Ok(None)` if more bytes are needed.
-    /// After an error the stream is unusable (frame boundaries are lost): close it.
+    /// Bytes of memory held by the buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed. Refuses an oversized
+    /// frame as soon as its length prefix is in. After an error the stream is unusable (frame
+    /// boundaries are lost): close it.
     pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
         let avail = &self.buf[self.pos..];
         if avail.len() < HEADER_LEN {
@@ -772,8 +330,8 @@ impl FrameReader {
             return Ok(None);
         }
         let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(DecodeError::Oversized(len));
+        if len > self.max {
+            return Err(DecodeError::Oversized { len, max: self.max });
         }
         if avail.len() < HEADER_LEN + len {
             self.compact();
@@ -781,6 +339,13 @@ impl FrameReader {
         }
         let msg = Message::decode_payload(&avail[HEADER_LEN..HEADER_LEN + len]);
         self.pos += HEADER_LEN + len;
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            if self.buf.capacity() > 64 * 1024 {
+                self.buf = Vec::new();
+            }
+        }
         msg.map(Some)
     }
 
@@ -794,25 +359,56 @@ impl FrameReader {
 
 /// Decodes exactly one frame from the front of `bytes`: `(message, bytes used)`.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), DecodeError> {
-    if bytes.len() < HEADER_LEN {
-        return Err(DecodeError::Truncated {
-            needed: HEADER_LEN - bytes.len(),
-        });
+    let mut r = FrameReader::new(MAX_FRAME);
+    r.push(bytes);
+    match r.next_message()? {
+        Some(m) => Ok((m, bytes.len() - r.pending())),
+        None => {
+            let need = if bytes.len() < HEADER_LEN {
+                HEADER_LEN
+            } else {
+                HEADER_LEN + u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize
+            };
+            Err(DecodeError::Truncated {
+                needed: need - bytes.len(),
+            })
+        }
     }
-    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(DecodeError::Oversized(len));
-    }
-    if bytes.len() < HEADER_LEN + len {
-        return Err(DecodeError::Truncated {
-            needed: HEADER_LEN + len - bytes.len(),
-        });
-    }
-    let m = Message::decode_payload(&bytes[HEADER_LEN..HEADER_LEN + len])?;
-    Ok((m, HEADER_LEN + len))
 }
 
-/// Content hash of one page, as used on the wire (xxh3-64).
+/// Content hash of one page (xxh3-64), as the agent fingerprints pages.
 pub fn page_hash(page: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_gives_back_memory_after_a_large_frame() {
+        let m = Message::ControlReply {
+            json: "x".repeat(300_000),
+        };
+        let mut r = FrameReader::new(MAX_FRAME);
+        let f = m.to_frame();
+        for chunk in f.chunks(4096) {
+            r.push(chunk);
+        }
+        assert_eq!(r.next_message().unwrap(), Some(m));
+        assert_eq!(r.capacity(), 0, "the frame's buffer is released");
+    }
+
+    #[test]
+    fn per_peer_maximum_is_enforced_from_the_prefix() {
+        let mut r = FrameReader::new(100);
+        r.push(&1000u32.to_le_bytes());
+        assert_eq!(
+            r.next_message(),
+            Err(DecodeError::Oversized {
+                len: 1000,
+                max: 100
+            })
+        );
+    }
 }
