@@ -22,7 +22,7 @@
 //!   piece coalesced with a newly freed block is as young as that block.
 
 use crate::sys;
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 
 const SLOTS: usize = 32;
 pub const MAX_BYTES: usize = 64 << 20;
@@ -43,7 +43,12 @@ struct Slot {
 pub struct Cache {
     slots: [Slot; SLOTS],
     bytes: AtomicUsize,
+    /// Monotonic milliseconds of the next due trim (0: not started).
+    next_trim_ms: AtomicU64,
 }
+
+/// Period of the idle-piece trim.
+pub const TRIM_PERIOD_MS: u64 = 1000;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const NEW_SLOT: Slot = Slot {
@@ -80,6 +85,7 @@ impl Cache {
         Cache {
             slots: [NEW_SLOT; SLOTS],
             bytes: AtomicUsize::new(0),
+            next_trim_ms: AtomicU64::new(0),
         }
     }
 
@@ -197,7 +203,8 @@ impl Cache {
     }
 
     /// Gives back to the kernel every piece that stayed cached since the previous trim, so idle
-    /// freed memory does not linger (the client thread calls this about once a second).
+    /// freed memory does not linger (hooks call this about once a second through
+    /// [`Cache::maybe_trim`]; the agent's `TRIM_CACHE` command empties an idle process's cache).
     pub fn trim(&self) {
         for s in &self.slots {
             if s.state.load(Acquire) != FULL {
@@ -212,6 +219,29 @@ impl Cache {
                 let _ = unsafe { sys::munmap(a, l) };
             }
         }
+    }
+
+    /// [`Cache::trim`] if at least `TRIM_PERIOD_MS` passed since the last one (`now_ms` from a
+    /// monotonic clock). One caller wins the period; the others return at once.
+    pub fn maybe_trim(&self, now_ms: u64) {
+        let due = self.next_trim_ms.load(Relaxed);
+        if now_ms < due || self.bytes() == 0 && due != 0 {
+            return;
+        }
+        if self
+            .next_trim_ms
+            .compare_exchange(due, now_ms + TRIM_PERIOD_MS, Relaxed, Relaxed)
+            .is_ok()
+            && due != 0
+        {
+            self.trim();
+        }
+    }
+
+    /// Gives every cached piece back to the kernel.
+    pub fn trim_all(&self) {
+        self.trim();
+        self.trim();
     }
 
     pub fn bytes(&self) -> usize {
@@ -367,6 +397,24 @@ mod tests {
             0,
             "unmapped"
         );
+    }
+
+    #[test]
+    fn maybe_trim_runs_once_per_period() {
+        let c = Cache::new();
+        let a = map(8 * P);
+        assert!(c.put(a, 8 * P));
+        c.maybe_trim(5000); // starts the clock
+        c.maybe_trim(5000 + TRIM_PERIOD_MS); // first trim: the piece ages
+        assert_eq!(c.bytes(), 8 * P);
+        c.maybe_trim(5000 + TRIM_PERIOD_MS + 10); // not due yet
+        assert_eq!(c.bytes(), 8 * P);
+        c.maybe_trim(5000 + 2 * TRIM_PERIOD_MS); // second trim: released
+        assert_eq!(c.bytes(), 0);
+        let b = map(4 * P);
+        assert!(c.put(b, 4 * P));
+        c.trim_all();
+        assert_eq!(c.bytes(), 0);
     }
 
     #[test]

@@ -1,39 +1,28 @@
-//! The interposed allocator entry points.
+//! The interposed allocator and mapping entry points.
 //!
 //! Invariants (each hook):
 //! - calls only glibc's `__libc_*` functions, raw syscalls (`sys`), the lock-free registry
-//!   (`table`), cache (`cache`) and event ring (`ring`): no allocation through the hooked
+//!   (`table`), cache (`cache`) and channel (`chan`): no allocation through the hooked
 //!   allocator, no lock, no blocking I/O, no panic;
-//! - a request below `THRESHOLD` (everything, before init or once dormant) goes straight to glibc;
+//! - a request below `THRESHOLD` (everything, before init or once ignored) goes straight to
+//!   glibc after at most two loads for the agent's mailbox (`chan::poll`);
 //! - a pointer is looked up in the registry only when it is page-aligned, and one that is not
 //!   found there is glibc's and goes back to glibc;
-//! - the registry is updated before the event is queued, so a resync never misses a region whose
-//!   removal is still in the ring.
+//! - every hook that maps or unmaps memory bumps the channel's `map_gen` after the kernel
+//!   answered, so the agent re-reads `/proc/PID/maps` when (and only when) something changed.
 
 use crate::cache::CACHE;
-use crate::ring::{emit, Event, Kind};
+use crate::chan;
 use crate::sys::{self, page_round, PAGE, PAGE_MASK};
 use crate::table::TABLE;
-use crate::{DORMANT, REAL_USABLE_SIZE, REGISTRY_FULL, THRESHOLD};
+use crate::{CACHING, MADVISE_ALL, REAL_USABLE_SIZE, THRESHOLD};
 use core::ffi::c_void;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering::*;
-use ksmplus_common::Origin;
 
 #[inline]
 fn threshold() -> usize {
     THRESHOLD.load(Relaxed)
-}
-
-fn event(kind: Kind, origin: Origin, start: usize, len: usize) -> Event {
-    Event {
-        kind,
-        origin: origin as u8,
-        start,
-        len,
-        new_start: 0,
-        new_len: 0,
-    }
 }
 
 /// A shim-owned page-aligned mapping of at least `size` bytes, registered and reported.
@@ -42,11 +31,17 @@ fn large_alloc(size: usize, align: usize, zeroed: bool) -> Option<*mut c_void> {
     let len = page_round(size)?;
     if len > isize::MAX as usize || TABLE.is_half_full() {
         if TABLE.is_half_full() {
-            REGISTRY_FULL.fetch_add(1, Relaxed);
+            registry_full();
         }
         return None;
     }
-    let cached = (align <= PAGE && !zeroed)
+    chan::touch();
+    if size < threshold() {
+        // The agent's verdict, just seen, says pass-through.
+        return None;
+    }
+    CACHE.maybe_trim(sys::now_ms());
+    let cached = (align <= PAGE && !zeroed && CACHING.load(Relaxed))
         .then(|| CACHE.take(len))
         .flatten();
     let addr = match cached {
@@ -54,12 +49,12 @@ fn large_alloc(size: usize, align: usize, zeroed: bool) -> Option<*mut c_void> {
         None => map_aligned(len, align)?,
     };
     if !TABLE.insert(addr, len) {
-        REGISTRY_FULL.fetch_add(1, Relaxed);
+        registry_full();
         // SAFETY: we just mapped (or took from the cache) this range and handed it to nobody.
         let _ = unsafe { sys::munmap(addr, len) };
         return None;
     }
-    emit(event(Kind::Added, Origin::Malloc, addr, len));
+    block_added(addr, len);
     Some(addr as *mut c_void)
 }
 
@@ -84,14 +79,43 @@ fn map_aligned(len: usize, align: usize) -> Option<usize> {
     Some(start)
 }
 
+fn registry_full() {
+    if let Some(c) = chan::counters() {
+        c.registry_full.fetch_add(1, Relaxed);
+    }
+}
+
+/// Bookkeeping of a new shim block: counters, `map_gen`, and the mark of madvise-all mode.
+fn block_added(addr: usize, len: usize) {
+    if let Some(c) = chan::counters() {
+        c.blocks.fetch_add(1, Relaxed);
+        c.block_bytes.fetch_add(len as u64, Relaxed);
+    }
+    chan::bump_map_gen();
+    if MADVISE_ALL.load(Relaxed) {
+        let e = sys::errno();
+        // SAFETY: KSM advice on a mapping we own; the contents stay as they are.
+        let _ = unsafe { sys::madvise(addr, len, libc::MADV_MERGEABLE) };
+        sys::set_errno(e);
+    }
+    chan::set_cache_bytes();
+}
+
 /// Gives a shim-owned mapping back: to the cache, else to the kernel.
 fn release(addr: usize, len: usize) {
-    emit(event(Kind::Removed, Origin::Malloc, addr, len));
-    // A dormant shim has no client thread to trim the cache: no caching then.
-    if DORMANT.load(Relaxed) || !CACHE.put(addr, len) {
+    if let Some(c) = chan::counters() {
+        c.blocks.fetch_sub(1, Relaxed);
+        c.block_bytes.fetch_sub(len as u64, Relaxed);
+    }
+    if !CACHING.load(Relaxed) || !CACHE.put(addr, len) {
         // SAFETY: the registry entry was just removed, so this mapping is ours alone.
         let _ = unsafe { sys::munmap(addr, len) };
+        chan::bump_map_gen();
+    } else {
+        CACHE.maybe_trim(sys::now_ms());
     }
+    chan::set_cache_bytes();
+    chan::touch();
 }
 
 /// The registry's length for `p` if `p` is one of ours.
@@ -126,6 +150,7 @@ fn large_or(size: usize, glibc: impl FnOnce() -> *mut c_void) -> *mut c_void {
             return p;
         }
     }
+    chan::poll();
     glibc()
 }
 
@@ -156,6 +181,7 @@ pub extern "C" fn free(p: *mut c_void) {
             return;
         }
     }
+    chan::poll();
     // SAFETY: p is null or not ours, so it is glibc's.
     unsafe { sys::__libc_free(p) }
 }
@@ -213,14 +239,18 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: [addr, addr+old_len) is our mapping, owned by the caller's block.
     if let Ok(new) = unsafe { sys::mremap(addr, old_len, new_len, libc::MREMAP_MAYMOVE, 0) } {
         TABLE.reinsert(new, new_len);
-        emit(Event {
-            kind: Kind::Resized,
-            origin: Origin::Malloc as u8,
-            start: addr,
-            len: old_len,
-            new_start: new,
-            new_len,
-        });
+        if let Some(c) = chan::counters() {
+            c.block_bytes.fetch_add(new_len as u64, Relaxed);
+            c.block_bytes.fetch_sub(old_len as u64, Relaxed);
+        }
+        chan::record_move(addr, old_len, new, new_len);
+        if MADVISE_ALL.load(Relaxed) && new_len > old_len {
+            let e = sys::errno();
+            // SAFETY: KSM advice on the grown block we own.
+            let _ = unsafe { sys::madvise(new, new_len, libc::MADV_MERGEABLE) };
+            sys::set_errno(e);
+        }
+        chan::touch();
         return new as *mut c_void;
     }
     // mremap failed (a block reused from the cache can span two VMAs): copy instead.
@@ -340,14 +370,14 @@ pub extern "C" fn mmap(
             libc::MAP_FAILED
         }
         Ok(a) => {
-            if !DORMANT.load(Relaxed) {
+            chan::touch();
+            chan::bump_map_gen();
+            if MADVISE_ALL.load(Relaxed) && registrable(len, prot, flags) {
+                let e = sys::errno();
                 let plen = page_round(len).unwrap_or(len);
-                if registrable(len, prot, flags) {
-                    emit(event(Kind::Added, Origin::Mmap, a, plen));
-                } else if flags & libc::MAP_FIXED != 0 {
-                    // A fixed mapping may have replaced part of a registered region.
-                    emit(event(Kind::Removed, Origin::Mmap, a, plen));
-                }
+                // SAFETY: KSM advice on the mapping the program just made; contents unchanged.
+                let _ = unsafe { sys::madvise(a, plen, libc::MADV_MERGEABLE) };
+                sys::set_errno(e);
             }
             a as *mut c_void
         }
@@ -375,14 +405,26 @@ pub extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
             -1
         }
         Ok(_) => {
-            if !DORMANT.load(Relaxed) {
-                emit(event(
-                    Kind::Removed,
-                    Origin::Mmap,
-                    addr as usize,
-                    page_round(len).unwrap_or(len),
-                ));
-            }
+            chan::touch();
+            chan::bump_map_gen();
+            0
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn mprotect(addr: *mut c_void, len: usize, prot: i32) -> i32 {
+    // SAFETY: forwarding the caller's arguments unchanged to the kernel.
+    match unsafe { sys::mprotect(addr as usize, len, prot) } {
+        Err(e) => {
+            sys::set_errno(e);
+            -1
+        }
+        Ok(_) => {
+            // Allocators with their own reservations (PartitionAlloc, V8) commit memory by
+            // making PROT_NONE pages writable: the maps change without an mmap.
+            chan::bump_map_gen();
+            chan::touch();
             0
         }
     }
@@ -408,16 +450,13 @@ pub extern "C" fn mremap(
             libc::MAP_FAILED
         }
         Ok(a) => {
-            if !DORMANT.load(Relaxed) {
-                emit(Event {
-                    kind: Kind::Resized,
-                    origin: Origin::Mmap as u8,
-                    start: old as usize,
-                    len: page_round(old_len).unwrap_or(old_len),
-                    new_start: a,
-                    new_len: page_round(new_len).unwrap_or(new_len),
-                });
-            }
+            chan::record_move(
+                old as usize,
+                page_round(old_len).unwrap_or(old_len),
+                a,
+                page_round(new_len).unwrap_or(new_len),
+            );
+            chan::touch();
             a as *mut c_void
         }
     }

@@ -1,48 +1,53 @@
-//! `libksmplus.so`: an `LD_PRELOAD` shim that makes a program's large anonymous allocations
-//! page-aligned whole-page mappings (so identical contents land on identical pages), reports
-//! them to the ksmplus agent, and on the agent's word fingerprints sampled pages and marks runs
-//! `MADV_MERGEABLE` — without the program noticing.
+//! `libksmplus.so`: an `LD_PRELOAD` shim that makes a program's large allocations page-aligned
+//! whole-page mappings (so identical contents land on identical pages) and executes the
+//! ksmplus agent's `madvise` commands inside the process — without the program noticing.
+//!
+//! The shim owns no thread and, after its constructor, no file descriptor: a program may enter
+//! a user namespace (the kernel refuses that to a multi-threaded process), close every
+//! descriptor or switch on a seccomp sandbox and the shim stays out of its way. The agent reads
+//! the process from outside (`/proc/PID/{maps,pagemap,mem}`) and writes commands into the
+//! process's channel page; the shim runs them from its own hooks, or from a wake-up signal
+//! handler when the program is idle.
 //!
 //! Map of the crate (one owner per concern; each file states its invariants at the top):
 //! - `sys`    — glibc's `__libc_*` entry points and raw syscalls: the only doors out of a hook.
-//! - `hooks`  — the interposed functions (malloc … mremap).
+//! - `hooks`  — the interposed allocator and mapping functions (malloc … mremap, mprotect).
 //! - `table`  — lock-free registry of shim-owned allocations (for free/realloc/usable_size).
 //! - `cache`  — a few freed mappings kept warm for reuse.
-//! - `ring`   — bounded lock-free event queue from hooks to the client thread.
-//! - `view`   — the client thread's range map of registered regions.
-//! - `maps`   — which parts of /proc/self/maps to cover (origin Maps).
-//! - `client` — the client thread: socket, agent commands, fork handling, initialisation.
+//! - `chan`   — the channel page: fork detection, verdicts, executing the agent's commands.
+//! - `wake`   — the wake-up signal: its handler and the `sigaction`/`signal` hooks guarding it.
+//! - `init`   — the constructor: configuration, channel set-up, the one Hello to the agent.
 
-#![cfg_attr(test, allow(dead_code))] // hooks and client are left out of unit-test builds
+#![cfg_attr(test, allow(dead_code))] // hooks and the constructor are left out of unit-test builds
 
 mod cache;
-mod maps;
-mod ring;
+mod chan;
 mod sys;
 mod table;
-mod view;
 
-#[cfg(not(test))]
-mod client;
-#[cfg(not(test))]
-mod conn;
 #[cfg(not(test))]
 mod hooks;
+#[cfg(not(test))]
+mod init;
+#[cfg(not(test))]
+mod wake;
 
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use core::sync::atomic::{AtomicBool, AtomicUsize};
 
 /// Requests of at least this many bytes become shim mappings. `usize::MAX` (before init, when
-/// disabled, once dormant) makes every hook a pass-through.
+/// disabled, once ignored) makes every hook a pass-through.
 pub(crate) static THRESHOLD: AtomicUsize = AtomicUsize::new(usize::MAX);
-/// No events are recorded (before init, disabled, or told to ignore by the agent).
-pub(crate) static DORMANT: AtomicBool = AtomicBool::new(true);
+/// The configured threshold (`KSMPLUS_MIN_REGION`), restored when the agent tracks again.
+pub(crate) static MIN_REGION: AtomicUsize = AtomicUsize::new(64 * 1024);
+/// Freed shim blocks may be cached (initialised, not ignored).
+pub(crate) static CACHING: AtomicBool = AtomicBool::new(false);
+/// `KSMPLUS_MADVISE_ALL=1`: every large region is marked MERGEABLE at once.
+pub(crate) static MADVISE_ALL: AtomicBool = AtomicBool::new(false);
 /// glibc's `malloc_usable_size`, resolved at init.
 pub(crate) static REAL_USABLE_SIZE: AtomicUsize = AtomicUsize::new(0);
-/// Allocations that fell back to glibc because the registry had no free slot.
-pub(crate) static REGISTRY_FULL: AtomicU64 = AtomicU64::new(0);
 
-/// Rust's own allocations (the client thread's buffers, maps) go straight to glibc, never
-/// through our hooks, so they are neither registered nor able to recurse.
+/// Rust's own allocations (the constructor's strings) go straight to glibc, never through our
+/// hooks, so they are neither registered nor able to recurse.
 #[cfg(not(test))]
 mod rust_alloc {
     use crate::sys;
@@ -108,5 +113,5 @@ mod rust_alloc {
 #[cfg(not(test))]
 #[ctor::ctor]
 fn ksmplus_init() {
-    client::init();
+    init::init();
 }

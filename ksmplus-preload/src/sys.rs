@@ -88,3 +88,74 @@ pub fn set_errno(e: i32) {
     // SAFETY: __errno_location always returns this thread's errno slot.
     unsafe { *libc::__errno_location() = e };
 }
+
+/// Raw `madvise`; `Err(errno)` on failure.
+#[inline]
+pub unsafe fn madvise(addr: usize, len: usize, advice: i32) -> Result<usize, i32> {
+    // SAFETY: the caller names a range of its own address space; the kernel validates it.
+    ret(unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) })
+}
+
+/// Raw `mprotect`.
+#[inline]
+pub unsafe fn mprotect(addr: usize, len: usize, prot: i32) -> Result<usize, i32> {
+    // SAFETY: forwarding the caller's arguments to the kernel.
+    ret(unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot) })
+}
+
+/// `prctl(option, arg2, 0, 0, 0)`.
+#[inline]
+pub fn prctl(option: i32, arg2: usize) -> Result<usize, i32> {
+    // SAFETY: the prctl options the shim uses take integers only.
+    ret(unsafe { libc::syscall(libc::SYS_prctl, option, arg2, 0usize, 0usize, 0usize) })
+}
+
+/// The process id as the process itself sees it (allowed by every sandbox we know of).
+#[inline]
+pub fn getpid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_getpid) as u32 }
+}
+
+/// The calling thread's errno.
+#[inline]
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location always returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Monotonic milliseconds (`CLOCK_MONOTONIC_COARSE`, served by the vDSO: no system call).
+#[inline]
+pub fn now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// 64 bits that differ between processes and calls, without a system call a sandbox could
+/// refuse: the CPU's cycle counter (or the monotonic clock), the pid and a stack address.
+pub fn entropy(seed: u64) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: rdtsc has no preconditions on x86-64.
+    let t = unsafe { core::arch::x86_64::_rdtsc() };
+    #[cfg(not(target_arch = "x86_64"))]
+    let t = {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into a live timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
+    let local = 0u8;
+    let mut x = seed ^ t ^ (getpid() as u64) << 32 ^ (&local as *const u8 as u64);
+    // splitmix64 finaliser.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) | 1
+}

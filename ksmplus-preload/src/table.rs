@@ -9,8 +9,7 @@
 //!   finds no slot fails and the caller falls back to glibc. New registrations stop at half the
 //!   capacity, which keeps `reinsert` (realloc's remove-then-insert) from ever spinning in practice.
 //! - Only the thread that owns an allocation (the one holding the pointer) inserts, updates or
-//!   removes its entry; the client thread only reads (for a resync), and tolerates in-flight
-//!   entries (`len == 0`).
+//!   removes its entry.
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};
 
@@ -116,7 +115,8 @@ impl Table {
         self.live.load(Relaxed)
     }
 
-    /// Calls `f(addr, len)` for every complete live entry. For the client thread's resync.
+    /// Calls `f(addr, len)` for every complete live entry (a walk of every slot: for a fork
+    /// child's first count of what it inherited, and tests).
     pub fn for_each(&self, mut f: impl FnMut(usize, usize)) {
         if self.live() == 0 {
             return;

@@ -1,0 +1,430 @@
+//! The shim's side of the channel page (`ksmplus_common::channel`): set-up, fork detection,
+//! verdicts, and executing the agent's commands.
+//!
+//! Invariants:
+//! - Everything here may run inside a hook or the wake-up signal handler: no allocation, no
+//!   lock (the batch is claimed with a CAS on `busy`; a thread that loses just returns), no
+//!   panic, only raw system calls that a sandbox may refuse with an errno (never a new kind of
+//!   system call in a fork child: only `getpid`, `madvise`, `munmap`, `mremap`, `prctl` — and
+//!   `prctl` only when the agent asks, which it does only for a process without seccomp).
+//! - A hook executes at most [`HOOK_BUDGET`] commands per call, so no allocation waits behind a
+//!   long batch; the signal handler executes the whole batch.
+//! - The channel page is `MADV_WIPEONFORK`: a zero `magic` in a hook means "this is a new
+//!   process forked from ours" (fork, or a raw `clone` that bypasses `pthread_atfork`). Its first
+//!   hook re-initialises the page with a new nonce and rings the family doorbell, which the
+//!   parent's mapping shares. A child of an ignored process stays quiet.
+//! - The shim only ever writes the "shim" fields of the page; the agent only the "agent" ones.
+
+use crate::cache::CACHE;
+use crate::sys::{self, PAGE};
+use crate::{CACHING, MADVISE_ALL, MIN_REGION, THRESHOLD};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use ksmplus_common::channel::{
+    flag, op, verdict, Anchor, Channel, Counters, Doorbell, ANCHOR_MAGIC, CHANNEL_BYTES,
+    CHANNEL_MAGIC, CHANNEL_VERSION, DOORBELL_BYTES, DOORBELL_MAGIC, MAX_CMDS, MAX_MOVES,
+};
+
+/// Commands a hook executes per call.
+pub const HOOK_BUDGET: usize = 8;
+
+/// `prctl(PR_SET_MEMORY_MERGE)` (Linux 6.4).
+const PR_SET_MEMORY_MERGE: i32 = 67;
+
+/// The signpost an agent finds in our `.data` when it adopts a process that never said Hello.
+#[no_mangle]
+#[used]
+pub static KSMPLUS_ANCHOR: Anchor = Anchor {
+    magic: ANCHOR_MAGIC,
+    channel: AtomicUsize::new(0),
+    doorbell: AtomicUsize::new(0),
+};
+
+/// Address of this process's channel page (0: none).
+static CHANNEL: AtomicUsize = AtomicUsize::new(0);
+/// This process's nonce; a fork child's copy is its parent's until it re-initialises.
+static MY_NONCE: AtomicU64 = AtomicU64::new(0);
+/// The verdict the hooks act on now (`u32::MAX`: none applied yet).
+static SEEN_VERDICT: AtomicU32 = AtomicU32::new(u32::MAX);
+/// The family was ignored: a fork child stays dormant and does not ring the doorbell.
+static FAMILY_IGNORED: AtomicBool = AtomicBool::new(false);
+/// Progress inside the current batch (only the thread holding `busy` touches these).
+static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
+static BATCH_POS: AtomicUsize = AtomicUsize::new(0);
+/// The wake-up signal the handler is installed for (0: none); set by `wake`.
+pub static SIGNAL: AtomicU32 = AtomicU32::new(0);
+
+#[inline]
+fn channel() -> Option<&'static Channel> {
+    let a = CHANNEL.load(Relaxed);
+    // SAFETY: a non-zero CHANNEL is the page mapped in `setup`, never unmapped, and every
+    // field of a Channel is an atomic (any bit pattern, any concurrent writer, is fine).
+    (a != 0).then(|| unsafe { &*(a as *const Channel) })
+}
+
+/// The shim's counters, if it has a channel.
+#[inline]
+pub fn counters() -> Option<&'static Counters> {
+    channel().map(|c| &c.counters)
+}
+
+/// Maps the channel page (private, wiped on fork) and the family doorbell (shared), fills in
+/// the channel and points the anchor at both. `(channel, doorbell, nonce)`, or `None` when the
+/// kernel cannot wipe a page on fork (then no agent can track this process).
+pub fn setup(min_region: usize, madvise_all: bool) -> Option<(u64, u64, u64)> {
+    let page = sys::mmap_anon(CHANNEL_BYTES).ok()?;
+    // SAFETY: madvise on the page just mapped.
+    if unsafe { sys::madvise(page, CHANNEL_BYTES, libc::MADV_WIPEONFORK) }.is_err() {
+        // SAFETY: unmapping the page just mapped, which nothing else knows of.
+        let _ = unsafe { sys::munmap(page, CHANNEL_BYTES) };
+        return None;
+    }
+    // SAFETY: a new shared anonymous page at an address the kernel chooses aliases nothing.
+    let bell = unsafe {
+        sys::mmap(
+            core::ptr::null_mut(),
+            DOORBELL_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    }
+    .ok()
+    .unwrap_or(0);
+    if bell != 0 {
+        // SAFETY: the doorbell page was just mapped; Doorbell is atomics only.
+        let d = unsafe { &*(bell as *const Doorbell) };
+        d.magic.store(DOORBELL_MAGIC, Relaxed);
+    }
+    let nonce = sys::entropy(page as u64);
+    // SAFETY: the channel page was just mapped, page-aligned and CHANNEL_BYTES long.
+    let ch = unsafe { &*(page as *const Channel) };
+    fill(ch, nonce, 0, bell as u64, min_region, madvise_all, false);
+    MY_NONCE.store(nonce, Relaxed);
+    CHANNEL.store(page, Release);
+    SEEN_VERDICT.store(verdict::PENDING, Relaxed);
+    KSMPLUS_ANCHOR.channel.store(page, Relaxed);
+    KSMPLUS_ANCHOR.doorbell.store(bell, Release);
+    Some((page as u64, bell as u64, nonce))
+}
+
+/// Writes the shim's fields of a fresh (all-zero) channel page, `magic` last.
+fn fill(
+    ch: &Channel,
+    nonce: u64,
+    parent: u64,
+    bell: u64,
+    min_region: usize,
+    madvise_all: bool,
+    fork_child: bool,
+) {
+    ch.version.store(CHANNEL_VERSION, Relaxed);
+    ch.page_size.store(PAGE as u32, Relaxed);
+    ch.nonce.store(nonce, Relaxed);
+    ch.parent_nonce.store(parent, Relaxed);
+    ch.ns_pid.store(sys::getpid(), Relaxed);
+    ch.signal.store(SIGNAL.load(Relaxed), Relaxed);
+    ch.doorbell.store(bell, Relaxed);
+    ch.min_region.store(min_region as u64, Relaxed);
+    let mut f = 0;
+    if madvise_all {
+        f |= flag::MADVISE_ALL;
+    }
+    if fork_child {
+        f |= flag::FORK_CHILD;
+    }
+    ch.flags.fetch_or(f, Relaxed);
+    ch.magic.store(CHANNEL_MAGIC, Release);
+}
+
+/// Records that the wake-up signal handler is installed (or, with 0, that it is not).
+pub fn set_signal(sig: u32) {
+    SIGNAL.store(sig, Relaxed);
+    if let Some(ch) = channel() {
+        ch.signal.store(sig, Relaxed);
+        if sig == 0 {
+            ch.flags.fetch_or(flag::SIGNAL_LOST, Relaxed);
+        }
+    }
+}
+
+/// Dormant for good (an excluded program in madvise-all mode): pass-through, and the flag says
+/// why to whoever reads the channel.
+pub fn set_dormant() {
+    FAMILY_IGNORED.store(true, Relaxed);
+    THRESHOLD.store(usize::MAX, Release);
+    CACHING.store(false, Release);
+    if let Some(ch) = channel() {
+        ch.flags.fetch_or(flag::DORMANT, Relaxed);
+    }
+}
+
+/// The program put our wake-up handler back.
+pub fn clear_signal_lost() {
+    if let Some(ch) = channel() {
+        ch.flags.fetch_and(!flag::SIGNAL_LOST, Relaxed);
+    }
+}
+
+/// Fork check, verdict and mailbox: called by every hook that is not the small-allocation
+/// fast path.
+#[inline]
+pub fn touch() {
+    let Some(ch) = channel() else { return };
+    let magic = ch.magic.load(Acquire);
+    if magic != CHANNEL_MAGIC {
+        if magic == 0 {
+            fork_child(ch);
+        }
+        return;
+    }
+    let v = ch.verdict.load(Relaxed);
+    if v != SEEN_VERDICT.load(Relaxed) {
+        apply_verdict(ch, v);
+    }
+    if ch.cmd_seq.load(Relaxed) != ch.done_seq.load(Relaxed) {
+        service(HOOK_BUDGET, false);
+    }
+}
+
+/// The small-allocation fast path's share: only "is a batch waiting?" (two loads).
+#[inline(always)]
+pub fn poll() {
+    if let Some(ch) = channel() {
+        if ch.cmd_seq.load(Relaxed) != ch.done_seq.load(Relaxed) {
+            touch();
+        }
+    }
+}
+
+/// First hook of a forked child: a new nonce, the parent's nonce kept as `parent_nonce`, and a
+/// ring of the doorbell so the agent comes looking.
+#[cold]
+fn fork_child(ch: &Channel) {
+    if FAMILY_IGNORED.load(Relaxed) {
+        return;
+    }
+    // One thread of the child initialises; the others go on meanwhile.
+    if ch.magic.compare_exchange(0, 1, AcqRel, Relaxed).is_err() {
+        return;
+    }
+    let parent = MY_NONCE.load(Relaxed);
+    let nonce = sys::entropy(parent);
+    let bell = KSMPLUS_ANCHOR.doorbell.load(Relaxed);
+    // The parent's batch progress means nothing here.
+    BATCH_SEQ.store(0, Relaxed);
+    BATCH_POS.store(0, Relaxed);
+    SEEN_VERDICT.store(verdict::PENDING, Relaxed);
+    MY_NONCE.store(nonce, Relaxed);
+    // The page's counters start from zero: count the blocks inherited from the parent, which
+    // this process now owns (and may free).
+    let (mut n, mut bytes) = (0u64, 0u64);
+    crate::table::TABLE.for_each(|_, len| {
+        n += 1;
+        bytes += len as u64;
+    });
+    ch.counters.blocks.store(n, Relaxed);
+    ch.counters.block_bytes.store(bytes, Relaxed);
+    fill(
+        ch,
+        nonce,
+        parent,
+        bell as u64,
+        MIN_REGION.load(Relaxed),
+        MADVISE_ALL.load(Relaxed),
+        true,
+    );
+    if bell != 0 {
+        // SAFETY: the doorbell page was mapped shared in the exec'd ancestor and is inherited
+        // at the same address by every fork; Doorbell is atomics only.
+        let d = unsafe { &*(bell as *const Doorbell) };
+        d.rings.fetch_add(1, Release);
+    }
+}
+
+/// Acts on a new verdict.
+#[cold]
+fn apply_verdict(ch: &Channel, v: u32) {
+    SEEN_VERDICT.store(v, Relaxed);
+    match v {
+        verdict::IGNORE => {
+            FAMILY_IGNORED.store(true, Relaxed);
+            THRESHOLD.store(usize::MAX, Release);
+            CACHING.store(false, Release);
+            CACHE.trim_all();
+            ch.flags.fetch_or(flag::DORMANT, Relaxed);
+        }
+        _ => {
+            FAMILY_IGNORED.store(false, Relaxed);
+            THRESHOLD.store(MIN_REGION.load(Relaxed), Release);
+            CACHING.store(true, Release);
+            ch.flags.fetch_and(!flag::DORMANT, Relaxed);
+        }
+    }
+    set_cache_bytes();
+}
+
+/// Mirrors the cache's size into the counters.
+#[inline]
+pub fn set_cache_bytes() {
+    if let Some(c) = counters() {
+        c.cache_bytes.store(CACHE.bytes() as u64, Relaxed);
+    }
+}
+
+/// Executes up to `budget` commands of the waiting batch. Returns at once if another thread is
+/// executing it, or if there is none.
+pub fn service(budget: usize, from_signal: bool) {
+    let Some(ch) = channel() else { return };
+    if ch.magic.load(Acquire) != CHANNEL_MAGIC {
+        return;
+    }
+    let seq = ch.cmd_seq.load(Acquire);
+    if seq == ch.done_seq.load(Acquire) {
+        return;
+    }
+    if ch.busy.compare_exchange(0, 1, Acquire, Relaxed).is_err() {
+        return;
+    }
+    // A failed command must not leave its errno behind for the program.
+    let saved_errno = sys::errno();
+    if BATCH_SEQ.load(Relaxed) != seq {
+        BATCH_SEQ.store(seq, Relaxed);
+        BATCH_POS.store(0, Relaxed);
+    }
+    let n = (ch.n_cmds.load(Acquire) as usize).min(MAX_CMDS);
+    let from = BATCH_POS.load(Relaxed).min(n);
+    let to = n.min(from.saturating_add(budget));
+    for c in &ch.cmds[from..to] {
+        let r = execute(
+            ch,
+            c.op.load(Relaxed),
+            c.start.load(Relaxed),
+            c.len.load(Relaxed),
+        );
+        c.result.store(r, Relaxed);
+        ch.counters.cmds.fetch_add(1, Relaxed);
+        if r != 0 {
+            ch.counters.cmd_errors.fetch_add(1, Relaxed);
+            ch.counters.last_errno.store(r, Relaxed);
+        }
+    }
+    BATCH_POS.store(to, Relaxed);
+    sys::set_errno(saved_errno);
+    if to == n {
+        let batches = if from_signal {
+            &ch.counters.batches_signal
+        } else {
+            &ch.counters.batches_hook
+        };
+        batches.fetch_add(1, Relaxed);
+        ch.done_seq.store(seq, Release);
+    }
+    ch.busy.store(0, Release);
+}
+
+/// One command; 0 or an errno.
+fn execute(ch: &Channel, op: u32, start: u64, len: u64) -> i32 {
+    let aligned = |s: u64, l: u64| {
+        s.is_multiple_of(PAGE as u64)
+            && l > 0
+            && l.is_multiple_of(PAGE as u64)
+            && s.checked_add(l).is_some()
+    };
+    let res = match op {
+        op::MERGEABLE | op::UNMERGEABLE => {
+            if !aligned(start, len) {
+                return libc::EINVAL;
+            }
+            let advice = if op == op::MERGEABLE {
+                libc::MADV_MERGEABLE
+            } else {
+                libc::MADV_UNMERGEABLE
+            };
+            // SAFETY: KSM advice never changes the contents of memory; the kernel validates
+            // the range against this process's own mappings.
+            unsafe { sys::madvise(start as usize, len as usize, advice) }
+        }
+        op::PROBE => {
+            // SAFETY: as above, on our own channel page (a no-op unless it were mergeable).
+            unsafe {
+                sys::madvise(
+                    ch as *const Channel as usize,
+                    CHANNEL_BYTES,
+                    libc::MADV_UNMERGEABLE,
+                )
+            }
+        }
+        op::TRIM_CACHE => {
+            CACHE.trim_all();
+            set_cache_bytes();
+            Ok(0)
+        }
+        op::MERGE_ANY_ON => sys::prctl(PR_SET_MEMORY_MERGE, 1),
+        op::MERGE_ANY_OFF => sys::prctl(PR_SET_MEMORY_MERGE, 0),
+        _ => return libc::EINVAL,
+    };
+    match res {
+        Ok(_) => 0,
+        Err(e) => e,
+    }
+}
+
+/// A hook changed the address space: the agent re-reads the maps.
+#[inline]
+pub fn bump_map_gen() {
+    if let Some(ch) = channel() {
+        ch.map_gen.fetch_add(1, Relaxed);
+    }
+}
+
+/// Records an mremap so the agent can move what it knows of the old range to the new one.
+pub fn record_move(old: usize, old_len: usize, new: usize, new_len: usize) {
+    let Some(ch) = channel() else { return };
+    let n = ch.moves_head.fetch_add(1, AcqRel) + 1;
+    let m = &ch.moves[((n - 1) % MAX_MOVES as u64) as usize];
+    m.seq.store(0, Release);
+    m.old.store(old as u64, Relaxed);
+    m.old_len.store(old_len as u64, Relaxed);
+    m.new.store(new as u64, Relaxed);
+    m.new_len.store(new_len as u64, Relaxed);
+    m.seq.store(n, Release);
+    ch.map_gen.fetch_add(1, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A channel page that is not the process's (tests run many at once).
+    fn test_channel() -> &'static Channel {
+        let p = sys::mmap_anon(CHANNEL_BYTES).unwrap();
+        // SAFETY: a fresh zeroed page; Channel is atomics only.
+        unsafe { &*(p as *const Channel) }
+    }
+
+    #[test]
+    fn execute_refuses_unaligned_and_runs_madvise_and_probe() {
+        let ch = test_channel();
+        let buf = sys::mmap_anon(4 * PAGE).unwrap();
+        assert_eq!(
+            execute(ch, op::MERGEABLE, buf as u64 + 1, PAGE as u64),
+            libc::EINVAL
+        );
+        assert_eq!(execute(ch, op::MERGEABLE, buf as u64, 0), libc::EINVAL);
+        assert_eq!(execute(ch, 99, 0, 0), libc::EINVAL);
+        assert_eq!(execute(ch, op::MERGEABLE, buf as u64, 2 * PAGE as u64), 0);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let vma = format!("{:x}-{:x}", buf, buf + 2 * PAGE);
+        let flags = smaps
+            .split(&vma)
+            .nth(1)
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmFlags:")))
+            .unwrap();
+        assert!(flags.contains(" mg"), "{flags}");
+        assert_eq!(execute(ch, op::UNMERGEABLE, buf as u64, 2 * PAGE as u64), 0);
+        assert_eq!(execute(ch, op::PROBE, 0, 0), 0);
+        // SAFETY: unmapping the test buffer.
+        unsafe { sys::munmap(buf, 4 * PAGE).unwrap() };
+    }
+}
