@@ -1,51 +1,63 @@
-//! The control channel: JSON requests from `ksmplusctl`, answered by the agent.
+//! The control channel: typed requests from `ksmplusctl` ([`Request`]), answered with typed
+//! replies ([`StatusReply`], [`SimpleReply`]) as JSON.
 //!
-//! Request: `{"cmd": "status" | "reload" | "add" | "remove" | "ping", "app": "name"}`.
-//! Reply: `{"ok": true, ...}` or `{"ok": false, "error": "message"}`.
+//! Invariant: answering reads nothing slower than one `ksm_stat` per tracked process (and the
+//! agent's own `/proc/self`); coverage figures come from the background refresh, with their age.
 
+use crate::client::{Client, Sandbox};
 use crate::engine::BYTES_PER_FINGERPRINT;
 use crate::server::Agent;
-use ksmplus_common::ksm;
+use ksmplus_common::channel::flag;
+use ksmplus_common::ksm::{self, SmapsVma};
+use ksmplus_common::maps::Skip;
 use ksmplus_common::policy::Policy;
-use serde_json::{json, Value};
+use ksmplus_common::status::*;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn handle(agent: &mut Agent, request: &str) -> String {
-    let v: Value = match serde_json::from_str(request) {
-        Ok(v) => v,
-        Err(e) => return err(&format!("bad request: {e}")),
+    let req: Request = match serde_json::from_str(request) {
+        Ok(r) => r,
+        Err(e) => return json(&SimpleReply::err(format!("bad request: {e}"))),
     };
-    let app = v.get("app").and_then(Value::as_str).unwrap_or("");
-    let reply = match v.get("cmd").and_then(Value::as_str) {
-        Some("ping") => json!({"ok": true, "pid": std::process::id()}),
-        Some("status") => status(agent),
-        Some("reload") => match agent.reload() {
-            Ok(()) => json!({"ok": true, "policy": agent.opts.policy_path}),
-            Err(e) => {
-                json!({"ok": false, "error": format!("{e} (the previous policy stays in force)")})
-            }
-        },
-        Some(cmd @ ("add" | "remove")) => {
-            if app.is_empty() || app.len() > 4096 || app.contains('\n') {
-                json!({"ok": false, "error": "an application name is required"})
-            } else {
-                match edit_policy(&agent.opts.policy_path, app, cmd == "add") {
-                    Ok(changed) => match agent.reload() {
-                        Ok(()) => json!({"ok": true, "changed": changed, "app": app,
-                                         "policy": agent.opts.policy_path}),
-                        Err(e) => json!({"ok": false, "error": e}),
-                    },
-                    Err(e) => json!({"ok": false, "error": e}),
-                }
-            }
-        }
-        _ => json!({"ok": false, "error": "unknown command"}),
-    };
-    reply.to_string()
+    match req {
+        Request::Ping => json(&SimpleReply {
+            pid: Some(std::process::id()),
+            ..SimpleReply::ok()
+        }),
+        Request::Status => json(&status(agent)),
+        Request::Reload => json(&match agent.reload() {
+            Ok(()) => SimpleReply {
+                policy: Some(agent.opts.policy_path.display().to_string()),
+                ..SimpleReply::ok()
+            },
+            Err(e) => SimpleReply::err(format!("{e} (the previous policy stays in force)")),
+        }),
+        Request::Add { app } => json(&edit(agent, &app, true)),
+        Request::Remove { app } => json(&edit(agent, &app, false)),
+    }
 }
 
-fn err(msg: &str) -> String {
-    json!({"ok": false, "error": msg}).to_string()
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+}
+
+fn edit(agent: &mut Agent, app: &str, add: bool) -> SimpleReply {
+    if app.is_empty() || app.len() > 4096 || app.contains('\n') {
+        return SimpleReply::err("an application name is required");
+    }
+    match edit_policy(&agent.opts.policy_path, app, add) {
+        Ok(changed) => match agent.reload() {
+            Ok(()) => SimpleReply {
+                changed: Some(changed),
+                app: Some(app.to_owned()),
+                policy: Some(agent.opts.policy_path.display().to_string()),
+                ..SimpleReply::ok()
+            },
+            Err(e) => SimpleReply::err(e),
+        },
+        Err(e) => SimpleReply::err(e),
+    }
 }
 
 /// Adds `app` to (or removes it from) the policy's `track` list, keeping comments and layout.
@@ -115,10 +127,9 @@ fn self_usage() -> (u64, u64, u64) {
     (rss, cpu_ticks * 1000 / hz, fds)
 }
 
-fn ksmd(root: &Path) -> Value {
-    let mut m = serde_json::Map::new();
-    let available = ksm::sysfs_dir(root).is_dir();
-    m.insert("available".into(), json!(available));
+fn ksmd(root: &Path) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    m.insert("available".into(), ksm::sysfs_dir(root).is_dir() as i64);
     for name in [
         "run",
         "pages_to_scan",
@@ -134,136 +145,229 @@ fn ksmd(root: &Path) -> Value {
         "ksm_zero_pages",
     ] {
         if let Ok(v) = ksm::read_sysfs(root, name) {
-            m.insert(name.into(), json!(v));
+            m.insert(name.into(), v);
         }
     }
-    Value::Object(m)
+    m
 }
 
-/// The process's resident anonymous memory (Σ `Anonymous:` of its smaps) and how much of it lies in
-/// VMAs that overlap a tracked region: what ksmplus covers of what the program really holds
-/// (tracked bytes are address space, often mostly reserved and absent). `(0, 0)` if unreadable.
-fn anon_coverage(root: &std::path::Path, pid: u32, regions: &[(u64, u64)]) -> (u64, u64) {
-    let Ok(vmas) = ksm::read_smaps(root, pid) else {
-        return (0, 0);
+/// How much of a process's resident anonymous memory (Σ `Anonymous:` of its smaps) lies in
+/// covered ranges, and the rest by reason.
+pub fn coverage_of(c: &Client, vmas: &[SmapsVma]) -> Coverage {
+    let mut cov = Coverage::default();
+    let mut add = |k: &str, b: u64| {
+        if b > 0 {
+            *cov.uncovered.entry(k.to_owned()).or_insert(0) += b;
+        }
     };
-    let (mut anon, mut covered) = (0, 0);
-    for v in &vmas {
-        let bytes = v.anonymous_kib * 1024;
-        anon += bytes;
-        let first = regions.partition_point(|&(s, l)| s + l <= v.start);
-        if regions.get(first).is_some_and(|&(s, _)| s < v.end) {
-            covered += bytes;
+    let overlaps = |s: u64, e: u64, r: &[(u64, u64)]| {
+        let i = r.partition_point(|&(_, re)| re <= s);
+        r.get(i).is_some_and(|&(rs, _)| rs < e)
+    };
+    let mut covered = 0;
+    let mut anon = 0;
+    for v in vmas {
+        let b = v.anonymous_kib * 1024;
+        if b == 0 {
+            continue;
+        }
+        anon += b;
+        if overlaps(v.start, v.end, &c.ranges) {
+            covered += b;
+            continue;
+        }
+        let skip = c
+            .skipped
+            .iter()
+            .find(|&&(s, e, _)| s < v.end && e > v.start)
+            .map(|x| x.2);
+        match skip {
+            Some(Skip::Stack) => add("stack", b),
+            Some(Skip::Shim) => add("shim", b),
+            Some(Skip::Small) => add("small", b),
+            None if v.perms.ends_with('s') => add("shared", b),
+            None => add("other", b),
         }
     }
-    (anon, covered)
+    cov.anon_bytes = anon;
+    cov.covered_bytes = covered;
+    cov
 }
 
-fn status(agent: &mut Agent) -> Value {
+fn marking(c: &Client) -> (&'static str, String) {
+    match c.sandbox {
+        Sandbox::Refuses(e) if c.merge_any => (
+            "merge-any",
+            format!("its sandbox refuses KSM advice (errno {e}); merged as a whole"),
+        ),
+        Sandbox::Refuses(e) => (
+            "refused",
+            format!(
+                "its sandbox (seccomp) refuses KSM advice (errno {e}); children it forks next may get the kernel's merge-any fallback"
+            ),
+        ),
+        _ if c.merge_any => (
+            "merge-any",
+            "fork server of sandboxed children: the kernel's merge-any mode, for them".into(),
+        ),
+        _ => match &c.posted {
+            Some(p) if p.wakes > 0 && c.last.flags & flag::SIGNAL_LOST != 0 => (
+                "marks-pending",
+                "the program is idle and took over the wake-up signal".into(),
+            ),
+            Some(p) if p.wakes >= crate::server::MAX_WAKES => (
+                "marks-pending",
+                "the program is idle where a signal would show (sleep, pause)".into(),
+            ),
+            _ => ("marks", String::new()),
+        },
+    }
+}
+
+fn status(agent: &mut Agent) -> StatusReply {
     let root = agent.opts.root.clone();
-    let ps = 4096u64;
+    let now = agent.uptime_ms();
     let mut procs = Vec::new();
-    let mut tot = [0u64; 6];
-    let mut tot_profit = 0i64;
-    for (id, hello, pid) in agent.tracked() {
-        let Some(st) = agent.engine.status(id) else {
-            continue;
-        };
-        let ks = ksm::read_ksm_stat(&root, pid).ok();
-        let k = ks.unwrap_or_default();
-        let (anon, covered) = anon_coverage(&root, pid, &agent.engine.regions(id));
-        if !agent.client_alive(id) {
+    let mut tot = Totals::default();
+    for (id, c) in &agent.clients {
+        let st = agent.engine.status(*id).unwrap_or_default();
+        let ks = ksm::read_ksm_stat(&root, c.pid()).ok();
+        if !c.proc.alive() {
             continue; // exited meanwhile: the figures may be another process's
         }
-        tot[0] += st.regions;
-        tot[1] += st.tracked_bytes;
-        tot[2] += st.marked_bytes;
-        tot[3] += k.merging_pages;
-        tot[4] += k.rmap_items;
-        tot[5] += st.fingerprints;
-        tot_profit += k.process_profit;
-        procs.push(json!({
-            "client": id,
-            "pid": pid,
-            "comm": hello.comm,
-            "exe": hello.exe,
-            "regions": st.regions,
-            "regions_sampling": st.regions_sampling,
-            "regions_dropped": st.regions_dropped,
-            "tracked_bytes": st.tracked_bytes,
-            "anon_bytes": anon,
-            "anon_covered_bytes": covered,
-            "marked_bytes": st.marked_bytes,
-            "marked_ranges": st.marked_ranges,
-            "fingerprints": st.fingerprints,
-            "coefficient": st.min_coefficient,
-            "ksm_stat_available": ks.is_some(),
-            "merging_pages": k.merging_pages,
-            "rmap_items": k.rmap_items,
-            "zero_pages": k.zero_pages,
-            "profit": k.process_profit,
-            "fingerprinted_pages": st.counters.fingerprinted_pages,
-            "candidates": st.counters.candidates,
-            "runs_marked": st.counters.runs_marked,
-            "runs_unmarked": st.counters.runs_unmarked,
-            "runs_loosened": st.counters.runs_loosened,
-            "marks_refused": st.counters.marks_refused,
-            "madvise_errors": st.counters.madvise_errors,
-        }));
+        let k = ks.unwrap_or_default();
+        let coverage = agent
+            .figures
+            .get(id)
+            .and_then(|f| f.coverage.clone())
+            .map(|(mut cv, at)| {
+                cv.age_ms = now.saturating_sub(at);
+                cv
+            })
+            .unwrap_or_default();
+        let (m, note) = marking(c);
+        let s = &c.last;
+        tot.processes += 1;
+        tot.regions += st.regions;
+        tot.tracked_bytes += c.covered_bytes();
+        tot.marked_bytes += st.marked_bytes;
+        tot.merging_pages += k.merging_pages;
+        tot.rmap_items += k.rmap_items;
+        tot.fingerprints += st.fingerprints;
+        tot.profit += k.process_profit;
+        tot.anon_bytes += coverage.anon_bytes;
+        tot.covered_bytes += coverage.covered_bytes;
+        procs.push(ProcessStatus {
+            pid: c.pid(),
+            ppid: c.ppid,
+            comm: c.comm.clone(),
+            exe: c.exe.clone(),
+            found: if c.hello {
+                "hello".into()
+            } else if c.parent_nonce != 0 {
+                "fork".into()
+            } else {
+                "scan".into()
+            },
+            regions: st.regions,
+            regions_sampling: st.regions_sampling,
+            regions_dropped: st.regions_dropped,
+            tracked_bytes: c.covered_bytes(),
+            marked_bytes: st.marked_bytes,
+            marked_ranges: st.marked_ranges,
+            fingerprints: st.fingerprints,
+            coefficient: st.min_coefficient,
+            marking: m.into(),
+            marking_note: note,
+            coverage,
+            ksm_stat_available: ks.is_some(),
+            merging_pages: k.merging_pages,
+            rmap_items: k.rmap_items,
+            zero_pages: k.zero_pages,
+            profit: k.process_profit,
+            merge_any: k.merge_any,
+            shim: ShimFigures {
+                blocks: s.blocks,
+                block_bytes: s.block_bytes,
+                cache_bytes: s.cache_bytes,
+                registry_full: s.registry_full,
+                batches_hook: s.batches_hook,
+                batches_signal: s.batches_signal,
+                cmds: s.cmds,
+                cmd_errors: s.cmd_errors,
+                last_errno: s.last_errno,
+                signal: if s.flags & flag::SIGNAL_LOST != 0 {
+                    0
+                } else {
+                    s.signal
+                },
+                madvise_all: s.flags & flag::MADVISE_ALL != 0,
+            },
+            fingerprinted_pages: st.counters.fingerprinted_pages,
+            candidates: st.counters.candidates,
+            runs_marked: st.counters.runs_marked,
+            runs_unmarked: st.counters.runs_unmarked,
+            runs_loosened: st.counters.runs_loosened,
+            marks_refused: st.counters.marks_refused,
+            madvise_errors: st.counters.madvise_errors,
+        });
     }
     let (rss, cpu_ms, fds) = self_usage();
-    let (tracked, untracked, control, new) = agent.peer_counts();
+    let (tracked, dormant) = agent.process_counts();
+    let (control, unidentified) = agent.peers.counts();
     let s = agent.stats;
+    let p = agent.peers.stats;
     let e = &agent.engine;
-    json!({
-        "ok": true,
-        "agent": {
-            "pid": std::process::id(),
-            "uid": agent.uid,
-            "uptime_ms": agent.uptime_ms(),
-            "socket": agent.opts.socket,
-            "policy": agent.opts.policy_path,
-            "rss_kib": rss,
-            "cpu_ms": cpu_ms,
-            "fds": fds,
-            "peers": {"tracked": tracked, "untracked": untracked, "control": control, "unidentified": new},
-            "accepted": s.accepted,
-            "refused_uid": s.refused_uid,
-            "refused_full": s.refused_full,
-            "dropped_malformed": s.dropped_malformed,
-            "dropped_overflow": s.dropped_overflow,
-            "ignored": s.ignored,
-            "excluded": s.excluded,
-            "reloads": s.reloads,
+    StatusReply {
+        version: REPLY_VERSION,
+        ok: true,
+        agent: AgentInfo {
+            pid: std::process::id(),
+            uid: agent.uid,
+            uptime_ms: now,
+            socket: agent.opts.socket.display().to_string(),
+            policy: agent.opts.policy_path.display().to_string(),
+            rss_kib: rss,
+            cpu_ms,
+            fds,
+            wakeups: s.wakeups,
+            peers: Peers {
+                tracked,
+                untracked: dormant,
+                control,
+                unidentified,
+            },
+            accepted: p.accepted,
+            refused_uid: p.refused_uid,
+            refused_full: p.refused_full,
+            dropped_malformed: p.dropped_malformed,
+            dropped_overflow: p.dropped_overflow,
+            dropped_slow: p.dropped_slow,
+            ignored: s.ignored,
+            excluded: s.excluded,
+            adopted: s.adopted,
+            reloads: s.reloads,
+            wakes: s.wakes,
         },
-        "engine": {
-            "fingerprints": e.fingerprints(),
-            "distinct_hashes": e.distinct_hashes(),
-            "bytes_per_fingerprint": BYTES_PER_FINGERPRINT,
-            "index_bytes_estimate": e.fingerprints() * BYTES_PER_FINGERPRINT,
-            "max_fingerprints": e.config().max_fingerprints,
-            "evictions": e.evictions,
-            "idle": e.idle(),
+        engine: EngineInfo {
+            fingerprints: e.fingerprints(),
+            distinct_hashes: e.distinct_hashes(),
+            bytes_per_fingerprint: BYTES_PER_FINGERPRINT,
+            index_bytes_estimate: e.fingerprints() * BYTES_PER_FINGERPRINT,
+            max_fingerprints: e.config().max_fingerprints,
+            evictions: e.evictions,
+            idle: e.idle(),
         },
-        "policy": {
-            "track_all": agent.policy.track_all,
-            "track": agent.policy.track,
-            "exclude": agent.policy.exclude,
+        policy: PolicyInfo {
+            track_all: agent.policy.track_all,
+            track: agent.policy.track.clone(),
+            exclude: agent.policy.exclude.clone(),
         },
-        "ksmd": ksmd(&root),
-        "page_size": ps,
-        "processes": procs,
-        "totals": {
-            "processes": procs.len(),
-            "regions": tot[0],
-            "tracked_bytes": tot[1],
-            "marked_bytes": tot[2],
-            "merging_pages": tot[3],
-            "rmap_items": tot[4],
-            "fingerprints": tot[5],
-            "profit": tot_profit,
-        },
-    })
+        ksmd: ksmd(&root),
+        page_size: 4096,
+        processes: procs,
+        totals: tot,
+    }
 }
 
 #[cfg(test)]
@@ -297,35 +401,6 @@ mod tests {
         std::fs::write(&path, "track = [\nbroken").unwrap();
         assert!(edit_policy(&path, "x", true).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "track = [\nbroken");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn anon_coverage_counts_vmas_overlapping_tracked_regions() {
-        let dir = std::env::temp_dir().join(format!("ksmplus-cov-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("proc/42")).unwrap();
-        std::fs::write(
-            dir.join("proc/42/smaps"),
-            "\
-10000-20000 rw-p 00000000 00:00 0 \n\
-Anonymous:            64 kB\n\
-30000-50000 rw-p 00000000 00:00 0                          [heap]\n\
-Anonymous:           128 kB\n\
-60000-61000 rw-p 00000000 00:00 0 \n\
-Anonymous:             4 kB\n",
-        )
-        .unwrap();
-        // One region inside the second VMA only.
-        assert_eq!(
-            anon_coverage(&dir, 42, &[(0x38000, 0x1000)]),
-            (196 * 1024, 128 * 1024)
-        );
-        // Regions touching the first and the last VMA.
-        assert_eq!(
-            anon_coverage(&dir, 42, &[(0x1f000, 0x1000), (0x60000, 0x2000)]),
-            (196 * 1024, 68 * 1024)
-        );
-        assert_eq!(anon_coverage(&dir, 43, &[]), (0, 0), "process gone");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,10 +30,100 @@
 //!   holds them (the one being sampled), at most `MAX_RESIDENCY_RUNS` entries (16 bytes each).
 
 use ksmplus_common::policy::Policy;
-#[cfg(test)]
-use ksmplus_common::MAX_RESIDENCY_RUNS;
-use ksmplus_common::{Advice, Message, PageHash, Status, MAX_FINGERPRINT_PAGES};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Most page addresses in one [`Command::Fingerprint`] (and hashes in its reply).
+pub const MAX_FINGERPRINT_PAGES: usize = 16 * 1024;
+/// Most resident runs in one [`Reply::Residency`].
+pub const MAX_RESIDENCY_RUNS: usize = 16 * 1024;
+
+/// What a `Madvise` command asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Advice {
+    Mergeable,
+    Unmergeable,
+}
+
+/// Outcome of a command, carried by replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    Ok,
+    /// The address range is not (or no longer) inside the client's covered memory.
+    NotRegistered,
+    /// Malformed request (unaligned, empty, too many pages).
+    Invalid,
+    /// The system call failed with this errno (for `Madvise`: the process refused it).
+    Errno(i32),
+    /// The client obeys no command any more.
+    Dormant,
+}
+
+/// Result for one page of a `Fingerprint` command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageHash {
+    /// 64-bit content hash (xxh3) of the resident page.
+    Hash(u64),
+    /// The page is not resident; it was not read (and so not faulted in).
+    NotResident,
+    /// The page is outside the client's memory, or could not be read.
+    Unavailable,
+}
+
+/// What the engine asks the I/O layer to do for a client. Each carries an `id` that its
+/// [`Reply`] repeats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// The resident page runs of `[start, start+len)`.
+    Residency { id: u32, start: u64, len: u64 },
+    /// The content hash of each page.
+    Fingerprint { id: u32, pages: Vec<u64> },
+    /// `madvise` inside the client's process.
+    Madvise {
+        id: u32,
+        start: u64,
+        len: u64,
+        advice: Advice,
+    },
+}
+
+/// The answer to a [`Command`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The resident runs `(start, len)` (page-aligned, in address order) found in the first
+    /// `covered` bytes of the asked range; `covered` is less than asked when
+    /// [`MAX_RESIDENCY_RUNS`] runs were found first.
+    Residency {
+        id: u32,
+        status: Status,
+        covered: u64,
+        runs: Vec<(u64, u64)>,
+    },
+    Fingerprint {
+        id: u32,
+        status: Status,
+        hashes: Vec<PageHash>,
+    },
+    Madvise {
+        id: u32,
+        status: Status,
+    },
+}
+
+/// A change of a client's covered memory, as the I/O layer sees it in `/proc/PID/maps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// New covered memory.
+    Added { start: u64, len: u64 },
+    /// A range is gone (it may cut a region in two).
+    Removed { start: u64, len: u64 },
+    /// A region moved or changed size (`mremap`, or grown in place).
+    Resized {
+        old_start: u64,
+        old_len: u64,
+        new_start: u64,
+        new_len: u64,
+    },
+}
 
 /// Identifies a connected shim.
 pub type ClientId = u64;
@@ -301,8 +391,6 @@ struct Proc {
     /// Hash of an all-zero page of `page_size` bytes (see [`ZERO_PAGE_MIN_ROUND`]).
     zero_hash: u64,
     regions: BTreeMap<u64, Region>,
-    /// Regions kept across a resync when the shim re-announces them unchanged.
-    resync_old: Option<BTreeMap<u64, Region>>,
     inflight: Option<(u32, Pending)>,
     grows: VecDeque<Grow>,
     bucket: Bucket,
@@ -351,7 +439,7 @@ pub struct Engine {
     index: HashMap<u64, u32>,
     fingerprints: u64,
     rng: Rng,
-    out: Vec<(ClientId, Message)>,
+    out: Vec<(ClientId, Command)>,
     next_id: u32,
     next_gen: u64,
     global: Bucket,
@@ -437,7 +525,6 @@ impl Engine {
                 page_size,
                 zero_hash: ksmplus_common::protocol::page_hash(&vec![0u8; page_size as usize]),
                 regions: BTreeMap::new(),
-                resync_old: None,
                 inflight: None,
                 grows: VecDeque::new(),
                 bucket: Bucket::new(self.cfg.rate_client, now),
@@ -452,11 +539,6 @@ impl Engine {
         if let Some(p) = self.procs.remove(&id) {
             for r in p.regions.values() {
                 self.forget(r);
-            }
-            if let Some(old) = p.resync_old {
-                for r in old.values() {
-                    self.forget(r);
-                }
             }
         }
     }
@@ -478,54 +560,41 @@ impl Engine {
         self.next_id
     }
 
-    /// A message from a tracked shim (anything after Hello).
-    pub fn on_message(&mut self, id: ClientId, msg: Message, now: u64) {
+    /// A change of the client's covered memory.
+    pub fn on_event(&mut self, id: ClientId, ev: Event, now: u64) {
         if !self.procs.contains_key(&id) {
             return;
         }
-        match msg {
-            Message::RegionAdded { start, len, .. } => self.region_added(id, start, len, now),
-            Message::RegionRemoved { start, len, .. } => self.region_removed(id, start, len),
-            Message::RegionResized {
+        match ev {
+            Event::Added { start, len } => self.region_added(id, start, len, now),
+            Event::Removed { start, len } => self.region_removed(id, start, len),
+            Event::Resized {
                 old_start,
                 old_len,
                 new_start,
                 new_len,
-                ..
             } => self.region_resized(id, (old_start, old_len), (new_start, new_len), now),
-            Message::ResyncBegin { .. } => {
-                crate::debug!("client {id}: resync");
-                let p = self.procs.get_mut(&id).unwrap();
-                let cur = std::mem::take(&mut p.regions);
-                p.grows.clear();
-                let prev = p.resync_old.replace(cur);
-                if let Some(prev) = prev {
-                    for r in prev.values() {
-                        self.forget(r);
-                    }
-                }
-            }
-            Message::ResyncEnd { .. } => {
-                let p = self.procs.get_mut(&id).unwrap();
-                if let Some(old) = p.resync_old.take() {
-                    for r in old.values() {
-                        self.forget(r);
-                    }
-                }
-            }
-            Message::FingerprintReply {
+        }
+    }
+
+    /// The answer to one of the client's commands.
+    pub fn on_reply(&mut self, id: ClientId, reply: Reply, now: u64) {
+        if !self.procs.contains_key(&id) {
+            return;
+        }
+        match reply {
+            Reply::Fingerprint {
                 id: rid,
                 status,
                 hashes,
             } => self.fingerprint_reply(id, rid, status, hashes, now),
-            Message::ResidencyReply {
+            Reply::Residency {
                 id: rid,
                 status,
                 covered,
                 runs,
             } => self.residency_reply(id, rid, status, covered, runs, now),
-            Message::Reply { id: rid, status } => self.madvise_reply(id, rid, status),
-            _ => {}
+            Reply::Madvise { id: rid, status } => self.madvise_reply(id, rid, status),
         }
     }
 
@@ -539,17 +608,6 @@ impl Engine {
         // Whatever overlaps the new region is gone.
         self.region_removed(id, start, pages * ps);
         let gen = self.new_gen();
-        let p = self.procs.get_mut(&id).unwrap();
-        if let Some(old) = p.resync_old.as_mut() {
-            if let Some(r) = old.remove(&start) {
-                if r.pages == pages {
-                    p.regions.insert(start, r);
-                    return;
-                }
-                let r2 = r;
-                self.forget(&r2);
-            }
-        }
         let p = self.procs.get_mut(&id).unwrap();
         p.regions.insert(start, Region::new(pages, gen, now));
     }
@@ -715,7 +773,7 @@ impl Engine {
         let (cfg_start, cfg_step, cfg_floor) = (self.cfg.start, self.cfg.step, self.cfg.floor);
         let rate = self.cfg.rate_client;
         let p = self.procs.get_mut(&id).unwrap();
-        if p.dormant || p.inflight.is_some() || p.resync_old.is_some() {
+        if p.dormant || p.inflight.is_some() {
             return;
         }
         p.bucket.refill(rate, now);
@@ -868,15 +926,15 @@ impl Engine {
                     let n = pages.len() as u64;
                     p.bucket.tokens -= n.min(p.bucket.tokens);
                     self.global.tokens -= n.min(self.global.tokens);
-                    Message::Fingerprint {
+                    Command::Fingerprint {
                         id: rid,
                         pages: pages.clone(),
                     }
                 }
-                // mincore costs the shim a byte per page, no page is read: no tokens.
+                // A pagemap scan reads no page: no tokens.
                 Pending::Residency { region, from, .. } => {
                     let pages = p.regions[region].pages;
-                    Message::Residency {
+                    Command::Residency {
                         id: rid,
                         start: region + from * p.page_size,
                         len: (pages - from) * p.page_size,
@@ -1221,7 +1279,7 @@ impl Engine {
         p.stats.runs_marked += 1;
         self.out.push((
             id,
-            Message::Madvise {
+            Command::Madvise {
                 id: rid,
                 start: g.region + lo * ps,
                 len: (hi - lo) * ps,
@@ -1330,7 +1388,7 @@ impl Engine {
             self.next_id = self.next_id.wrapping_add(1).max(1);
             self.out.push((
                 id,
-                Message::Madvise {
+                Command::Madvise {
                     id: self.next_id,
                     start,
                     len,
@@ -1382,7 +1440,7 @@ impl Engine {
     }
 
     /// Commands to send, in order.
-    pub fn take_output(&mut self) -> Vec<(ClientId, Message)> {
+    pub fn take_output(&mut self) -> Vec<(ClientId, Command)> {
         std::mem::take(&mut self.out)
     }
 
@@ -1406,12 +1464,24 @@ impl Engine {
             }
             s.tracked_bytes += r.pages * p.page_size;
             s.fingerprints += r.hashes.len() as u64;
-            for x in &r.runs {
+            // Only runs the process confirmed: a mark still waiting in its mailbox is not one.
+            for x in r
+                .runs
+                .iter()
+                .filter(|x| matches!(x.state, RunState::Marked { .. }))
+            {
                 s.marked_ranges += 1;
                 s.marked_bytes += (x.hi - x.lo) * p.page_size;
             }
         }
         Some(s)
+    }
+
+    /// Whether any client has a marked run (kernel feedback is due only then).
+    pub fn has_marked(&self) -> bool {
+        self.procs
+            .values()
+            .any(|p| p.regions.values().any(|r| !r.runs.is_empty()))
     }
 
     /// Marked byte ranges of a client (for tests and status).
@@ -1436,6 +1506,35 @@ impl Engine {
                 .map(|(s, r)| (*s, r.pages * p.page_size))
                 .collect()
         })
+    }
+
+    /// When [`Engine::tick`] next has something to do (a round due, work waiting for tokens),
+    /// `None` if nothing is scheduled. Work blocked by a reply in flight is not due.
+    pub fn next_due(&self, now: u64) -> Option<u64> {
+        let mut due: Option<u64> = None;
+        let mut at = |t: u64| due = Some(due.map_or(t, |d| d.min(t)));
+        let starved = self.global.tokens == 0;
+        for p in self.procs.values() {
+            if p.dormant || p.inflight.is_some() {
+                continue;
+            }
+            let ready = if starved || p.bucket.tokens == 0 {
+                now + 10
+            } else {
+                now
+            };
+            if !p.grows.is_empty() {
+                at(ready);
+            }
+            for r in p.regions.values() {
+                match r.phase {
+                    Phase::Waiting { at: t } => at(t.max(now)),
+                    Phase::Sampling { .. } => at(ready),
+                    Phase::Dropped => {}
+                }
+            }
+        }
+        due
     }
 
     /// Whether every region of every client has finished its schedule (dropped or at floor).
@@ -1502,24 +1601,18 @@ mod tests {
         fn client(&mut self, id: ClientId, regions: Vec<(u64, Vec<Option<u64>>)>) {
             self.eng
                 .add_client(id, 1000 + id as u32, "prog", PS, self.now);
-            self.eng
-                .on_message(id, Message::ResyncBegin { seq: 0 }, self.now);
             let mut m = BTreeMap::new();
             for (start, pages) in regions {
-                self.eng.on_message(
+                self.eng.on_event(
                     id,
-                    Message::RegionAdded {
-                        seq: 1,
+                    Event::Added {
                         start,
                         len: pages.len() as u64 * PS,
-                        origin: ksmplus_common::Origin::Malloc,
                     },
                     self.now,
                 );
                 m.insert(start, pages);
             }
-            self.eng
-                .on_message(id, Message::ResyncEnd { seq: 2, regions: 0 }, self.now);
             self.mem.insert(id, m);
         }
         fn page(&mut self, id: ClientId, addr: u64) -> PageHash {
@@ -1574,11 +1667,11 @@ mod tests {
             self.eng.tick(self.now);
             for (c, m) in self.eng.take_output() {
                 match m {
-                    Message::Fingerprint { id, pages } => {
+                    Command::Fingerprint { id, pages } => {
                         let hashes = pages.iter().map(|a| self.page(c, *a)).collect();
-                        self.eng.on_message(
+                        self.eng.on_reply(
                             c,
-                            Message::FingerprintReply {
+                            Reply::Fingerprint {
                                 id,
                                 status: Status::Ok,
                                 hashes,
@@ -1586,27 +1679,27 @@ mod tests {
                             self.now,
                         );
                     }
-                    Message::Madvise {
+                    Command::Madvise {
                         id,
                         start,
                         len,
                         advice,
                     } => {
                         self.madvised.push((c, start, len, advice));
-                        self.eng.on_message(
+                        self.eng.on_reply(
                             c,
-                            Message::Reply {
+                            Reply::Madvise {
                                 id,
                                 status: Status::Ok,
                             },
                             self.now,
                         );
                     }
-                    Message::Residency { id, start, len } => {
+                    Command::Residency { id, start, len } => {
                         let (status, covered, runs) = self.residency(c, start, len);
-                        self.eng.on_message(
+                        self.eng.on_reply(
                             c,
-                            Message::ResidencyReply {
+                            Reply::Residency {
                                 id,
                                 status,
                                 covered,
@@ -1615,7 +1708,6 @@ mod tests {
                             self.now,
                         );
                     }
-                    other => panic!("unexpected {other:?}"),
                 }
             }
             assert!(self.eng.fingerprints() <= self.eng.config().max_fingerprints);
@@ -1774,11 +1866,9 @@ mod tests {
         let m = s.mem.get_mut(&id).unwrap();
         m.remove(&old.0);
         m.insert(new.0, pages);
-        s.eng.on_message(
+        s.eng.on_event(
             id,
-            Message::RegionResized {
-                seq: 9,
-                origin: ksmplus_common::Origin::Mmap,
+            Event::Resized {
                 old_start: old.0,
                 old_len: old.1 * PS,
                 new_start: new.0,
@@ -1987,7 +2077,7 @@ mod tests {
             out[0],
             (
                 2,
-                Message::Madvise {
+                Command::Madvise {
                     start: 0x5000_0000,
                     advice: Advice::Unmergeable,
                     ..
@@ -2086,33 +2176,26 @@ mod tests {
         s.client(2, vec![(0x5000_0000, same)]);
         s.run(300);
         // Punch a hole in the middle of the first region.
-        s.eng.on_message(
+        s.eng.on_event(
             1,
-            Message::RegionRemoved {
-                seq: 5,
+            Event::Removed {
                 start: 0x1000_0000 + 100 * PS,
                 len: 50 * PS,
-                origin: ksmplus_common::Origin::Malloc,
             },
             s.now,
         );
         let st = s.eng.status(1).unwrap();
         assert_eq!(st.regions, 3);
         assert_eq!(st.tracked_bytes, (1024 - 50) * PS);
-        // Resync re-announcing one region only.
-        s.eng.on_message(1, Message::ResyncBegin { seq: 6 }, s.now);
-        s.eng.on_message(
+        // The maps no longer show the first region at all.
+        s.eng.on_event(
             1,
-            Message::RegionAdded {
-                seq: 7,
-                start: 0x3000_0000,
+            Event::Removed {
+                start: 0x1000_0000,
                 len: 512 * PS,
-                origin: ksmplus_common::Origin::Malloc,
             },
             s.now,
         );
-        s.eng
-            .on_message(1, Message::ResyncEnd { seq: 8, regions: 1 }, s.now);
         assert_eq!(s.eng.status(1).unwrap().regions, 1);
         s.mem.get_mut(&1).unwrap().remove(&0x1000_0000);
         s.run(2_000);
@@ -2128,9 +2211,9 @@ mod tests {
         s.client(1, vec![(0x1000_0000, unique(64, 1))]);
         s.eng.tick(0);
         let _ = s.eng.take_output();
-        s.eng.on_message(
+        s.eng.on_reply(
             1,
-            Message::FingerprintReply {
+            Reply::Fingerprint {
                 id: 999_999,
                 status: Status::Ok,
                 hashes: vec![PageHash::Hash(1); 10_000],

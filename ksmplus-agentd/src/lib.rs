@@ -1,10 +1,18 @@
 //! ksmplus-agentd: the per-user agent running the KSM+ heuristic for programs under the shim,
 //! and the client side of its control channel (used by `ksmplusctl` and tests).
+//!
+//! Modules, from the edge inwards: `server` (event loop; `server::socket`,
+//! `server::tunables`), `control` (control requests), `client` (one tracked process: maps,
+//! mailbox), `wake` (wake-up signals), `procfs` (reading a process from outside), `engine`
+//! (the pure KSM+ state machine).
 pub mod log;
 
+pub mod client;
 pub mod control;
 pub mod engine;
+pub mod procfs;
 pub mod server;
+pub mod wake;
 
 pub mod desktop;
 pub mod scan;
@@ -45,6 +53,8 @@ pub fn policy_path(arg: Option<&Path>) -> PathBuf {
 pub enum CtlError {
     #[error("ksmplus-agentd is not running: nothing listens on {0} (start it with `ksmplus-agentd &`, or pass --socket)")]
     NotRunning(PathBuf),
+    #[error("{path} is served by uid {uid}, not by this user or root: refusing to talk to it")]
+    ForeignPeer { path: PathBuf, uid: u32 },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -71,6 +81,23 @@ pub fn control_request(socket: &Path, json: &str) -> Result<String, CtlError> {
         }
         Err(e) => return Err(io_err(e)),
     };
+    // Whoever listens there must be this user's agent (or root's): another user who took over
+    // the socket's place must not get our commands or feed us answers.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        match server::socket::peer_cred(s.as_raw_fd()) {
+            Some((_, uid)) if uid == me || uid == 0 => {}
+            Some((_, uid)) => {
+                return Err(CtlError::ForeignPeer {
+                    path: socket.to_owned(),
+                    uid,
+                })
+            }
+            None => return Err(io_err(io::Error::last_os_error())),
+        }
+    }
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io_err)?;
     write_message(
@@ -80,7 +107,7 @@ pub fn control_request(socket: &Path, json: &str) -> Result<String, CtlError> {
         },
     )
     .map_err(io_err)?;
-    match read_message(&mut s).map_err(io_err)? {
+    match read_message(&mut s, ksmplus_common::MAX_FRAME).map_err(io_err)? {
         Some(Message::ControlReply { json }) => Ok(json),
         _ => Err(CtlError::NoReply),
     }

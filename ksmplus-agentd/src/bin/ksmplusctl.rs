@@ -1,6 +1,6 @@
 //! `ksmplusctl`: asks a running ksmplus-agentd for its status, edits its policy, reloads it.
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use ksmplus_common::status::{Request, SimpleReply, StatusReply};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -54,161 +54,194 @@ fn main() {
     }
     let socket = ksmplus_agentd::socket_path(args.socket.as_deref());
     let req = match &args.cmd {
-        Cmd::Status => json!({"cmd": "status"}),
-        Cmd::Add { app } => json!({"cmd": "add", "app": app}),
-        Cmd::Remove { app } => json!({"cmd": "remove", "app": app}),
-        Cmd::Reload => json!({"cmd": "reload"}),
+        Cmd::Status => Request::Status,
+        Cmd::Add { app } => Request::Add { app: app.clone() },
+        Cmd::Remove { app } => Request::Remove { app: app.clone() },
+        Cmd::Reload => Request::Reload,
         _ => unreachable!("local commands returned above"),
     };
-    let reply = match ksmplus_agentd::control_request(&socket, &req.to_string()) {
+    let json = serde_json::to_string(&req).expect("a request serialises");
+    let reply = match ksmplus_agentd::control_request(&socket, &json) {
         Ok(r) => r,
         Err(e) => {
             if args.json {
-                println!("{}", json!({"ok": false, "error": e.to_string()}));
+                println!(
+                    "{}",
+                    serde_json::to_string(&SimpleReply::err(e.to_string())).unwrap()
+                );
             } else {
                 eprintln!("ksmplusctl: {e}");
             }
-            std::process::exit(2);
+            // 3: "not running", as systemctl says it.
+            let code = if matches!(e, ksmplus_agentd::CtlError::NotRunning(_)) {
+                3
+            } else {
+                2
+            };
+            std::process::exit(code);
         }
     };
-    let v: Value = serde_json::from_str(&reply)
-        .unwrap_or_else(|_| json!({"ok": false, "error": "unparsable reply"}));
-    let ok = v["ok"].as_bool().unwrap_or(false);
-    if args.json {
-        println!("{reply}");
-    } else if !ok {
-        eprintln!(
-            "ksmplusctl: {}",
-            v["error"]
-                .as_str()
-                .unwrap_or("the agent refused the request")
-        );
-    } else {
-        match &args.cmd {
-            Cmd::Status => print_status(&v),
-            Cmd::Add { app } | Cmd::Remove { app } => {
-                let verb = if matches!(args.cmd, Cmd::Add { .. }) {
-                    "added"
+    let ok = if let Cmd::Status = args.cmd {
+        match serde_json::from_str::<StatusReply>(&reply) {
+            Ok(st) => {
+                if args.json {
+                    println!("{reply}");
                 } else {
-                    "removed"
-                };
-                if v["changed"].as_bool() == Some(true) {
-                    println!("{app}: {verb} in {}; policy reloaded (applies to programs started from now on)",
-                        v["policy"].as_str().unwrap_or("?"));
-                } else {
-                    println!(
-                        "{app}: nothing to change in {}",
-                        v["policy"].as_str().unwrap_or("?")
-                    );
+                    print_status(&st);
                 }
+                st.ok
             }
-            Cmd::Reload => println!(
-                "policy reloaded from {}",
-                v["policy"].as_str().unwrap_or("?")
-            ),
-            _ => {}
+            Err(_) => report_simple(&args, &reply),
         }
-    }
+    } else {
+        report_simple(&args, &reply)
+    };
     std::process::exit(if ok { 0 } else { 1 });
 }
 
-fn n(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
+fn report_simple(args: &Args, reply: &str) -> bool {
+    let v: SimpleReply = serde_json::from_str(reply)
+        .unwrap_or_else(|e| SimpleReply::err(format!("unparsable reply from the agent: {e}")));
+    if args.json {
+        println!("{}", serde_json::to_string(&v).unwrap());
+        return v.ok;
     }
+    if !v.ok {
+        eprintln!(
+            "ksmplusctl: {}",
+            v.error
+                .as_deref()
+                .unwrap_or("the agent refused the request")
+        );
+        return false;
+    }
+    let policy = v.policy.as_deref().unwrap_or("?");
+    match &args.cmd {
+        Cmd::Add { app } | Cmd::Remove { app } => {
+            let verb = if matches!(args.cmd, Cmd::Add { .. }) {
+                "added to"
+            } else {
+                "removed from"
+            };
+            if v.changed == Some(true) {
+                println!("'{app}': {verb} {policy}; policy reloaded (running programs included)");
+            } else {
+                println!("'{app}': nothing to change in {policy}");
+            }
+        }
+        Cmd::Reload => println!("policy reloaded from {policy}"),
+        _ => {}
+    }
+    true
 }
 
-fn mib(v: &Value) -> String {
-    format!("{:.1}", v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64)
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1 << 20) as f64)
 }
 
-fn print_status(v: &Value) {
+/// The table fits 100 columns.
+fn print_status(v: &StatusReply) {
     println!(
-        "{:>7}  {:<15}  {:>7}  {:>11}  {:>16}  {:>10}  {:>8}  {:>10}  {:>11}",
-        "PID",
-        "COMM",
-        "REGIONS",
-        "TRACKED MiB",
-        "ANON COVERED MiB",
-        "MARKED MiB",
-        "MERGING",
-        "RMAP_ITEMS",
-        "PROFIT KiB"
+        "{:>7} {:<15} {:<13} {:>17} {:>7} {:>8} {:>8} {:>10}",
+        "PID", "COMM", "MARKING", "COVERED/ANON MiB", "MARKED", "MERGING", "RMAP", "PROFIT KiB"
     );
-    let empty = vec![];
-    for p in v["processes"].as_array().unwrap_or(&empty) {
-        println!(
-            "{:>7}  {:<15}  {:>7}  {:>11}  {:>16}  {:>10}  {:>8}  {:>10}  {:>11}",
-            n(&p["pid"]),
-            p["comm"].as_str().unwrap_or(""),
-            n(&p["regions"]),
-            mib(&p["tracked_bytes"]),
+    for p in &v.processes {
+        let cov = if p.coverage.anon_bytes > 0 {
             format!(
                 "{} / {}",
-                mib(&p["anon_covered_bytes"]),
-                mib(&p["anon_bytes"])
-            ),
-            mib(&p["marked_bytes"]),
-            n(&p["merging_pages"]),
-            n(&p["rmap_items"]),
-            p["profit"].as_i64().unwrap_or(0) / 1024,
+                mib(p.coverage.covered_bytes),
+                mib(p.coverage.anon_bytes)
+            )
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:>7} {:<15} {:<13} {:>17} {:>7} {:>8} {:>8} {:>10}",
+            p.pid,
+            p.comm,
+            p.marking,
+            cov,
+            mib(p.marked_bytes),
+            p.merging_pages,
+            p.rmap_items,
+            p.profit / 1024,
         );
     }
-    let t = &v["totals"];
+    let t = &v.totals;
     println!(
-        "{:>7}  {:<15}  {:>7}  {:>11}  {:>16}  {:>10}  {:>8}  {:>10}  {:>11}",
+        "{:>7} {:<15} {:<13} {:>17} {:>7} {:>8} {:>8} {:>10}",
         "TOTAL",
-        format!("{} processes", t["processes"]),
-        n(&t["regions"]),
-        mib(&t["tracked_bytes"]),
+        format!("{} processes", t.processes),
         "",
-        mib(&t["marked_bytes"]),
-        n(&t["merging_pages"]),
-        n(&t["rmap_items"]),
-        t["profit"].as_i64().unwrap_or(0) / 1024,
+        if t.anon_bytes > 0 {
+            format!("{} / {}", mib(t.covered_bytes), mib(t.anon_bytes))
+        } else {
+            String::new()
+        },
+        mib(t.marked_bytes),
+        t.merging_pages,
+        t.rmap_items,
+        t.profit / 1024,
     );
-    let e = &v["engine"];
+    // Why memory is not covered, and why a process is not marked: only where it matters.
+    for p in &v.processes {
+        let why: Vec<String> = p
+            .coverage
+            .uncovered
+            .iter()
+            .filter(|(_, b)| **b >= 1 << 20)
+            .map(|(k, b)| format!("{k} {} MiB", mib(*b)))
+            .collect();
+        if !why.is_empty() || !p.marking_note.is_empty() {
+            let mut line = format!("{:>7} {}:", p.pid, p.comm);
+            if !why.is_empty() {
+                line += &format!(" not covered: {};", why.join(", "));
+            }
+            if !p.marking_note.is_empty() {
+                line += &format!(" {}", p.marking_note);
+            }
+            println!("{line}");
+        }
+    }
+    let e = &v.engine;
     println!(
         "engine: {} fingerprints (~{} KiB, limit {}), {}",
-        e["fingerprints"],
-        e["index_bytes_estimate"].as_u64().unwrap_or(0) / 1024,
-        e["max_fingerprints"],
-        if e["idle"].as_bool() == Some(true) {
-            "schedule done"
-        } else {
-            "sampling"
-        }
+        e.fingerprints,
+        e.index_bytes_estimate / 1024,
+        e.max_fingerprints,
+        if e.idle { "schedule done" } else { "sampling" }
     );
-    let k = &v["ksmd"];
-    if k["available"].as_bool() != Some(true) {
+    let k = |n: &str| v.ksmd.get(n).copied().unwrap_or(0);
+    if k("available") != 1 {
         println!(
             "ksmd: not available (this kernel has no /sys/kernel/mm/ksm): nothing will be merged"
         );
-    } else if k["run"].as_i64() != Some(1) {
+    } else if k("run") != 1 {
         println!(
             "ksmd: OFF (run = {}): ranges are marked but nothing merges until root runs `echo 1 > /sys/kernel/mm/ksm/run`",
-            k["run"]
+            k("run")
         );
     } else {
         println!(
             "ksmd: on, pages_to_scan {}, sleep {} ms, full_scans {}, pages_shared {}, pages_sharing {}, general_profit {} KiB",
-            k["pages_to_scan"],
-            k["sleep_millisecs"],
-            k["full_scans"],
-            k["pages_shared"],
-            k["pages_sharing"],
-            k["general_profit"].as_i64().unwrap_or(0) / 1024
+            k("pages_to_scan"),
+            k("sleep_millisecs"),
+            k("full_scans"),
+            k("pages_shared"),
+            k("pages_sharing"),
+            k("general_profit") / 1024
         );
     }
-    let a = &v["agent"];
+    let a = &v.agent;
     println!(
-        "agent: pid {}, {} peers, RSS {} KiB, CPU {} ms, policy {}",
-        a["pid"],
-        a["peers"]["tracked"],
-        a["rss_kib"],
-        a["cpu_ms"],
-        a["policy"].as_str().unwrap_or("?")
+        "agent: pid {}, {} tracked, {} untracked, {} found without Hello, RSS {} KiB, CPU {} ms, {} wake-ups, policy {}",
+        a.pid,
+        a.peers.tracked,
+        a.peers.untracked,
+        a.adopted,
+        a.rss_kib,
+        a.cpu_ms,
+        a.wakeups,
+        a.policy
     );
 }

@@ -1,0 +1,545 @@
+//! Reading (and, for the channel page only, writing) one process from outside, through
+//! `/proc/PID`: its maps, which pages are resident (`pagemap`), page contents (`mem`), its
+//! threads and children.
+//!
+//! Invariants:
+//! - A [`ProcHandle`] opens the pidfd *first*, then `mem` and `pagemap`, then checks the pidfd
+//!   still says alive: the descriptors belong to that process's memory (a descriptor of
+//!   `/proc/PID/mem` is bound to the mm that opened it), so a recycled pid or an exec never
+//!   makes a later read or write land in another program.
+//! - Page contents are read with `pread` on `mem`, which does not pin pages (a merged KSM page
+//!   stays merged; `process_vm_readv` would unshare it), and only pages the pagemap says are
+//!   present (and not the shared zero page) are read, so nothing is faulted in.
+//! - The only writes are to the channel page, at an address the process itself announced and
+//!   whose magic and nonce the caller checked through the same descriptor (see `client`).
+//! - Every path is under `root` (normally `/`), so tests can point the text parsers elsewhere.
+
+use crate::engine::PageHash;
+use ksmplus_common::channel::{Snapshot, CHANNEL_BYTES};
+use ksmplus_common::page_hash;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Why a process could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("process {0} is gone")]
+    Gone(u32),
+    #[error("cannot read {path}: {source} (not dumpable, another user's, or ptrace restricted)")]
+    Denied {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A pidfd (Linux ≥ 5.3).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return is a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// True once the process behind `pidfd` has exited (its pidfd polls readable).
+pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Open descriptors on one process.
+#[derive(Debug)]
+pub struct ProcHandle {
+    pub pid: u32,
+    pidfd: OwnedFd,
+    mem: File,
+    pagemap: File,
+}
+
+fn open_in(root: &Path, pid: u32, name: &str, write: bool) -> Result<File, ProcError> {
+    let path = root.join(format!("proc/{pid}/{name}"));
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(&path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => ProcError::Gone(pid),
+            io::ErrorKind::PermissionDenied => ProcError::Denied { path, source },
+            _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::Gone(pid),
+            _ => ProcError::Io { path, source },
+        })
+}
+
+impl ProcHandle {
+    pub fn open(root: &Path, pid: u32) -> Result<ProcHandle, ProcError> {
+        let pidfd = pidfd_open(pid).map_err(|_| ProcError::Gone(pid))?;
+        let mem = open_in(root, pid, "mem", true)?;
+        let pagemap = open_in(root, pid, "pagemap", false)?;
+        let h = ProcHandle {
+            pid,
+            pidfd,
+            mem,
+            pagemap,
+        };
+        if !h.alive() {
+            return Err(ProcError::Gone(pid));
+        }
+        Ok(h)
+    }
+
+    pub fn alive(&self) -> bool {
+        !pidfd_exited(&self.pidfd)
+    }
+
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
+    /// Reads process memory; an unmapped address is an error, a read never faults a page in
+    /// beyond what the kernel does for `/proc/PID/mem` (the caller checks residency first).
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.mem.read_exact_at(buf, addr)
+    }
+
+    /// Writes process memory (the channel page only; see the module invariants).
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> io::Result<()> {
+        self.mem.write_all_at(bytes, addr)
+    }
+
+    /// The channel page at `addr`, decoded.
+    pub fn snapshot(&self, addr: u64) -> io::Result<Snapshot> {
+        let mut page = vec![0u8; CHANNEL_BYTES];
+        self.read(addr, &mut page)?;
+        Snapshot::decode(&page).ok_or_else(|| io::ErrorKind::InvalidData.into())
+    }
+
+    /// The runs of present pages (not the shared zero page, not file pages) of
+    /// `[start, start+len)`, at most `max_runs` of them: `(covered bytes, runs)`.
+    pub fn residency(
+        &self,
+        start: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> io::Result<(u64, Vec<(u64, u64)>)> {
+        pagemap_scan(&self.pagemap, start, len, max_runs)
+    }
+
+    /// Hashes of the pages at `pages` (page-aligned addresses): `NotResident` for a page the
+    /// pagemap does not show present, `Unavailable` for one that cannot be read.
+    pub fn hashes(&self, pages: &[u64], page_size: u64) -> Vec<PageHash> {
+        let mut out = vec![PageHash::Unavailable; pages.len()];
+        if pages.is_empty() {
+            return out;
+        }
+        let lo = *pages.iter().min().unwrap();
+        let hi = *pages.iter().max().unwrap() + page_size;
+        // Present runs over the span; a span with more runs than this is asked in parts.
+        let mut present: Vec<(u64, u64)> = Vec::new();
+        let mut at = lo;
+        while at < hi {
+            match self.residency(at, hi - at, 4096) {
+                Ok((covered, runs)) if covered > 0 => {
+                    present.extend(runs);
+                    at += covered;
+                }
+                _ => break,
+            }
+        }
+        let is_present = |a: u64| {
+            let i = present.partition_point(|&(s, _)| s <= a);
+            i > 0 && {
+                let (s, l) = present[i - 1];
+                a < s + l
+            }
+        };
+        // Read consecutive pages together (up to 64 KiB at a time).
+        let mut order: Vec<usize> = (0..pages.len()).collect();
+        order.sort_by_key(|&i| pages[i]);
+        let mut buf = vec![0u8; 16 * page_size as usize];
+        let mut k = 0;
+        while k < order.len() {
+            let first = pages[order[k]];
+            if !is_present(first) {
+                out[order[k]] = PageHash::NotResident;
+                k += 1;
+                continue;
+            }
+            let mut n = 1;
+            while k + n < order.len()
+                && n < 16
+                && pages[order[k + n]] == first + n as u64 * page_size
+                && is_present(pages[order[k + n]])
+            {
+                n += 1;
+            }
+            let chunk = &mut buf[..n * page_size as usize];
+            match self.read(first, chunk) {
+                Ok(()) => {
+                    for j in 0..n {
+                        let p = &chunk[j * page_size as usize..(j + 1) * page_size as usize];
+                        out[order[k + j]] = PageHash::Hash(page_hash(p));
+                    }
+                }
+                Err(_) => {
+                    // Something in the chunk went away: page by page.
+                    for j in 0..n {
+                        let p = &mut chunk[..page_size as usize];
+                        if self.read(first + j as u64 * page_size, p).is_ok() {
+                            out[order[k + j]] = PageHash::Hash(page_hash(p));
+                        }
+                    }
+                }
+            }
+            k += n;
+        }
+        out
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+// <linux/fs.h>, Linux 6.7.
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610; // _IOWR('f', 16, struct pm_scan_arg)
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+/// Present, non-zero-page, anonymous runs via `PAGEMAP_SCAN` (Linux ≥ 6.7), else by reading
+/// pagemap entries.
+fn pagemap_scan(
+    pagemap: &File,
+    start: u64,
+    len: u64,
+    max_runs: usize,
+) -> io::Result<(u64, Vec<(u64, u64)>)> {
+    const _: () = assert!(core::mem::size_of::<PmScanArg>() == 96);
+    let end = start.saturating_add(len);
+    let mut v: Vec<PageRegion> = Vec::with_capacity(max_runs.clamp(1, 16 * 1024));
+    v.resize_with(v.capacity(), PageRegion::default);
+    let mut arg = PmScanArg {
+        size: core::mem::size_of::<PmScanArg>() as u64,
+        flags: 0,
+        start,
+        end,
+        walk_end: 0,
+        vec: v.as_mut_ptr() as u64,
+        vec_len: v.len() as u64,
+        max_pages: 0,
+        category_inverted: PAGE_IS_PFNZERO | PAGE_IS_FILE,
+        category_mask: PAGE_IS_PRESENT | PAGE_IS_PFNZERO | PAGE_IS_FILE,
+        category_anyof_mask: 0,
+        return_mask: PAGE_IS_PRESENT,
+    };
+    // SAFETY: the ioctl writes at most vec_len PageRegions into v and updates arg.
+    let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) {
+            return pagemap_entries(pagemap, start, len, max_runs);
+        }
+        return Err(e);
+    }
+    let runs = v[..n as usize]
+        .iter()
+        .map(|r| (r.start, r.end - r.start))
+        .collect();
+    let walked = arg.walk_end.clamp(start, end);
+    Ok((walked - start, runs))
+}
+
+/// The pagemap entries themselves (8 bytes per page; present = bit 63, file/shared = bit 61).
+fn pagemap_entries(
+    pagemap: &File,
+    start: u64,
+    len: u64,
+    max_runs: usize,
+) -> io::Result<(u64, Vec<(u64, u64)>)> {
+    const PS: u64 = 4096;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut at = start;
+    let end = start + len;
+    while at < end {
+        let n = ((end - at) / PS).min(4096) as usize;
+        let b = &mut buf[..n * 8];
+        pagemap.read_exact_at(b, at / PS * 8)?;
+        for i in 0..n {
+            let e = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+            let a = at + i as u64 * PS;
+            if e >> 63 & 1 == 1 && e >> 61 & 1 == 0 {
+                match runs.last_mut() {
+                    Some((s, l)) if *s + *l == a => *l += PS,
+                    _ => {
+                        if runs.len() == max_runs {
+                            return Ok((a - start, runs));
+                        }
+                        runs.push((a, PS));
+                    }
+                }
+            }
+        }
+        at += n as u64 * PS;
+    }
+    Ok((len, runs))
+}
+
+/// Where a process's shim keeps its channel and doorbell, found through the anchor in the
+/// shim's data (`None`: no shim mapped, or its anchor not set). `maps_text` is the process's maps.
+pub fn find_channel(h: &ProcHandle, maps_text: &str) -> Option<(u64, u64)> {
+    let lines = ksmplus_common::maps::parse(maps_text);
+    for (s, e) in ksmplus_common::maps::shim_data(&lines) {
+        let mut buf = vec![0u8; (e - s).min(1 << 20) as usize];
+        if h.read(s, &mut buf).is_ok() {
+            if let Some(a) = ksmplus_common::channel::find_anchor(&buf) {
+                return Some(a);
+            }
+        }
+    }
+    None
+}
+
+/// `/proc/PID/maps`.
+pub fn read_maps(root: &Path, pid: u32) -> io::Result<String> {
+    std::fs::read_to_string(root.join(format!("proc/{pid}/maps")))
+}
+
+/// What the agent needs of `/proc/PID/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    pub ppid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// `Seccomp:` 0 none, 1 strict, 2 filter.
+    pub seccomp: u32,
+    /// Caught signals (bit n-1 for signal n).
+    pub sig_cgt: u64,
+    pub sig_blk: u64,
+    pub sig_ign: u64,
+    /// The pid in each namespace, outermost first (`NSpid:`).
+    pub nspid: Vec<u32>,
+}
+
+/// Parses the text of a `status` file.
+pub fn parse_status(text: &str) -> Status {
+    let mut s = Status::default();
+    for l in text.lines() {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        let hex = |v: &str| u64::from_str_radix(v, 16).unwrap_or(0);
+        match k {
+            "PPid" => s.ppid = v.parse().unwrap_or(0),
+            "Uid" => {
+                s.uid = v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0)
+            }
+            "Seccomp" => s.seccomp = v.parse().unwrap_or(0),
+            "SigCgt" => s.sig_cgt = hex(v),
+            "SigBlk" => s.sig_blk = hex(v),
+            "SigIgn" => s.sig_ign = hex(v),
+            "NSpid" => {
+                s.nspid = v
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+pub fn read_status(root: &Path, pid: u32) -> io::Result<Status> {
+    std::fs::read_to_string(root.join(format!("proc/{pid}/status"))).map(|t| parse_status(&t))
+}
+
+/// The threads of a process.
+pub fn threads(root: &Path, pid: u32) -> Vec<u32> {
+    std::fs::read_dir(root.join(format!("proc/{pid}/task")))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What one thread is doing: its state letter (`R`, `S`, `D`, ...), the system call it is
+/// blocked in (`None` when running in user space or unknown), and its blocked-signal mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadState {
+    pub state: char,
+    pub syscall: Option<i64>,
+    pub sig_blk: u64,
+}
+
+pub fn thread_state(root: &Path, pid: u32, tid: u32) -> Option<ThreadState> {
+    let base = root.join(format!("proc/{pid}/task/{tid}"));
+    let stat = std::fs::read_to_string(base.join("stat")).ok()?;
+    let state = stat[stat.rfind(')')? + 1..].trim_start().chars().next()?;
+    let syscall = std::fs::read_to_string(base.join("syscall"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok());
+    let sig_blk = std::fs::read_to_string(base.join("status"))
+        .map(|t| parse_status(&t).sig_blk)
+        .unwrap_or(u64::MAX);
+    Some(ThreadState {
+        state,
+        syscall,
+        sig_blk,
+    })
+}
+
+/// The children of every thread of a process (`/proc/PID/task/TID/children`).
+pub fn children(root: &Path, pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for tid in threads(root, pid) {
+        if let Ok(t) = std::fs::read_to_string(root.join(format!("proc/{pid}/task/{tid}/children")))
+        {
+            out.extend(t.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `comm` and executable path of a process (empty when unreadable).
+pub fn comm_exe(root: &Path, pid: u32) -> (String, String) {
+    let comm = std::fs::read_to_string(root.join(format!("proc/{pid}/comm")))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default();
+    let exe = std::fs::read_link(root.join(format!("proc/{pid}/exe")))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (comm, exe)
+}
+
+/// The inode of the shared anonymous mapping that contains `addr` (the family doorbell), from
+/// the text of a maps file.
+pub fn shared_inode_at(maps: &str, addr: u64) -> Option<u64> {
+    maps.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (a, b) = f.next()?.split_once('-')?;
+        let (a, b) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        let perms = f.next()?;
+        let _off = f.next()?;
+        let _dev = f.next()?;
+        let inode: u64 = f.next()?.parse().ok()?;
+        (a <= addr && addr < b && perms.ends_with('s')).then_some(inode)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parses_the_fields_the_agent_uses() {
+        let t = "Name:\tx\nPPid:\t7\nUid:\t1001\t1001\t1001\t1001\nNSpid:\t9584\t14\t1\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000400000\nSeccomp:\t2\n";
+        let s = parse_status(t);
+        assert_eq!(s.ppid, 7);
+        assert_eq!(s.uid, 1001);
+        assert_eq!(s.seccomp, 2);
+        assert_eq!(s.nspid, vec![9584, 14, 1]);
+        assert_eq!(s.sig_cgt, 1 << 22, "SIGURG (23) is bit 22");
+        assert_eq!(s.sig_ign, 1 << 12);
+    }
+
+    #[test]
+    fn shared_inode_of_the_doorbell() {
+        let m = "7f00-7f01 rw-s 00000000 00:01 4242   /dev/zero (deleted)\n7f01-7f02 rw-p 00000000 00:00 0\n";
+        assert_eq!(shared_inode_at(m, 0x7f00), Some(4242));
+        assert_eq!(shared_inode_at(m, 0x7f01), None);
+    }
+
+    /// Residency and hashes of this very process: present pages are found and hashed, never
+    /// touched pages are reported absent and stay absent.
+    #[test]
+    fn residency_and_hashes_of_a_live_process() {
+        let h = ProcHandle::open(Path::new("/"), std::process::id()).unwrap();
+        let ps = 4096u64;
+        let n = 64usize;
+        // SAFETY: a fresh private anonymous mapping owned by this test.
+        let a = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n * ps as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as u64;
+        for i in (0..n).step_by(4) {
+            // SAFETY: inside the mapping above.
+            unsafe { *((a + i as u64 * ps) as *mut u8) = i as u8 + 1 };
+        }
+        let (covered, runs) = h.residency(a, n as u64 * ps, 100).unwrap();
+        assert_eq!(covered, n as u64 * ps);
+        assert_eq!(runs.len(), n / 4);
+        assert!(runs
+            .iter()
+            .all(|&(s, l)| (s - a).is_multiple_of(4 * ps) && l == ps));
+        let (covered, runs) = h.residency(a, n as u64 * ps, 3).unwrap();
+        assert_eq!(runs.len(), 3);
+        assert!(covered < n as u64 * ps && covered >= 9 * ps);
+        let pages: Vec<u64> = (0..8).map(|i| a + i * ps).collect();
+        let hs = h.hashes(&pages, ps);
+        let mut p0 = vec![0u8; ps as usize];
+        p0[0] = 1;
+        assert_eq!(hs[0], PageHash::Hash(page_hash(&p0)));
+        assert_eq!(hs[1], PageHash::NotResident);
+        assert!(matches!(hs[4], PageHash::Hash(_)));
+        let (_, runs) = h.residency(a + ps, ps, 10).unwrap();
+        assert!(runs.is_empty(), "reading hashes faulted nothing in");
+        // SAFETY: unmapping the test mapping.
+        unsafe { libc::munmap(a as *mut _, n * ps as usize) };
+    }
+}
