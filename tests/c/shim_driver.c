@@ -15,11 +15,15 @@
  *   munmap P N                                            -> ret=R errno=E
  *   mremap P OLD NEW  (MREMAP_MAYMOVE)                    -> ptr=P errno=E
  *   pid                                                   -> pid=PID
+ *   sigurg take       install the program's own SIGURG handler (old one saved) -> ret=R urgs=N
+ *   sigurg restore    put the saved SIGURG disposition back                     -> ret=R urgs=N
+ *   sigurg count      SIGURGs the program's handler saw                         -> ret=0 urgs=N
  *   exit                                                  -> (exits 0)
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <malloc.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +38,10 @@ static uint64_t checksum(const unsigned char *p, size_t n) {
 }
 
 static unsigned long long num(const char *s) { return s ? strtoull(s, NULL, 0) : 0; }
+
+static volatile sig_atomic_t urgs;
+static struct sigaction saved_urg;
+static void on_urg(int sig) { (void)sig; urgs++; }
 
 static void reply_ptr(void *p, int err) {
     printf("ptr=%p usable=%zu errno=%d\n", p, p ? malloc_usable_size(p) : 0, err);
@@ -108,6 +116,18 @@ int main(void) {
             printf("ptr=%p errno=%d\n", p == MAP_FAILED ? NULL : p, errno);
         }
         else if (!strcmp(c, "pid")) { printf("pid=%d\n", (int)getpid()); }
+        else if (!strcmp(c, "sigurg")) {
+            int r = 0;
+            if (argv[1] && !strcmp(argv[1], "take")) {
+                struct sigaction sa;
+                memset(&sa, 0, sizeof sa);
+                sa.sa_handler = on_urg;
+                r = sigaction(SIGURG, &sa, &saved_urg);
+            } else if (argv[1] && !strcmp(argv[1], "restore")) {
+                r = sigaction(SIGURG, &saved_urg, NULL);
+            }
+            printf("ret=%d urgs=%d\n", r, (int)urgs);
+        }
         else if (!strcmp(c, "exit")) { return 0; }
         else { printf("error=unknown-command\n"); }
     }

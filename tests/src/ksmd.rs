@@ -27,6 +27,15 @@ pub fn require_ksm() -> bool {
     false
 }
 
+/// A test that cannot run here (missing kernel feature, not root): prints why and returns —
+/// unless `KSMPLUS_REQUIRE_KSM=1` (as in CI), then the skip is a failure.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("KSMPLUS_REQUIRE_KSM").as_deref() == Ok("1") {
+        panic!("KSMPLUS_REQUIRE_KSM=1 but this test cannot run: {why}");
+    }
+    eprintln!("SKIPPED: {why} (set KSMPLUS_REQUIRE_KSM=1 to make this a failure)");
+}
+
 /// Holds `flock(LOCK_EX)` on [`KSMD_LOCK`], runs ksmd fast (`run=1`, `pages_to_scan=5000`,
 /// `sleep_millisecs=10`) and restores the saved settings on drop.
 pub struct KsmdGuard {

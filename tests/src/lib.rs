@@ -1,10 +1,11 @@
 //! Library for the end-to-end tests of ksmplus: real programs run under `libksmplus.so`
-//! against the real kernel, talking to a [`HarnessAgent`] that stands in for `ksmplus-agentd`.
+//! against the real kernel, with a [`HarnessAgent`] standing in for `ksmplus-agentd` where a
+//! test is about the shim alone.
 //!
 //! - [`shim`]: find `libksmplus.so` and put a command under it;
 //! - [`cc`]: compile the C workloads of `tests/c` (cached by source hash);
-//! - [`agent`]: the harness agent — records every message of every client, answers `Hello`,
-//!   sends commands, and waits for conditions with deadlines;
+//! - [`agent`]: the harness agent — records every Hello and answers it with a verdict;
+//! - [`channel`]: a shim's channel page read and written from outside, as the agent does;
 //! - [`process`]: spawn programs with deadlines, drive interactive ones line by line;
 //! - [`procfs`]: `/proc/PID/{smaps,mem,statm,ksm_stat}` of a workload;
 //! - [`ksmd`]: [`KsmdGuard`] (exclusive use of ksmd with fast settings) and [`require_ksm`].
@@ -13,13 +14,15 @@
 //! ([`HarnessAgent::wait_for`], [`process::Interactive::line`]), never for a tuned sleep.
 pub mod agent;
 pub mod cc;
+pub mod channel;
 pub mod ksmd;
 pub mod process;
 pub mod procfs;
 pub mod shim;
 
-pub use agent::{AgentState, ClientRecord, HarnessAgent, HelloAnswer};
+pub use agent::{AgentState, HarnessAgent, HelloAnswer, HelloRecord};
 pub use cc::compile;
+pub use channel::ShimChannel;
 pub use ksmd::{require_ksm, KsmdGuard};
 pub use process::{run, Interactive, RunOutput};
 pub use shim::{shim_lib, target_bin, ShimMode};

@@ -181,9 +181,10 @@ fn unique_pages_end_with_no_rmap_items_and_no_fingerprints() {
     });
     assert_eq!(u(&st["marked_bytes"]), 0, "{st}");
     assert_eq!(u(&st["runs_marked"]), 0, "{st}");
-    // Rounds 2 to 10 (90 + 80 + … + 10 = 450 %) sample the whole buffer; the first only what
-    // was resident then (the program may still be filling it: only resident pages are sampled).
-    assert!(u(&st["fingerprinted_pages"]) >= 51200 * 45 / 10, "{st}");
+    // Rounds 3 to 10 (80 + 70 + … + 10 = 360 %) sample the whole buffer; the first two only
+    // what was resident then (the agent may find the region while the program still fills it,
+    // and only resident pages are sampled).
+    assert!(u(&st["fingerprinted_pages"]) >= 51200 * 36 / 10, "{st}");
     // Never marked, so ksmd never took the process in (with nothing mergeable anywhere ksmd
     // stops counting full scans, so there is nothing to wait for).
     let k = procfs::ksm_stat(pid);

@@ -54,9 +54,18 @@ fn untracked_program_goes_dormant_and_excluded_program_is_never_marked() {
     });
     assert!(find(&s, other.pid()).is_none(), "{s}");
     assert!(find(&s, secret.pid()).is_none(), "{s}");
-    // Dormant: the shim closed its socket (the agent holds only the tracked peer and us).
-    assert_eq!(u(&s["agent"]["peers"]["untracked"]), 0, "{s}");
+    // Dormant: known to the agent as untracked (tracked later if the policy names them), and
+    // holding no connection.
+    assert_eq!(u(&s["agent"]["peers"]["untracked"]), 2, "{s}");
     assert_eq!(u(&s["agent"]["peers"]["unidentified"]), 0, "{s}");
+    for (p, want) in [(&other, "agent_other"), (&secret, "agent_secret")] {
+        let ch = ksmplus_tests::ShimChannel::wait(p.pid(), T);
+        assert_eq!(
+            ch.snapshot().verdict,
+            ksmplus_common::channel::verdict::IGNORE,
+            "{want}"
+        );
+    }
     assert!(!any_mergeable(secret.pid(), num_field(&ls, "a"), 4 << 20));
     assert!(!procfs::ksm_stat(secret.pid()).mergeable);
     for p in [other, secret, work] {

@@ -1,17 +1,19 @@
-//! The shim against its agent: absent, unreachable, killed and restarted (full resync), foreign
-//! uid; and the commands an agent sends (Madvise, Fingerprint, GetStats) checked against what the
-//! kernel shows in `/proc/PID/{smaps,mem,pagemap}`.
+//! The shim and its agent: absent, unreachable, ignoring, silent, of another uid; commands an
+//! agent writes into the channel page, executed by the shim from its hooks or from the wake-up
+//! signal, checked against what the kernel shows in `/proc/PID/{smaps,mem,pagemap}`.
 //!
 //! Needs `cargo build -p ksmplus-preload` first (see `ksmplus_tests::shim_lib`).
-use ksmplus_common::protocol::{Advice, Message, Origin, PageHash, Status};
+use ksmplus_agentd::engine::PageHash;
+use ksmplus_common::channel::{flag, op, verdict, Command};
 use ksmplus_tests::shim::command;
-use ksmplus_tests::{compile, num_field, page_size, procfs, HarnessAgent, Interactive, ShimMode};
+use ksmplus_tests::{
+    compile, num_field, page_size, procfs, HarnessAgent, HelloAnswer, Interactive, ShimChannel,
+    ShimMode,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
-/// Reconnection back-off grows to a few seconds: allow several rounds of it.
-const RECONNECT: Duration = Duration::from_secs(30);
 
 fn on(socket: &Path) -> ShimMode {
     ShimMode::On {
@@ -26,7 +28,7 @@ fn driver(mode: &ShimMode) -> Interactive {
     p
 }
 
-/// Live shim-owned blocks of a scripted session: `(ptr, requested size)`.
+/// Live blocks of a scripted session: `(ptr, requested size)`.
 type Blocks = Vec<(u64, u64)>;
 
 /// The same deterministic allocation script in three phases; `between(phase, pid, blocks)` runs
@@ -50,7 +52,6 @@ fn scripted(mode: &ShimMode, mut between: impl FnMut(usize, u32, &Blocks)) -> Ve
         let m = num_field(&p.cmd("mmap 2097152", T), "ptr");
         out.push(p.cmd(&format!("fill {m} 2097152 {phase}"), T));
         blocks.push((m, 2 << 20));
-        // Free one block per phase so the registry changes while the agent may be away.
         let (ptr, size) = blocks.remove(0);
         out.push(p.cmd(&format!("sum {ptr} {size}"), T));
         let gone = if size == 2 << 20 {
@@ -91,9 +92,13 @@ fn agent_absent_unreachable_or_bad_path_changes_nothing() {
     ];
     for (what, path) in cases {
         let mut p = driver(&on(&path));
-        // Stays silent without KSMPLUS_LOG.
-        assert!(p.cmd("malloc 200000", T).starts_with("ptr=0x"));
+        // Stays silent without KSMPLUS_LOG, and still page-aligns (an agent started later
+        // adopts the process).
+        let r = p.cmd("malloc 200000", T);
+        assert_eq!(num_field(&r, "ptr") % page_size(), 0, "{what}: {r}");
         assert_eq!(p.stderr(), "", "{what}: the shim wrote to stderr");
+        let ch = ShimChannel::wait(p.pid(), T);
+        assert_eq!(ch.snapshot().verdict, verdict::PENDING, "{what}");
         drop(p);
         assert_eq!(scripted(&on(&path), |_, _, _| {}), want, "{what}");
     }
@@ -107,130 +112,68 @@ fn disabled_shim_is_pass_through() {
     let r = p.cmd("malloc 200000", T);
     // glibc's mmapped chunk starts 16 bytes into its page: not a shim block.
     assert_ne!(num_field(&r, "ptr") % page_size(), 0, "{r}");
+    assert!(
+        ShimChannel::of(p.pid()).is_none(),
+        "no channel when disabled"
+    );
     drop(p);
     assert_eq!(scripted(&ShimMode::Disabled, |_, _, _| {}), want);
-    assert!(agent.state().clients.is_empty());
+    assert_eq!(agent.state().accepted, 0);
 }
 
+/// An ignored program's shim goes pass-through at its next call and never calls the agent
+/// again (one Hello per run, even though the agent closes the connection at once).
 #[test]
-fn ignore_makes_the_shim_dormant() {
+fn ignore_makes_the_shim_dormant_after_one_hello() {
     let want = baseline();
     let agent = HarnessAgent::start();
-    agent.set_answer(ksmplus_tests::HelloAnswer::Ignore);
-    let got = scripted(&on(agent.socket_path()), |_, pid, _| {
+    agent.set_answer(HelloAnswer::Ignore);
+    let mut pids = Vec::new();
+    let got = scripted(&on(agent.socket_path()), |phase, pid, _| {
         agent.wait_hello(pid, T);
+        if phase == 0 {
+            pids.push(pid);
+        }
     });
     assert_eq!(got, want);
-    let st = agent.state();
-    assert_eq!(st.clients.len(), 1, "a dormant shim never reconnects");
-    assert!(
-        !st.clients[0]
-            .messages
-            .iter()
-            .any(|m| matches!(m, Message::RegionAdded { .. })),
-        "events after Ignore: {:?}",
-        st.clients[0].messages
+    let mut p = driver(&on(agent.socket_path()));
+    agent.wait_hello(p.pid(), T);
+    let r = p.cmd("malloc 200000", T);
+    assert_ne!(
+        num_field(&r, "ptr") % page_size(),
+        0,
+        "dormant: glibc's block, {r}"
     );
+    let s = ShimChannel::wait(p.pid(), T).snapshot();
+    assert!(s.flags & flag::DORMANT != 0, "{s:?}");
+    assert_eq!(s.cache_bytes, 0);
+    drop(p);
+    let st = agent.state();
+    assert_eq!(
+        st.hellos.len(),
+        2,
+        "one Hello per program run: {:?}",
+        st.hellos
+    );
+    assert_eq!(st.accepted, 2);
 }
 
 #[test]
 fn silent_agent_does_not_block_the_program() {
     let want = baseline();
     let agent = HarnessAgent::start();
-    agent.set_answer(ksmplus_tests::HelloAnswer::Silent);
+    agent.set_answer(HelloAnswer::Silent);
     let got = scripted(&on(agent.socket_path()), |_, pid, _| {
         agent.wait_hello(pid, T);
     });
     assert_eq!(got, want);
 }
 
-/// Asserts the client's last complete resync lists exactly the live blocks (shim-owned ones
-/// rounded to pages) and that ResyncEnd's count matches.
-fn assert_resync_covers(agent: &HarnessAgent, pid: u32, blocks: &Blocks) {
-    let ps = page_size();
-    let st = agent.state();
-    let c = st.client_of_pid(pid).unwrap();
-    let (regions, announced) = c.last_resync().unwrap();
-    assert_eq!(regions.len() as u64, announced, "ResyncEnd count");
-    for &(ptr, size) in blocks {
-        if size < 65536 {
-            continue;
-        }
-        let want_origin = if size == 2 << 20 {
-            Origin::Mmap
-        } else {
-            Origin::Malloc
-        };
-        assert!(
-            regions.iter().any(|&(s, l, o)| s == ptr
-                && l >= size
-                && l < size.div_ceil(ps) * ps + ps
-                && o == want_origin),
-            "live block {ptr:#x}+{size} ({want_origin:?}) missing from resync {regions:x?}"
-        );
-    }
-    assert!(
-        c.seqs().windows(2).all(|w| w[0] < w[1]),
-        "seq not increasing within a connection"
-    );
-}
-
-#[test]
-fn agent_killed_and_restarted_gets_full_resync() {
-    let want = baseline();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.sock");
-    let mut agent = Some(HarnessAgent::start_at(&path));
-    let mut pid = 0;
-    let got = scripted(&on(&path), |phase, p, blocks| match phase {
-        0 => {
-            pid = p;
-            let a = agent.as_ref().unwrap();
-            a.wait_synced(pid, T);
-            // Everything allocated so far reaches the first agent live.
-            a.wait_for("phase-0 blocks registered", T, |s| {
-                let c = s.client_of_pid(pid)?;
-                blocks
-                    .iter()
-                    .filter(|b| b.1 >= 65536)
-                    .all(|b| c.region_containing(b.0).is_some())
-                    .then_some(())
-            });
-            agent = None; // the agent dies; phase 1 runs without one
-        }
-        _ => {
-            let a = HarnessAgent::start_at(&path);
-            a.wait_synced(pid, RECONNECT);
-            assert_resync_covers(&a, pid, blocks);
-            agent = Some(a);
-        }
-    });
-    assert_eq!(got, want);
-    // Phase 2 ran with the restarted agent: its events arrived live, after the resync.
-    let a = agent.unwrap();
-    let st = a.state();
-    let c = st.client_of_pid(pid).unwrap();
-    let end = c
-        .messages
-        .iter()
-        .rposition(|m| matches!(m, Message::ResyncEnd { .. }))
-        .unwrap();
-    let live_adds = c.messages[end..]
-        .iter()
-        .filter(|m| matches!(m, Message::RegionAdded { .. }))
-        .count();
-    assert!(
-        live_adds >= 3,
-        "phase-2 allocations not reported live after the resync: {:?}",
-        &c.messages[end..]
-    );
-}
-
 #[test]
 fn foreign_uid_agent_is_not_talked_to() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root to start an agent as nobody");
+        ksmplus_tests::ksmd::skip_or_fail("needs root to start an agent as nobody");
         return;
     }
     let want = baseline();
@@ -255,47 +198,52 @@ fn foreign_uid_agent_is_not_talked_to() {
     assert_eq!(agent.line(T), "listening", "{}", agent.stderr());
     let got = scripted(&on(&path), |phase, _, _| {
         if phase == 0 {
-            // The shim did try this socket (so the check below is not vacuous).
-            assert_eq!(agent.line(RECONNECT), "accepted=1");
+            // The shim did connect (so the check below is not vacuous)...
+            assert_eq!(agent.line(T), "accepted=1");
         }
     });
     assert_eq!(got, want);
     let (status, lines) = agent.finish(T);
     assert!(status.success());
-    let clients: Vec<&String> = lines.iter().filter(|l| l.starts_with("client=")).collect();
-    assert!(!clients.is_empty(), "{lines:?}");
-    for c in clients {
-        assert!(
-            c.contains("pid=-1 msgs=0"),
-            "the shim talked to an agent of another uid: {c}"
-        );
-    }
+    // ... and sent nothing: the agent's uid is not ours.
+    assert!(lines.iter().any(|l| l == "hellos=0"), "{lines:?}");
 }
 
-/// A driver under the shim with a harness agent, synced.
-fn tracked() -> (HarnessAgent, Interactive, usize) {
+/// A driver under the shim with a harness agent, tracked, and its channel.
+fn tracked() -> (HarnessAgent, Interactive, ShimChannel) {
     let agent = HarnessAgent::start();
     let p = driver(&on(agent.socket_path()));
-    let idx = agent.wait_synced(p.pid(), T);
-    (agent, p, idx)
+    agent.wait_hello(p.pid(), T);
+    let ch = ShimChannel::wait(p.pid(), T);
+    ch.wait_for("verdict TRACK", T, |s| {
+        (s.verdict == verdict::TRACK).then_some(())
+    });
+    (agent, p, ch)
 }
 
+fn cmd(op: u32, start: u64, len: u64) -> Command {
+    Command { op, start, len }
+}
+
+/// An idle program (blocked in `read`) executes a batch when woken by the signal; its `read`
+/// resumes unseen and the program goes on unchanged.
 #[test]
-fn madvise_subrange_splits_vma_at_exact_bounds() {
-    let (agent, mut p, idx) = tracked();
+fn madvise_subrange_splits_vma_at_exact_bounds_in_an_idle_program() {
+    let (_agent, mut p, ch) = tracked();
     let ps = page_size();
     let size = 4 << 20;
     let a = num_field(&p.cmd(&format!("malloc {size}"), T), "ptr");
     p.cmd(&format!("fill {a} {size} 1"), T);
-    agent.wait_for("region registered", T, |s| {
-        s.clients[idx].region_containing(a)
-    });
-    let (lo, hi) = (a + 16 * ps, a + 48 * ps);
-    assert_eq!(
-        agent.madvise(idx, lo, hi - lo, Advice::Mergeable, T),
-        Status::Ok
-    );
     let pid = p.pid();
+    let (lo, hi) = (a + 16 * ps, a + 48 * ps);
+    // The driver now waits in fgets → read(0): nothing of ours runs until the signal.
+    let seq = ch.post(&[cmd(op::MERGEABLE, lo, hi - lo)]);
+    assert_eq!(ch.wait_done(seq, T, true), vec![0]);
+    let s = ch.snapshot();
+    assert_eq!(
+        s.batches_signal, 1,
+        "executed by the wake-up handler: {s:?}"
+    );
     let inside = procfs::vma_containing(pid, lo).unwrap();
     assert_eq!((inside.start, inside.end), (lo, hi), "{inside:?}");
     assert!(inside.has_flag("mg"), "{inside:?}");
@@ -305,13 +253,13 @@ fn madvise_subrange_splits_vma_at_exact_bounds() {
     let after = procfs::vma_containing(pid, hi).unwrap();
     assert_eq!(after.start, hi);
     assert!(!after.has_flag("mg"), "{after:?}");
-    // And back.
-    assert_eq!(
-        agent.madvise(idx, lo, hi - lo, Advice::Unmergeable, T),
-        Status::Ok
-    );
+    // And back, this time executed by the program's own next call into the shim.
+    let seq = ch.post(&[cmd(op::UNMERGEABLE, lo, hi - lo)]);
+    assert!(p.cmd("malloc 100", T).starts_with("ptr=0x"));
+    assert_eq!(ch.wait_done(seq, T, false), vec![0]);
+    assert!(ch.snapshot().batches_hook >= 1);
     assert!(!procfs::vma_containing(pid, lo).unwrap().has_flag("mg"));
-    // The content was not disturbed.
+    // The content was not disturbed, and the program never saw the signal.
     assert_eq!(
         p.cmd(&format!("sum {a} {size}"), T),
         format!(
@@ -319,69 +267,92 @@ fn madvise_subrange_splits_vma_at_exact_bounds() {
             procfs::fnv1a(&procfs::read_mem(pid, a, size as usize))
         )
     );
-    let stats = agent.stats(idx, T);
-    assert!(stats.madvise_calls >= 2, "{stats:?}");
-    assert!(
-        stats.regions >= 1 && stats.region_bytes >= size,
-        "{stats:?}"
-    );
+    assert_eq!(p.cmd("sigurg count", T), "ret=0 urgs=0");
+    assert_eq!(p.stderr(), "");
+    assert!(p.finish(T).0.success());
 }
 
+/// Commands are validated (page-aligned, non-empty), and a kernel refusal comes back as its
+/// errno without marking anything.
 #[test]
-fn madvise_outside_registered_regions_is_refused() {
-    let (agent, mut p, idx) = tracked();
+fn bad_commands_are_refused_with_an_errno() {
+    let (_agent, mut p, ch) = tracked();
     let ps = page_size();
     let a = num_field(&p.cmd("malloc 1048576", T), "ptr");
     p.cmd(&format!("fill {a} 1048576 1"), T);
-    let small = num_field(&p.cmd("malloc 100", T), "ptr");
-    agent.wait_for("region registered", T, |s| {
-        s.clients[idx].region_containing(a)
-    });
-    let (start, len, _) = agent.state().clients[idx].region_containing(a).unwrap();
     let pid = p.pid();
-    let small_page = small & !(ps - 1);
-    let cases = [
-        ("glibc heap page", small_page, ps, Status::NotRegistered),
-        (
-            "straddles the region's end",
-            start + len - ps,
-            2 * ps,
-            Status::NotRegistered,
-        ),
-        ("before the region", start - ps, ps, Status::NotRegistered),
-        ("unmapped low address", 0x10000, ps, Status::NotRegistered),
-        ("unaligned start", a + 1, ps, Status::Invalid),
-        ("empty", a, 0, Status::Invalid),
-    ];
-    for (what, s, l, want) in cases {
-        let got = agent.madvise(idx, s, l, Advice::Mergeable, T);
-        assert_eq!(got, want, "{what}: {s:#x}+{l:#x}");
-    }
+    let seq = ch.post(&[
+        cmd(op::MERGEABLE, a + 1, ps),
+        cmd(op::MERGEABLE, a, 0),
+        cmd(op::MERGEABLE, a, ps + 1),
+        cmd(99, a, ps),
+        cmd(op::MERGEABLE, 0x10000, ps),
+    ]);
+    let r = ch.wait_done(seq, T, true);
+    assert_eq!(
+        r,
+        vec![
+            libc::EINVAL,
+            libc::EINVAL,
+            libc::EINVAL,
+            libc::EINVAL,
+            libc::ENOMEM
+        ]
+    );
+    let s = ch.snapshot();
+    assert_eq!((s.cmds, s.cmd_errors, s.last_errno), (5, 5, libc::ENOMEM));
     for v in procfs::smaps(pid) {
-        assert!(!v.has_flag("mg"), "a refused madvise marked {v:?}");
+        assert!(!v.has_flag("mg"), "a refused command marked {v:?}");
     }
+    // PROBE: this unsandboxed program lets KSM advice through.
+    let seq = ch.post(&[cmd(op::PROBE, 0, 0), cmd(op::TRIM_CACHE, 0, 0)]);
+    assert_eq!(ch.wait_done(seq, T, true), vec![0, 0]);
+    assert_eq!(ch.snapshot().cache_bytes, 0);
     drop(p);
 }
 
+/// A program that takes the wake-up signal over: the channel says so before the change takes
+/// effect, so the agent stops using it; putting ours back makes it usable again.
+#[test]
+fn a_program_taking_the_signal_over_is_never_sent_it() {
+    let (_agent, mut p, ch) = tracked();
+    let s = ch.snapshot();
+    assert_eq!(s.signal, libc::SIGURG as u32);
+    assert_eq!(s.flags & flag::SIGNAL_LOST, 0);
+    let st = ksmplus_agentd::procfs::read_status(Path::new("/"), p.pid()).unwrap();
+    assert!(
+        st.sig_cgt & (1 << (libc::SIGURG - 1)) != 0,
+        "the shim's handler is installed"
+    );
+    assert_eq!(p.cmd("sigurg take", T), "ret=0 urgs=0");
+    let s = ch.snapshot();
+    assert!(s.flags & flag::SIGNAL_LOST != 0, "{s:?}");
+    assert_eq!(s.signal, 0);
+    // The agent's wake-up refuses now.
+    assert!(ksmplus_agentd::wake::wake(Path::new("/"), p.pid(), &s).is_err());
+    assert_eq!(p.cmd("sigurg restore", T), "ret=0 urgs=0");
+    let s = ch.snapshot();
+    assert_eq!(s.flags & flag::SIGNAL_LOST, 0, "ours again: {s:?}");
+    assert_eq!(s.signal, libc::SIGURG as u32);
+    drop(p);
+}
+
+/// The agent's reader on a real program: hashes match the page contents, untouched pages are
+/// reported absent, and reading faults nothing in.
 #[test]
 fn fingerprint_matches_page_content_and_never_faults_pages_in() {
-    let (agent, mut p, idx) = tracked();
+    let (_agent, mut p, ch) = tracked();
     let ps = page_size();
     let pid = p.pid();
     let pages = 256usize;
     let a = num_field(&p.cmd(&format!("malloc {}", pages as u64 * ps), T), "ptr");
     // Touch the first half only, each page different.
     p.cmd(&format!("fillpages {a} {}", pages / 2), T);
-    agent.wait_for("region registered", T, |s| {
-        s.clients[idx].region_containing(a)
-    });
     let present_before = procfs::pages_present(pid, a, pages);
     assert!(present_before[..pages / 2].iter().all(|&x| x));
     assert!(!present_before[pages / 2..].iter().any(|&x| x));
-
     let addrs: Vec<u64> = (0..pages as u64).map(|k| a + k * ps).collect();
-    let (status, hashes) = agent.fingerprint(idx, addrs, T);
-    assert_eq!(status, Status::Ok);
+    let hashes = ch.handle().hashes(&addrs, ps);
     assert_eq!(hashes.len(), pages);
     let want = procfs::page_hashes(pid, a, pages / 2);
     for k in 0..pages / 2 {
@@ -390,7 +361,6 @@ fn fingerprint_matches_page_content_and_never_faults_pages_in() {
     for (k, h) in hashes.iter().enumerate().skip(pages / 2) {
         assert_eq!(*h, PageHash::NotResident, "page {k}");
     }
-    // Distinct pages got distinct hashes (the content really differs per page).
     let mut uniq = want.clone();
     uniq.sort();
     uniq.dedup();
@@ -400,20 +370,15 @@ fn fingerprint_matches_page_content_and_never_faults_pages_in() {
         present_before,
         "fingerprinting faulted untouched pages in"
     );
-
-    // Pages outside every region: Unavailable, and no crash.
-    let small = num_field(&p.cmd("malloc 100", T), "ptr") & !(ps - 1);
-    let (status, hashes) = agent.fingerprint(idx, vec![small, 0x10000, a + 4096 * ps], T);
-    assert_eq!(status, Status::Ok);
-    assert_eq!(hashes, [PageHash::Unavailable; 3]);
-    // A region freed meanwhile: its pages become Unavailable.
-    assert_eq!(p.cmd(&format!("free {a}"), T), "ok");
-    agent.wait_for("region removed", T, |s| {
-        s.clients[idx].region_containing(a).is_none().then_some(())
-    });
-    let (_, hashes) = agent.fingerprint(idx, vec![a], T);
-    assert_eq!(hashes, [PageHash::Unavailable]);
-    let stats = agent.stats(idx, T);
-    assert!(stats.fingerprint_pages >= pages as u64 / 2, "{stats:?}");
+    let (covered, runs) = ch.handle().residency(a, pages as u64 * ps, 10).unwrap();
+    assert_eq!(covered, pages as u64 * ps);
+    assert_eq!(runs, vec![(a, pages as u64 / 2 * ps)]);
+    // Unmapped pages: absent, and no crash.
+    let m = num_field(&p.cmd("mmap 65536", T), "ptr");
+    p.cmd(&format!("fill {m} 65536 1"), T);
+    assert!(matches!(ch.handle().hashes(&[m], ps)[0], PageHash::Hash(_)));
+    assert_eq!(num_field(&p.cmd(&format!("munmap {m} 65536"), T), "ret"), 0);
+    let hashes = ch.handle().hashes(&[m, 0x10000], ps);
+    assert_eq!(hashes, [PageHash::NotResident; 2]);
     assert!(p.finish(T).0.success());
 }

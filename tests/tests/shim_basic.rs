@@ -1,11 +1,14 @@
-//! The shim's allocator contract, end to end: the thesis program, every hook's events as the
-//! harness agent sees them, a multi-threaded stress run and forks under load.
+//! The shim's allocator contract, end to end: the thesis program, every hook (its C contract,
+//! and what the shim's channel page then says), fork children, a multi-threaded stress run and
+//! forks under load.
 //!
 //! Needs `cargo build -p ksmplus-preload` first (see `ksmplus_tests::shim_lib`).
-use ksmplus_common::protocol::{Message, Origin};
+use ksmplus_common::channel::{flag, verdict, Snapshot};
+use ksmplus_common::maps;
 use ksmplus_tests::shim::{command, expected_comm};
 use ksmplus_tests::{
-    compile, field, num_field, page_size, procfs, run, HarnessAgent, Interactive, ShimMode,
+    compile, field, num_field, page_size, procfs, run, HarnessAgent, Interactive, ShimChannel,
+    ShimMode,
 };
 use std::time::Duration;
 
@@ -25,8 +28,17 @@ fn fill_pattern(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// True if the agent, reading `pid`'s maps, would cover all of `[start, start+len)`.
+fn covered(pid: u32, start: u64, len: u64) -> bool {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps::coverage(&maps::parse(&text), MIN_REGION, &[])
+        .ranges
+        .iter()
+        .any(|&(s, e)| s <= start && start + len <= e)
+}
+
 #[test]
-fn thesis_program_buffer_is_page_aligned_and_registered() {
+fn thesis_program_buffer_is_page_aligned_and_covered() {
     let agent = HarnessAgent::start();
     let prog = compile("shim_thesis");
     let mut p = Interactive::spawn(&mut command(&prog, &on(&agent)));
@@ -47,8 +59,9 @@ fn thesis_program_buffer_is_page_aligned_and_registered() {
         field(&line, "sum").unwrap()
     );
 
-    let idx = agent.wait_hello(pid, T);
-    let hello = agent.state().clients[idx].hello.clone().unwrap();
+    let h = agent.wait_hello(pid, T);
+    let hello = h.hello;
+    assert_eq!(h.peer.pid, pid);
     assert_eq!(hello.pid, pid);
     assert_eq!(hello.ppid, std::process::id());
     // SAFETY: geteuid has no preconditions.
@@ -60,17 +73,21 @@ fn thesis_program_buffer_is_page_aligned_and_registered() {
         std::path::Path::new(&hello.exe).canonicalize().ok(),
         prog.canonicalize().ok()
     );
-
-    let region = agent.wait_for("a RegionAdded covering the buffer", T, |s| {
-        s.clients[idx].messages.iter().find_map(|m| match *m {
-            Message::RegionAdded {
-                start, len, origin, ..
-            } if start <= ptr && ptr + size <= start + len => Some((start, len, origin)),
-            _ => None,
-        })
+    // The channel the Hello names is the one the anchor points at, with the same nonce.
+    let ch = ShimChannel::wait(pid, T);
+    assert_eq!(ch.addr, hello.channel);
+    assert_eq!(ch.doorbell, hello.doorbell);
+    let s = ch.wait_for("the harness's verdict", T, |s| {
+        (s.verdict == verdict::TRACK).then(|| s.clone())
     });
-    assert!(region.1 >= size, "{region:x?}");
-    assert_eq!(region.2, Origin::Malloc, "{region:x?}");
+    assert_eq!(s.nonce, hello.nonce);
+    assert_eq!(s.ns_pid, pid);
+    assert_eq!(s.parent_nonce, 0, "exec'd, not forked");
+    assert!(s.blocks >= 1 && s.block_bytes >= size, "{s:?}");
+    assert!(
+        covered(pid, ptr, size),
+        "the agent would not see the buffer"
+    );
 
     let (status, rest) = p.finish(T);
     assert!(status.success(), "{status:?} {rest:?}");
@@ -103,34 +120,45 @@ fn hook_contracts_hold_with_and_without_shim() {
     assert_eq!(outputs[2], outputs[0]);
 }
 
-/// A `shim_driver` under the shim, connected and resynced with `agent`.
-fn driver(agent: &HarnessAgent) -> (Interactive, usize) {
+/// A `shim_driver` under the shim, its Hello answered, and its channel.
+fn driver(agent: &HarnessAgent) -> (Interactive, ShimChannel) {
     let mut p = Interactive::spawn(&mut command(compile("shim_driver"), &on(agent)));
     let pid = num_field(&p.cmd("pid", T), "pid") as u32;
     assert_eq!(pid, p.pid());
-    let idx = agent.wait_synced(pid, T);
-    (p, idx)
+    agent.wait_hello(pid, T);
+    let ch = ShimChannel::wait(pid, T);
+    ch.wait_for("verdict TRACK", T, |s| {
+        (s.verdict == verdict::TRACK).then_some(())
+    });
+    (p, ch)
 }
 
 /// Allocates with `cmd` (a `shim_driver` command yielding `ptr=`), then checks: the pointer is
-/// page-aligned and registered with origin Malloc covering `size` bytes, the content written
-/// is what `/proc/PID/mem` shows, and `free` removes the region.
+/// page-aligned, counted as a shim block of at least `size` bytes, covered by what the agent
+/// reads of the maps, the content written is what `/proc/PID/mem` shows, and `free` gives the
+/// block back (count and `map_gen`).
 fn check_alloc_hook(cmd: &str, size: u64, align: u64) {
     let agent = HarnessAgent::start();
-    let (mut p, idx) = driver(&agent);
+    let (mut p, ch) = driver(&agent);
+    let before = ch.snapshot();
     let r = p.cmd(cmd, T);
     let ptr = num_field(&r, "ptr");
     assert_ne!(ptr, 0, "{cmd}: {r}");
     assert_eq!(ptr % align.max(page_size()), 0, "{cmd}: {r}");
     assert!(num_field(&r, "usable") >= size, "{cmd}: {r}");
-    let (start, len, origin) = agent.wait_for(&format!("{cmd}: region at {ptr:#x}"), T, |s| {
-        s.clients[idx].region_containing(ptr)
-    });
+    let after = ch.snapshot();
+    assert_eq!(after.blocks, before.blocks + 1, "{cmd}");
     assert!(
-        ptr + size <= start + len,
-        "{cmd}: region {start:#x}+{len:#x}"
+        after.block_bytes >= before.block_bytes + size,
+        "{cmd}: {} -> {}",
+        before.block_bytes,
+        after.block_bytes
     );
-    assert_eq!(origin, Origin::Malloc, "{cmd}");
+    assert!(
+        after.map_gen > before.map_gen,
+        "{cmd}: map_gen did not move"
+    );
+    assert!(covered(p.pid(), ptr, size), "{cmd}: not covered");
     if cmd.starts_with("calloc") {
         assert_eq!(p.cmd(&format!("zero {ptr} {size}"), T), "zero=1");
     }
@@ -143,12 +171,9 @@ fn check_alloc_hook(cmd: &str, size: u64, align: u64) {
         num_field(&r, "usable")
     );
     assert_eq!(p.cmd(&format!("free {ptr}"), T), "ok");
-    agent.wait_for(&format!("{cmd}: region at {ptr:#x} removed"), T, |s| {
-        s.clients[idx]
-            .region_containing(ptr)
-            .is_none()
-            .then_some(())
-    });
+    let freed = ch.snapshot();
+    assert_eq!(freed.blocks, before.blocks, "{cmd}: free");
+    assert_eq!(freed.block_bytes, before.block_bytes, "{cmd}: free");
     let (status, _) = p.finish(T);
     assert!(status.success());
 }
@@ -196,32 +221,39 @@ fn hook_realloc_from_null() {
 }
 
 #[test]
-fn hook_realloc_grow_shrink_keeps_content_and_registry() {
+fn hook_realloc_grow_shrink_keeps_content_and_records_the_move() {
     let agent = HarnessAgent::start();
-    let (mut p, idx) = driver(&agent);
+    let (mut p, ch) = driver(&agent);
     let a = num_field(&p.cmd("malloc 100000", T), "ptr");
     p.cmd(&format!("fill {a} 100000 9"), T);
     let want = fill_pattern(100000, 9);
-    // grow: the region is the new block, content kept.
+    let before = ch.snapshot();
+    // grow: the block moves or grows in place (mremap), content kept, and the move is recorded
+    // for the agent with its exact addresses.
     let r = p.cmd(&format!("realloc {a} 3000000"), T);
     let b = num_field(&r, "ptr");
     assert_eq!(b % page_size(), 0, "{r}");
     assert_eq!(procfs::read_mem(p.pid(), b, 100000), want);
-    agent.wait_for("grown region registered", T, |s| {
-        let c = &s.clients[idx];
-        let (start, len, _) = c.region_containing(b)?;
-        let old_gone = a == b || c.region_containing(a).is_none();
-        (start <= b && b + 3000000 <= start + len && old_gone).then_some(())
-    });
-    // shrink below the threshold: back to glibc, the region goes away, the prefix stays.
+    let s = ch.snapshot();
+    assert_eq!(s.moves_head, before.moves_head + 1);
+    let m = s.moves[((s.moves_head - 1) % 16) as usize];
+    assert_eq!(
+        m,
+        (
+            s.moves_head,
+            a,
+            100000u64.div_ceil(4096) * 4096,
+            b,
+            3000000u64.div_ceil(4096) * 4096
+        )
+    );
+    assert_eq!(s.blocks, before.blocks);
+    assert!(covered(p.pid(), b, 3000000));
+    // shrink below the threshold: back to glibc, the block goes, the prefix stays.
     let r = p.cmd(&format!("realloc {b} 1000"), T);
     let c = num_field(&r, "ptr");
     assert_eq!(procfs::read_mem(p.pid(), c, 1000), want[..1000]);
-    agent.wait_for("shrunk block unregistered", T, |s| {
-        let cl = &s.clients[idx];
-        (cl.region_containing(b).is_none() || b == c && cl.region_containing(c).is_some())
-            .then_some(())
-    });
+    assert_eq!(ch.snapshot().blocks, before.blocks - 1);
     assert_eq!(p.cmd(&format!("free {c}"), T), "ok");
     assert!(p.finish(T).0.success());
 }
@@ -229,8 +261,9 @@ fn hook_realloc_grow_shrink_keeps_content_and_registry() {
 #[test]
 fn hook_reallocarray_overflow_is_enomem_and_keeps_block() {
     let agent = HarnessAgent::start();
-    let (mut p, idx) = driver(&agent);
+    let (mut p, ch) = driver(&agent);
     let a = num_field(&p.cmd("malloc 200000", T), "ptr");
+    let blocks = ch.snapshot().blocks;
     let sum = p.cmd(&format!("fill {a} 200000 5"), T);
     let r = p.cmd(&format!("reallocarray {a} {} 2", u64::MAX / 2 + 2), T);
     assert_eq!(num_field(&r, "ptr"), 0, "{r}");
@@ -238,15 +271,17 @@ fn hook_reallocarray_overflow_is_enomem_and_keeps_block() {
     assert_eq!(p.cmd(&format!("sum {a} 200000"), T), sum);
     let r = p.cmd(&format!("reallocarray {a} {} 16", u64::MAX / 8), T);
     assert_eq!(num_field(&r, "ptr"), 0, "{r}");
-    // Events reach the agent asynchronously: a later block's registration is the barrier
-    // after which a (wrong) removal of `a` would already have arrived.
-    let b = num_field(&p.cmd("malloc 300000", T), "ptr");
-    agent.wait_for("later block registered", T, |s| {
-        s.clients[idx].region_containing(b)
-    });
-    assert!(agent.state().clients[idx].region_containing(a).is_some());
-    assert_eq!(p.cmd(&format!("free {b}"), T), "ok");
+    assert_eq!(
+        ch.snapshot().blocks,
+        blocks,
+        "the block is still a shim block"
+    );
+    assert_eq!(
+        num_field(&p.cmd(&format!("usable {a}"), T), "usable"),
+        200000u64.div_ceil(4096) * 4096
+    );
     assert_eq!(p.cmd(&format!("free {a}"), T), "ok");
+    assert_eq!(ch.snapshot().blocks, blocks - 1);
     assert!(p.finish(T).0.success());
 }
 
@@ -269,76 +304,106 @@ fn hook_malloc_usable_size_on_both_kinds_of_pointer() {
     assert!(p.finish(T).0.success());
 }
 
+/// mmap, munmap and mremap each move `map_gen` (so the agent re-reads the maps), and an mremap
+/// is recorded with its addresses; what the maps then show is what the agent covers.
 #[test]
-fn hook_mmap_munmap_mremap_events() {
+fn hook_mmap_munmap_mremap_bump_map_gen_and_record_moves() {
     let agent = HarnessAgent::start();
-    let (mut p, idx) = driver(&agent);
+    let (mut p, ch) = driver(&agent);
+    let pid = p.pid();
     let kib = 1024u64;
-    let wait_view = |what: &str, want: &dyn Fn(&ksmplus_tests::agent::RegionMap) -> bool| {
-        agent.wait_for(what, T, |s| want(&s.clients[idx].regions()).then_some(()))
-    };
-    let region = |m: &ksmplus_tests::agent::RegionMap, s: u64| m.get(&s).copied();
-
+    let gen = |ch: &ShimChannel| ch.snapshot().map_gen;
+    let g0 = gen(&ch);
     let a = num_field(&p.cmd(&format!("mmap {}", 1024 * kib), T), "ptr");
-    wait_view("mmap registered", &|m| {
-        region(m, a) == Some((1024 * kib, Origin::Mmap))
-    });
+    let g1 = gen(&ch);
+    assert!(g1 > g0, "mmap");
+    assert!(covered(pid, a, 1024 * kib));
     let b = num_field(&p.cmd(&format!("mmap64 {}", 512 * kib), T), "ptr");
-    wait_view("mmap64 registered", &|m| {
-        region(m, b) == Some((512 * kib, Origin::Mmap))
-    });
-    // Below the threshold: not registered.
-    let small = num_field(&p.cmd("mmap 16384", T), "ptr");
-
-    // Partial munmap in the middle cuts the region in two.
+    let g2 = gen(&ch);
+    assert!(g2 > g1, "mmap64");
+    assert!(covered(pid, b, 512 * kib));
     let r = p.cmd(&format!("munmap {} {}", a + 256 * kib, 128 * kib), T);
     assert_eq!(num_field(&r, "ret"), 0);
-    wait_view("partial munmap split the region", &|m| {
-        region(m, a) == Some((256 * kib, Origin::Mmap))
-            && region(m, a + 384 * kib) == Some((640 * kib, Origin::Mmap))
-    });
-    // mremap the tail piece to 2 MiB (may move).
+    let g3 = gen(&ch);
+    assert!(g3 > g2, "munmap");
+    assert!(covered(pid, a, 256 * kib) && covered(pid, a + 384 * kib, 640 * kib));
+    assert!(!covered(pid, a + 256 * kib, 128 * kib));
+    let before = ch.snapshot().moves_head;
     let r = p.cmd(
         &format!("mremap {} {} {}", a + 384 * kib, 640 * kib, 2048 * kib),
         T,
     );
     let c = num_field(&r, "ptr");
     assert_ne!(c, 0, "{r}");
+    let s = ch.snapshot();
+    assert!(s.map_gen > g3, "mremap");
+    assert_eq!(s.moves_head, before + 1);
+    assert_eq!(
+        s.moves[(before % 16) as usize],
+        (before + 1, a + 384 * kib, 640 * kib, c, 2048 * kib)
+    );
     p.cmd(&format!("fill {c} {} 1", 2048 * kib), T);
-    wait_view("mremap resized the region", &|m| {
-        region(m, c) == Some((2048 * kib, Origin::Mmap))
-            && (c == a + 384 * kib || region(m, a + 384 * kib).is_none())
-    });
-    assert!(agent.state().clients[idx]
-        .messages
-        .iter()
-        .any(|m| matches!(m, Message::RegionResized { .. })));
-    for (ptr, len) in [
-        (a, 256 * kib),
-        (b, 512 * kib),
-        (c, 2048 * kib),
-        (small, 16384),
-    ] {
+    assert!(covered(pid, c, 2048 * kib));
+    for (ptr, len) in [(a, 256 * kib), (b, 512 * kib), (c, 2048 * kib)] {
         assert_eq!(
             num_field(&p.cmd(&format!("munmap {ptr} {len}"), T), "ret"),
             0
         );
     }
-    wait_view("every mapping removed", &|m| {
-        m.values().all(|&(_, o)| o != Origin::Mmap)
-    });
-    let c = &agent.state().clients[idx];
-    let seqs = c.seqs();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "seqs not increasing: {seqs:?}"
-    );
-    assert!(
-        !c.messages.iter().any(|m| matches!(m,
-            Message::RegionAdded { start, .. } if *start == small)),
-        "a 16 KiB mmap was registered"
-    );
+    assert!(!covered(pid, c, 2048 * kib));
     drop(p);
+}
+
+/// A forked child — by fork() or by a raw clone that runs no atfork handler — gets its own
+/// channel at the same address (wiped on fork, re-initialised by its first hook): a new nonce,
+/// its parent's as `parent_nonce`, the fork flag, and one ring of the family doorbell. It says
+/// no Hello (it may be sandboxed): the agent finds it through the doorbell.
+fn fork_child_gets_its_own_channel(how: &str) {
+    let agent = HarnessAgent::start();
+    let prog = compile("shim_forkchild");
+    let mut p = Interactive::spawn(command(&prog, &on(&agent)).arg(how));
+    let parent = num_field(&p.line(T), "pid") as u32;
+    let pch = ShimChannel::wait(parent, T);
+    let pnonce = pch.snapshot().nonce;
+    let line = p.line(T);
+    let child = num_field(&line, "pid") as u32;
+    assert_ne!(child, parent, "{line}");
+    let cch = ShimChannel::wait(child, T);
+    assert_eq!(cch.addr, pch.addr, "fork keeps addresses");
+    assert_eq!(cch.doorbell, pch.doorbell);
+    let s: Snapshot = cch.snapshot();
+    assert_ne!(s.nonce, pnonce);
+    assert_eq!(s.parent_nonce, pnonce);
+    assert_eq!(s.ns_pid, child);
+    assert!(s.flags & flag::FORK_CHILD != 0);
+    assert_eq!(
+        s.verdict,
+        verdict::PENDING,
+        "the agent decides, not the parent's verdict"
+    );
+    assert_eq!(
+        s.blocks,
+        pch.snapshot().blocks + 1,
+        "its own block counted on its page"
+    );
+    assert_eq!(pch.rings(), 1, "one ring of the shared doorbell");
+    // The parent's Hello is in (a barrier: the harness records asynchronously), the child's not.
+    agent.wait_hello(parent, T);
+    assert!(agent.state().hellos_of(child).is_empty());
+    assert_eq!(agent.state().hellos.len(), 1);
+    let (status, rest) = p.finish(T);
+    assert!(status.success());
+    assert_eq!(rest, ["done status=0"]);
+}
+
+#[test]
+fn fork_child_gets_its_own_channel_fork() {
+    fork_child_gets_its_own_channel("fork");
+}
+
+#[test]
+fn fork_child_gets_its_own_channel_raw_clone() {
+    fork_child_gets_its_own_channel("clone");
 }
 
 #[test]
@@ -368,10 +433,12 @@ fn stress_threads_mixed_allocations() {
     assert!(text.contains("ok ops=1600000"), "{text}");
     eprintln!("stress: {:?} RSS per round {rss:?} KiB", out.elapsed);
     agent.wait_for("a Hello (was the shim loaded?)", T, |s| {
-        s.clients.iter().any(|c| c.hello.is_some()).then_some(())
+        (!s.hellos.is_empty()).then_some(())
     });
 }
 
+/// 1000 forks under allocation load, every 10th exec'ing /bin/true: no deadlock, and exactly
+/// the exec'd children say Hello (the others ring the doorbell instead).
 #[test]
 fn forks_and_execs_under_allocation_load_do_not_deadlock() {
     let agent = HarnessAgent::start();
@@ -387,28 +454,34 @@ fn forks_and_execs_under_allocation_load_do_not_deadlock() {
         out.stdout_str(),
         ksmplus_tests::process::tail(&out.stderr)
     );
-    let st = agent.state();
-    let parent = out_pid_children(&st);
-    eprintln!("fork: {:?}; {parent} child clients said Hello", out.elapsed);
+    let count = |comm: &str| {
+        agent
+            .state()
+            .hellos
+            .iter()
+            .filter(|h| h.hello.comm == comm)
+            .count()
+    };
+    agent.wait_for("100 Hellos from the exec'd children", T, |s| {
+        (s.hellos.iter().filter(|h| h.hello.comm == "true").count() == 100).then_some(())
+    });
+    assert_eq!(
+        count(&expected_comm(&prog)),
+        1,
+        "only the parent; fork children do not say Hello"
+    );
+    assert!(
+        agent.state().errors.is_empty(),
+        "{:?}",
+        agent.state().errors
+    );
 }
 
-fn out_pid_children(st: &ksmplus_tests::AgentState) -> usize {
-    st.clients
-        .iter()
-        .filter(|c| {
-            c.hello
-                .as_ref()
-                .is_some_and(|h| h.comm.starts_with("shim_fork"))
-        })
-        .count()
-}
-
-/// Regression test for a registry race (fails with the shim as of this commit): `realloc` that
-/// moves a shim block via `mremap(MREMAP_MAYMOVE)` lets the kernel reuse the old address at once,
-/// but the old registry entry is removed only afterwards. Another thread's fresh block at that
-/// address then sees a stale length from `malloc_usable_size` (here 128 KiB for a 132+ KiB
-/// request), and the late `TABLE.remove(old)` may remove the *new* owner's entry instead, after
-/// which its `free` goes to glibc with a pointer glibc never gave out.
+/// Regression test for a registry race: `realloc` that moves a shim block via
+/// `mremap(MREMAP_MAYMOVE)` lets the kernel reuse the old address at once, but the old registry
+/// entry used to be removed only afterwards. Another thread's fresh block at that address then
+/// saw a stale length from `malloc_usable_size`, and the late removal could remove the *new*
+/// owner's entry instead.
 #[test]
 fn realloc_move_does_not_corrupt_other_threads_blocks() {
     let prog = compile("shim_realloc_race");

@@ -1,5 +1,5 @@
 //! With ksmd running: the thesis program's 20 MiB buffer, page-aligned by the shim and marked
-//! MERGEABLE through the agent protocol, merges (≥ 99 % of its 5120 pages); and what the same
+//! MERGEABLE through its channel page (as the agent does), merges (≥ 99 % of its 5120 pages); and what the same
 //! program gets without the shim, marking its own page-rounded range.
 //!
 //! Measured finding (printed, not asserted): without the shim the buffer starts 16 bytes into
@@ -9,11 +9,11 @@
 //! between processes, not for this workload.
 //!
 //! Needs root and /sys/kernel/mm/ksm; skips otherwise unless KSMPLUS_REQUIRE_KSM=1.
-use ksmplus_common::protocol::{Advice, Origin, Status};
+use ksmplus_common::channel::{op, Command};
 use ksmplus_tests::shim::command;
 use ksmplus_tests::{
     compile, field, num_field, page_size, poll_until, procfs, require_ksm, HarnessAgent,
-    Interactive, KsmdGuard, ShimMode,
+    Interactive, KsmdGuard, ShimChannel, ShimMode,
 };
 use std::time::{Duration, Instant};
 
@@ -39,15 +39,15 @@ fn thesis_program_merges_under_the_shim() {
         let (ptr, size) = (num_field(&line, "ptr"), num_field(&line, "size"));
         assert_eq!(ptr % page_size(), 0, "{line}");
         assert_eq!(size / page_size(), PAGES);
-        let idx = agent.wait_synced(p.pid(), T);
-        let (start, len, origin) = agent.wait_for("buffer registered", T, |s| {
-            s.clients[idx].region_containing(ptr)
-        });
-        assert_eq!(origin, Origin::Malloc);
-        assert_eq!(
-            agent.madvise(idx, start, len, Advice::Mergeable, T),
-            Status::Ok
-        );
+        agent.wait_hello(p.pid(), T);
+        let ch = ShimChannel::wait(p.pid(), T);
+        let seq = ch.post(&[Command {
+            op: op::MERGEABLE,
+            start: ptr,
+            len: size,
+        }]);
+        // The program now waits on stdin: the wake-up signal gets the batch executed.
+        assert_eq!(ch.wait_done(seq, T, true), vec![0]);
         procs.push((p, line));
     }
     let t0 = Instant::now();

@@ -64,9 +64,9 @@ fn same_everywhere(comm: &str, code: i32, job: impl Fn(&ShimMode, &Path) -> (Run
         &format!("a Hello from a `{comm}` process (was the shim loaded?)"),
         Duration::from_secs(10),
         |st| {
-            st.clients
+            st.hellos
                 .iter()
-                .any(|c| c.hello.as_ref().is_some_and(|h| h.comm.starts_with(comm)))
+                .any(|h| h.hello.comm.starts_with(comm))
                 .then_some(())
         },
     );

@@ -151,11 +151,6 @@ fn main() {
     );
     println!(
         "\n{} shim clients said Hello to the harness agent during the run.",
-        agent
-            .state()
-            .clients
-            .iter()
-            .filter(|c| c.hello.is_some())
-            .count()
+        agent.state().hellos.len()
     );
 }

@@ -7,13 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Policy used by most tests: fast rounds, small regions, the workload tracked by name. The
-/// tests count the workload's own allocations exactly, so the heap and arenas (whose zero pages
-/// are real duplicates) are not covered; `cover_maps` (the default) is tested in agent_robust.
+/// Policy used by most tests: fast rounds, the workload tracked by name. The tests count the
+/// workload's own buffers (MiBs) exactly, so mappings under 1 MiB (the small heap, `.data`
+/// and `.bss`, whose pages are real duplicates between two runs of one program) are left out.
 pub const FAST_POLICY: &str = r#"
 track = ["agent_work"]
-min_region_bytes = 65536
-cover_maps = false
+min_region_bytes = 1048576
 [sampling]
 round_interval_ms = 200
 # The workloads memset their buffers before writing them: a recheck sooner than the fill takes
@@ -88,6 +87,13 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// The agent process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log(&self) -> String {
@@ -211,6 +217,14 @@ pub fn workload_named(name: &str) -> PathBuf {
         std::fs::rename(&tmp, &out).unwrap();
     }
     out
+}
+
+/// The status entry of process `pid` in a status reply.
+pub fn find(s: &Value, pid: u32) -> Option<&Value> {
+    s["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(pid as u64))
 }
 
 /// ksmd's `/sys/kernel/mm/ksm/full_scans`.
