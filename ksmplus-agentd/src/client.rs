@@ -40,7 +40,15 @@ pub struct Posted {
     /// Wake-up signals sent for it, and when the last was.
     pub wakes: u32,
     pub last_wake_ms: u64,
+    /// When to look at the channel again, and the current interval (doubling: a batch of an
+    /// idle program that cannot be woken must not make the agent spin).
+    pub check_ms: u64,
+    pub every_ms: u64,
 }
+
+/// First and longest interval between looks at a posted batch.
+pub const BATCH_POLL_MIN_MS: u64 = 5;
+pub const BATCH_POLL_MAX_MS: u64 = 2000;
 
 /// Whether the process's sandbox lets `madvise(MADV_MERGEABLE)` through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -87,6 +95,10 @@ pub struct Client {
     pub last: Snapshot,
     pub wakes_sent: u64,
     pub batches_done: u64,
+    /// Its key for the learned store (executable and flag names).
+    pub key: String,
+    /// Stack pointers of its threads (tid → sp), read once per thread while it was blocked.
+    pub stack_sps: std::collections::BTreeMap<u32, u64>,
     /// The shim's cached bytes as last seen, and since when unchanged: an idle program's cache
     /// of freed blocks is trimmed by command (no hook of its own will).
     pub cache_seen: (u64, u64),
@@ -162,6 +174,8 @@ impl Client {
                 wakes_sent: 0,
                 batches_done: 0,
                 cache_seen: (0, 0),
+                stack_sps: Default::default(),
+                key: String::new(),
             },
             maps,
         ))
@@ -254,6 +268,8 @@ impl Client {
             items,
             wakes: 0,
             last_wake_ms: 0,
+            check_ms: now + BATCH_POLL_MIN_MS,
+            every_ms: BATCH_POLL_MIN_MS,
         });
         Ok(true)
     }
@@ -273,6 +289,21 @@ impl Client {
                 .map(|(i, (item, _))| (*item, self.last.results.get(i).copied().unwrap_or(0)))
                 .collect(),
         )
+    }
+
+    /// Brings the known threads' stack pointers up to date (new threads read once they block,
+    /// gone ones forgotten): the mappings holding them are stacks, not covered.
+    pub fn refresh_stacks(&mut self, root: &Path) {
+        let pid = self.pid();
+        let tids = procfs::threads(root, pid);
+        self.stack_sps.retain(|t, _| tids.contains(t));
+        for tid in tids {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.stack_sps.entry(tid) {
+                if let Some(sp) = procfs::thread_sp(root, pid, tid) {
+                    e.insert(sp);
+                }
+            }
+        }
     }
 
     /// New covered ranges from the text of the maps: the engine events that turn `ranges` into
@@ -308,7 +339,8 @@ impl Client {
         // 2. The difference with what the maps say now.
         let lines = maps::parse(maps_text);
         let own = [(self.channel, self.channel + channel::CHANNEL_BYTES as u64)];
-        let cov = maps::coverage(&lines, min_len, &own);
+        let sps: Vec<u64> = self.stack_sps.values().copied().collect();
+        let cov = maps::coverage(&lines, min_len, &own, &sps);
         let removed = subtract(&self.ranges, &cov.ranges);
         for (s, e) in removed {
             events.push(Event::Removed {

@@ -95,9 +95,8 @@ pub fn edit_policy(path: &Path, app: &str, add: bool) -> Result<bool, String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, new).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    ksmplus_common::fsutil::write_atomic(path, new.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(true)
 }
 
@@ -186,6 +185,8 @@ pub fn coverage_of(c: &Client, vmas: &[SmapsVma]) -> Coverage {
             Some(Skip::Shim) => add("shim", b),
             Some(Skip::Small) => add("small", b),
             None if v.perms.ends_with('s') => add("shared", b),
+            // Copy-on-write pages of read-only file mappings (relocated pointers: RELRO).
+            None if v.name.starts_with('/') => add("file", b),
             None => add("other", b),
         }
     }
@@ -194,8 +195,14 @@ pub fn coverage_of(c: &Client, vmas: &[SmapsVma]) -> Coverage {
     cov
 }
 
-fn marking(c: &Client) -> (&'static str, String) {
+fn marking(c: &Client, inherited_merge_any: bool) -> (&'static str, String) {
     match c.sandbox {
+        Sandbox::Refuses(e) if inherited_merge_any && !c.merge_any => (
+            "merge-any",
+            format!(
+                "its sandbox refuses KSM advice (errno {e}); merged as a whole (merge-any inherited from the fork server)"
+            ),
+        ),
         Sandbox::Refuses(e) if c.merge_any => (
             "merge-any",
             format!("its sandbox refuses KSM advice (errno {e}); merged as a whole"),
@@ -245,7 +252,7 @@ fn status(agent: &mut Agent) -> StatusReply {
                 cv
             })
             .unwrap_or_default();
-        let (m, note) = marking(c);
+        let (m, note) = marking(c, k.merge_any);
         let s = &c.last;
         tot.processes += 1;
         tot.regions += st.regions;

@@ -573,12 +573,7 @@ pub enum Outcome {
 fn write_atomic(path: &Path, text: &str) -> Result<(), DesktopError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(ioe(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.ksmplus-tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    std::fs::write(&tmp, text).map_err(ioe(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(ioe(path))
+    ksmplus_common::fsutil::write_atomic(path, text.as_bytes()).map_err(ioe(path))
 }
 
 fn move_file(from: &Path, to: &Path) -> Result<(), DesktopError> {

@@ -23,6 +23,9 @@ struct Args {
     /// Check the policy file, print the effective policy and exit
     #[arg(long)]
     check_policy: bool,
+    /// What the agent learns and keeps across runs [default: $XDG_STATE_HOME/ksmplus/learned]
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 fn main() {
@@ -51,6 +54,12 @@ fn main() {
         policy_path,
         root: PathBuf::from("/"),
         seed,
+        state: args.state.or_else(|| {
+            ksmplus_agentd::learned::default_path(
+                std::env::var("XDG_STATE_HOME").ok().as_deref(),
+                std::env::var("HOME").ok().as_deref(),
+            )
+        }),
     };
     let mut agent = match Agent::new(opts, policy) {
         Ok(a) => a,

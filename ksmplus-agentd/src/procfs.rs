@@ -357,6 +357,7 @@ pub struct Status {
     pub sig_ign: u64,
     /// The pid in each namespace, outermost first (`NSpid:`).
     pub nspid: Vec<u32>,
+    pub threads: u32,
 }
 
 /// Parses the text of a `status` file.
@@ -387,6 +388,7 @@ pub fn parse_status(text: &str) -> Status {
                     .filter_map(|x| x.parse().ok())
                     .collect()
             }
+            "Threads" => s.threads = v.parse().unwrap_or(0),
             _ => {}
         }
     }
@@ -431,6 +433,17 @@ pub fn thread_state(root: &Path, pid: u32, tid: u32) -> Option<ThreadState> {
         syscall,
         sig_blk,
     })
+}
+
+/// A blocked thread's stack pointer, from `/proc/PID/task/TID/syscall` (`nr args… sp pc`, or
+/// `-1 sp pc`); `None` while it runs (`running`) or when unreadable.
+pub fn thread_sp(root: &Path, pid: u32, tid: u32) -> Option<u64> {
+    let t = std::fs::read_to_string(root.join(format!("proc/{pid}/task/{tid}/syscall"))).ok()?;
+    let f: Vec<&str> = t.split_whitespace().collect();
+    if f.len() < 3 {
+        return None;
+    }
+    u64::from_str_radix(f[f.len() - 2].trim_start_matches("0x"), 16).ok()
 }
 
 /// The children of every thread of a process (`/proc/PID/task/TID/children`).
@@ -482,14 +495,48 @@ mod tests {
 
     #[test]
     fn status_parses_the_fields_the_agent_uses() {
-        let t = "Name:\tx\nPPid:\t7\nUid:\t1001\t1001\t1001\t1001\nNSpid:\t9584\t14\t1\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000400000\nSeccomp:\t2\n";
+        let t = "Name:\tx\nThreads:\t3\nPPid:\t7\nUid:\t1001\t1001\t1001\t1001\nNSpid:\t9584\t14\t1\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000400000\nSeccomp:\t2\n";
         let s = parse_status(t);
         assert_eq!(s.ppid, 7);
+        assert_eq!(s.threads, 3);
         assert_eq!(s.uid, 1001);
         assert_eq!(s.seccomp, 2);
         assert_eq!(s.nspid, vec![9584, 14, 1]);
         assert_eq!(s.sig_cgt, 1 << 22, "SIGURG (23) is bit 22");
         assert_eq!(s.sig_ign, 1 << 12);
+    }
+
+    #[test]
+    fn a_blocked_thread_of_this_process_shows_its_stack_pointer() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<u32>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+            ready_tx.send(tid).unwrap();
+            let _ = rx.recv();
+        });
+        let tid = ready_rx.recv().unwrap();
+        let root = Path::new("/");
+        let pid = std::process::id();
+        let mut sp = None;
+        for _ in 0..200 {
+            sp = thread_sp(root, pid, tid);
+            if sp.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let sp = sp.expect("a blocked thread has a stack pointer");
+        let maps = read_maps(root, pid).unwrap();
+        let lines = ksmplus_common::maps::parse(&maps);
+        let m = lines
+            .iter()
+            .find(|m| m.start <= sp && sp < m.end)
+            .expect("sp is mapped");
+        assert!(m.perms.starts_with("rw"), "{m:?}");
+        tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     #[test]

@@ -133,9 +133,8 @@ pub fn install(dir: &Path, agentd: &Path) -> Result<Installed, String> {
         return Ok(Installed::Unchanged(path));
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = dir.join(format!(".{UNIT_NAME}.tmp"));
-    std::fs::write(&tmp, &text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    ksmplus_common::fsutil::write_atomic(&path, text.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(if old.is_some() {
         Installed::Replaced(path)
     } else {

@@ -3,10 +3,12 @@
 //! - [`channel`]: the per-process channel page and family doorbell (shim ↔ agent ABI);
 //! - [`protocol`]: the socket protocol (a shim's Hello, control requests) and its one framing;
 //! - [`names`]: program names, and the default exclusion list every mode honours;
+//! - [`fsutil`]: the one atomic-write helper;
 //! - [`maps`]: the one `/proc/PID/maps` parser and what of it ksmplus covers;
 //! - [`ksm`]: KSM's sysfs and procfs files; [`policy`] (feature `policy`): the policy file;
 //!   [`status`] (feature `policy`): the control channel's typed requests and replies.
 pub mod channel;
+pub mod fsutil;
 pub mod ksm;
 pub mod maps;
 pub mod names;

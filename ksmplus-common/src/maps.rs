@@ -5,9 +5,9 @@
 //! PartitionAlloc super pages, JavaScript heaps, also when read-only), and the copy-on-write
 //! pages of writable file mappings (`.data`, `.bss`) — coalesced where they touch, in ranges of
 //! at least `min_len` bytes. Left out, each with a [`Skip`] reason that `ksmplusctl status`
-//! shows: stacks (`[stack]`, and a mapping right above a ≤ 1 MiB PROT_NONE guard, as thread
-//! stacks are laid out), the shim's own pages, and pieces smaller than `min_len`. Shared
-//! mappings and PROT_NONE reservations hold nothing KSM can merge.
+//! shows: stacks (`[stack]`, and the mappings holding a thread's stack pointer — a guard-page
+//! heuristic mistakes allocators' guarded pools for stacks), the shim's own pages, and pieces
+//! smaller than `min_len`. Shared mappings and PROT_NONE reservations hold nothing KSM can merge.
 //!
 //! Pure functions over text; reading the file is the caller's business.
 
@@ -83,7 +83,7 @@ fn parse_line(l: &str) -> Option<MapLine<'_>> {
 /// Why a private anonymous writable mapping is not covered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Skip {
-    /// `[stack]` or a thread stack (right above a small PROT_NONE guard).
+    /// `[stack]` or a thread stack (the mapping holding a thread's stack pointer).
     Stack,
     /// The shim's own memory (its `.bss`: registry, cache bookkeeping; its channel page).
     Shim,
@@ -100,9 +100,6 @@ impl Skip {
         }
     }
 }
-
-/// Largest PROT_NONE guard that marks a thread stack right above it.
-const MAX_GUARD: u64 = 1 << 20;
 
 /// The result of classifying a maps file.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -122,9 +119,11 @@ fn is_shim_file(m: &MapLine) -> bool {
             .is_some_and(|b| b.starts_with("libksmplus"))
 }
 
-/// Classifies the private anonymous writable mappings of `lines` (see the module doc).
-/// `own` are extra ranges to treat as the shim's (its channel page).
-pub fn coverage(lines: &[MapLine], min_len: u64, own: &[(u64, u64)]) -> Coverage {
+/// Classifies the mappings of `lines` that may hold anonymous pages (see the module doc).
+/// `own` are extra ranges to treat as the shim's (its channel page); `stacks` are addresses
+/// known to be inside a thread's stack (its stack pointer): the mappings holding them are
+/// stacks.
+pub fn coverage(lines: &[MapLine], min_len: u64, own: &[(u64, u64)], stacks: &[u64]) -> Coverage {
     let mut cov = Coverage::default();
     // Candidate pieces before coalescing: (start, end).
     let mut pieces: Vec<(u64, u64)> = Vec::new();
@@ -134,12 +133,8 @@ pub fn coverage(lines: &[MapLine], min_len: u64, own: &[(u64, u64)]) -> Coverage
         }
         let prev = i.checked_sub(1).map(|j| &lines[j]);
         let touches = |p: &&MapLine| p.end == m.start;
-        let thread_stack = m.is_private_anon()
-            && m.perms.starts_with("rw")
-            && m.name != "[heap]"
-            && prev
-                .filter(touches)
-                .is_some_and(|p| p.perms.starts_with("---") && p.len() <= MAX_GUARD);
+        let thread_stack =
+            m.is_private_anon() && stacks.iter().any(|&sp| m.start <= sp && sp < m.end);
         let skip = if m.name == "[stack]" || m.name.starts_with("[stack:") || thread_stack {
             Some(Skip::Stack)
         } else if is_shim_file(m)
@@ -205,7 +200,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         let l = parse(MAPS);
         assert_eq!(l.len(), 15);
         assert_eq!(l[1].name, "[heap]");
-        let c = coverage(&l, 64 * 1024, &[]);
+        let c = coverage(&l, 64 * 1024, &[], &[0x7f0000010100]);
         assert_eq!(
             c.ranges,
             vec![
@@ -228,8 +223,21 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
             c.skipped
         );
         assert_eq!(shim_data(&l), vec![(0x7f5000010000, 0x7f5000012000)]);
-        let c = coverage(&l, 64 * 1024, &[(0x7f3000100000, 0x7f3000101000)]);
+        let c = coverage(&l, 64 * 1024, &[(0x7f3000100000, 0x7f3000101000)], &[]);
         assert!(!c.ranges.contains(&(0x7f3000000000, 0x7f3000200000)));
+    }
+
+    #[test]
+    fn a_guarded_pool_is_not_a_stack_unless_a_thread_runs_on_it() {
+        let m = "\
+7f0000000000-7f0000002000 ---p 00000000 00:00 0 
+7f0000002000-7f0000200000 rw-p 00000000 00:00 0 
+";
+        let l = parse(m);
+        assert_eq!(coverage(&l, 64 * 1024, &[], &[]).ranges.len(), 1);
+        let c = coverage(&l, 64 * 1024, &[], &[0x7f00001fff00]);
+        assert!(c.ranges.is_empty());
+        assert_eq!(c.skipped[0].2, Skip::Stack);
     }
 
     #[test]
@@ -242,7 +250,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 4000000-4100000 rw-s 00000000 00:01 9                          /dev/zero (deleted)
 5000000-6000000 ---p 00000000 00:00 0 
 ";
-        let c = coverage(&parse(m), 64 * 1024, &[]);
+        let c = coverage(&parse(m), 64 * 1024, &[], &[]);
         assert_eq!(
             c.ranges,
             vec![(0x1000000, 0x1100000), (0x2000000, 0x2200000)]

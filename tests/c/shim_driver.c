@@ -18,6 +18,8 @@
  *   sigurg take       install the program's own SIGURG handler (old one saved) -> ret=R urgs=N
  *   sigurg restore    put the saved SIGURG disposition back                     -> ret=R urgs=N
  *   sigurg count      SIGURGs the program's handler saw                         -> ret=0 urgs=N
+ *   sigurg default    signal(SIGURG, SIG_DFL)                                   -> ret=R urgs=N
+ *   sigurg query      the disposition the program sees (dfl, ign or handler)    -> is=X
  *   exit                                                  -> (exits 0)
  */
 #define _GNU_SOURCE
@@ -125,6 +127,13 @@ int main(void) {
                 r = sigaction(SIGURG, &sa, &saved_urg);
             } else if (argv[1] && !strcmp(argv[1], "restore")) {
                 r = sigaction(SIGURG, &saved_urg, NULL);
+            } else if (argv[1] && !strcmp(argv[1], "default")) {
+                r = signal(SIGURG, SIG_DFL) == SIG_ERR ? -1 : 0;
+            } else if (argv[1] && !strcmp(argv[1], "query")) {
+                struct sigaction cur;
+                sigaction(SIGURG, NULL, &cur);
+                printf("is=%s\n", cur.sa_handler == SIG_DFL ? "dfl" : cur.sa_handler == SIG_IGN ? "ign" : "handler");
+                continue;
             }
             printf("ret=%d urgs=%d\n", r, (int)urgs);
         }

@@ -311,14 +311,24 @@ fn bad_commands_are_refused_with_an_errno() {
     drop(p);
 }
 
-/// A program that takes the wake-up signal over: the channel says so before the change takes
-/// effect, so the agent stops using it; putting ours back makes it usable again.
+/// The wake-up handler is invisible: the program sees SIGURG at its default, and resetting the
+/// default (as Firefox's fork server does in its children) keeps it. A program that takes the
+/// signal over: the channel says so before the change takes effect, so the agent stops using
+/// it; putting the default back makes it usable again.
 #[test]
 fn a_program_taking_the_signal_over_is_never_sent_it() {
     let (_agent, mut p, ch) = tracked();
     let s = ch.snapshot();
     assert_eq!(s.signal, libc::SIGURG as u32);
     assert_eq!(s.flags & flag::SIGNAL_LOST, 0);
+    assert_eq!(p.cmd("sigurg query", T), "is=dfl");
+    assert_eq!(p.cmd("sigurg default", T), "ret=0 urgs=0");
+    assert_eq!(p.cmd("sigurg query", T), "is=dfl");
+    let s = ch.snapshot();
+    assert_eq!(
+        (s.signal, s.flags & flag::SIGNAL_LOST),
+        (libc::SIGURG as u32, 0)
+    );
     let st = ksmplus_agentd::procfs::read_status(Path::new("/"), p.pid()).unwrap();
     assert!(
         st.sig_cgt & (1 << (libc::SIGURG - 1)) != 0,
@@ -330,7 +340,9 @@ fn a_program_taking_the_signal_over_is_never_sent_it() {
     assert_eq!(s.signal, 0);
     // The agent's wake-up refuses now.
     assert!(ksmplus_agentd::wake::wake(Path::new("/"), p.pid(), &s).is_err());
+    assert_eq!(p.cmd("sigurg query", T), "is=handler");
     assert_eq!(p.cmd("sigurg restore", T), "ret=0 urgs=0");
+    assert_eq!(p.cmd("sigurg query", T), "is=dfl");
     let s = ch.snapshot();
     assert_eq!(s.flags & flag::SIGNAL_LOST, 0, "ours again: {s:?}");
     assert_eq!(s.signal, libc::SIGURG as u32);

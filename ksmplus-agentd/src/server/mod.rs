@@ -51,6 +51,9 @@ pub const WAKE_AGAIN_MS: u64 = 1000;
 pub const MAX_WAKES: u32 = 5;
 /// How often a family's doorbell is read, and its process tree walked without a ring.
 pub const DOORBELL_MS: u64 = 500;
+/// For its first [`YOUNG_FAMILY_MS`], a family's doorbell is read every [`DOORBELL_YOUNG_MS`].
+pub const YOUNG_FAMILY_MS: u64 = 10_000;
+pub const DOORBELL_YOUNG_MS: u64 = 100;
 pub const FAMILY_WALK_MS: u64 = 5000;
 /// Kernel feedback pace.
 pub const FEEDBACK_MS: u64 = 1000;
@@ -69,6 +72,8 @@ pub struct Options {
     pub root: PathBuf,
     /// Seed of the sampling PRNG.
     pub seed: u64,
+    /// Where the agent keeps what it learned across runs (`None`: in memory only).
+    pub state: Option<PathBuf>,
 }
 
 /// Counters shown by `status` (besides the socket's own).
@@ -95,6 +100,7 @@ pub struct Dormant {
 /// Processes sharing a doorbell (an exec'd process and everything forked from it).
 #[derive(Clone, Debug)]
 pub struct Family {
+    pub born_ms: u64,
     pub doorbell: u64,
     pub channel: u64,
     pub rings_seen: u64,
@@ -137,6 +143,7 @@ pub struct Agent {
     pub fallback: BTreeMap<ClientId, u32>,
     /// Parents with at least one child that accepts marks: parent client → how many.
     allowing: BTreeMap<ClientId, u32>,
+    pub learned: crate::learned::Learned,
 }
 
 static SIG_WRITE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
@@ -210,7 +217,9 @@ impl Agent {
             coverage_at: 0,
             fallback: BTreeMap::new(),
             allowing: BTreeMap::new(),
+            learned: crate::learned::Learned::default(),
         };
+        a.learned = crate::learned::Learned::load(a.opts.state.clone());
         if a.uid == 0 {
             a.tunables.apply(&a.policy.ksmd);
         }
@@ -332,12 +341,7 @@ impl Agent {
         }
         for c in self.clients.values() {
             if let Some(p) = &c.posted {
-                let t = if p.wakes == 0 {
-                    p.at_ms + WAKE_AFTER_MS
-                } else {
-                    p.last_wake_ms + WAKE_AGAIN_MS
-                };
-                at(t.min(now + 10).max(now + 1));
+                at(p.check_ms.max(now + 1));
             } else if !c.queue.is_empty() {
                 at(now);
             }
@@ -348,7 +352,12 @@ impl Agent {
             });
         }
         for f in self.families.values() {
-            at(grid(f.doorbell_at.min(f.walk_at)));
+            let t = f.doorbell_at.min(f.walk_at);
+            at(if now < f.born_ms + YOUNG_FAMILY_MS {
+                t
+            } else {
+                grid(t)
+            });
         }
         if !self.clients.is_empty() && self.engine.has_marked() {
             at(grid(self.feedback_at));
@@ -386,9 +395,18 @@ impl Agent {
     }
 
     fn on_hello(&mut self, pid: u32, hello: Hello) {
-        if self.by_pid.contains_key(&pid) {
-            return;
+        if let Some(&id) = self.by_pid.get(&pid) {
+            // The same pid after an exec: the old image's channel is gone.
+            let stale = self
+                .clients
+                .get_mut(&id)
+                .is_none_or(|c| c.refresh().is_none() || c.nonce != hello.nonce);
+            if !stale {
+                return;
+            }
+            self.remove_client(id, "exec'd");
         }
+        self.dormant.remove(&pid);
         let id = self.new_id();
         match Client::adopt(&self.root(), id, pid, hello.channel, Some(hello.nonce)) {
             Ok((mut c, maps)) => {
@@ -463,6 +481,7 @@ impl Agent {
         self.dormant.remove(&pid);
         self.engine.add_client(id, pid, &c.comm, c.page_size, now);
         let min = self.engine.config().min_region_bytes;
+        c.refresh_stacks(&self.root());
         for ev in c.maps_events(maps_text, min) {
             self.engine.on_event(id, ev, now);
         }
@@ -472,8 +491,20 @@ impl Agent {
             // Does its sandbox let KSM advice through? Learn it before sampling pays nothing.
             c.queue_op(Item::Probe);
         }
+        c.key = crate::learned::key_of(&self.root(), pid, &c.exe);
+        if self.policy.sandbox_fallback == SandboxFallback::MergeAny
+            && c.seccomp == 0
+            && self.learned.is_fork_server(&c.key)
+        {
+            info!(
+                "pid {pid}: a fork server whose children refuse marks (learned): merge-any for them"
+            );
+            c.queue_op(Item::MergeAny(true));
+            self.fallback.insert(id, 0);
+        }
         if c.family != 0 {
             let f = self.families.entry(c.family).or_insert_with(|| Family {
+                born_ms: now,
                 doorbell: c.doorbell,
                 channel: c.channel,
                 rings_seen: 0,
@@ -593,7 +624,13 @@ impl Agent {
                         .map(|()| u64::from_ne_bytes(b))
                 });
                 let f = self.families.get_mut(&key).unwrap();
-                f.doorbell_at = now + DOORBELL_MS;
+                // A young family forks its first children now: look more often.
+                f.doorbell_at = now
+                    + if now < f.born_ms + YOUNG_FAMILY_MS {
+                        DOORBELL_YOUNG_MS
+                    } else {
+                        DOORBELL_MS
+                    };
                 if let Some(r) = rings {
                     if r != f.rings_seen {
                         f.rings_seen = r;
@@ -697,8 +734,8 @@ impl Agent {
         let mut gone = Vec::new();
         for id in ids {
             let c = self.clients.get_mut(&id).unwrap();
-            let batch = c.posted.is_some();
-            if !batch && now < c.check_at_ms {
+            let batch_due = c.posted.as_ref().is_some_and(|p| now >= p.check_ms);
+            if !batch_due && now < c.check_at_ms {
                 continue;
             }
             if c.refresh().is_none() {
@@ -709,23 +746,35 @@ impl Agent {
                 self.batch_done(id, results, now);
             }
             let c = self.clients.get_mut(&id).unwrap();
+            let (cpid, snap) = (c.pid(), &c.last);
             if let Some(p) = c.posted.as_mut() {
-                let due = if p.wakes == 0 {
+                let wake_due = if p.wakes == 0 {
                     p.at_ms + WAKE_AFTER_MS
                 } else {
                     p.last_wake_ms + WAKE_AGAIN_MS
                 };
-                if now >= due && p.wakes < MAX_WAKES {
+                p.check_ms = now + p.every_ms;
+                p.every_ms = (p.every_ms * 2).min(crate::client::BATCH_POLL_MAX_MS);
+                if now >= wake_due && p.wakes < MAX_WAKES {
                     p.wakes += 1;
                     p.last_wake_ms = now;
-                    match crate::wake::wake(&root, c.pid(), &c.last) {
+                    match crate::wake::wake(&root, cpid, snap) {
                         Ok(tid) => {
-                            c.wakes_sent += 1;
                             self.stats.wakes += 1;
-                            debug!("pid {}: woke thread {tid}", c.pid());
+                            // Look again soon: the handler runs at once.
+                            p.check_ms = now + crate::client::BATCH_POLL_MIN_MS;
+                            p.every_ms = crate::client::BATCH_POLL_MIN_MS;
+                            debug!("pid {cpid}: woke thread {tid}");
                         }
-                        Err(why) => debug!("pid {}: no wake-up: {why:?}", c.pid()),
+                        Err(why) => debug!("pid {cpid}: no wake-up: {why:?}"),
                     }
+                }
+                if p.wakes < MAX_WAKES {
+                    p.check_ms = p.check_ms.min(if p.wakes == 0 {
+                        p.at_ms + WAKE_AFTER_MS
+                    } else {
+                        p.last_wake_ms + WAKE_AGAIN_MS
+                    });
                 }
             }
             let c = self.clients.get_mut(&id).unwrap();
@@ -737,6 +786,7 @@ impl Agent {
                     c.maps_read_ms = now;
                     match procfs::read_maps(&root, c.pid()) {
                         Ok(text) if c.proc.alive() => {
+                            c.refresh_stacks(&root);
                             let evs = c.maps_events(&text, min);
                             let busy = !evs.is_empty();
                             for ev in evs {
@@ -837,10 +887,27 @@ impl Agent {
         // Only a parent without a seccomp filter (prctl is refused, or fatal, under one), and
         // none of whose children accepted marks (Firefox's fork server starts content
         // processes that accept marks, and a few utility processes that do not).
-        let st = procfs::read_status(&root, parent.pid()).unwrap_or_default();
-        if st.seccomp != 0 || self.allowing.contains_key(&pid_c) {
+        // And only a fork server: single-threaded (Chromium's zygote), not a program that
+        // happens to fork one sandboxed helper (Firefox's parent forks its socket process):
+        // merge-any applies to the parent's own memory too.
+        let st = match procfs::read_status(&root, parent.pid()) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("pid {}: status: {e}", parent.pid());
+                return;
+            }
+        };
+        if st.seccomp != 0 || st.threads != 1 || self.allowing.contains_key(&pid_c) {
+            debug!(
+                "pid {}: no merge-any fallback (seccomp {}, {} threads, {} children accept marks)",
+                parent.pid(),
+                st.seccomp,
+                st.threads,
+                self.allowing.get(&pid_c).copied().unwrap_or(0)
+            );
             return;
         }
+        let key = parent.key.clone();
         let n = self.fallback.entry(pid_c).or_insert(0);
         *n += 1;
         if *n == 1 && !parent.merge_any {
@@ -850,6 +917,7 @@ impl Agent {
             );
             parent.queue_op(Item::MergeAny(true));
         }
+        self.learned.set_fork_server(&key, true);
     }
 
     /// A child that accepts marks: a parent switched to merge-any for its children goes back.
@@ -863,6 +931,7 @@ impl Agent {
         *self.allowing.entry(p).or_insert(0) += 1;
         if self.fallback.remove(&p).is_some() {
             if let Some(parent) = self.clients.get_mut(&p) {
+                self.learned.set_fork_server(&parent.key, false);
                 info!(
                     "pid {}: a child accepts marks: merge-any off again",
                     parent.pid()

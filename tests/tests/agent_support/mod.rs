@@ -66,6 +66,8 @@ impl Agent {
             .arg(&self.socket)
             .arg("--policy")
             .arg(&self.policy)
+            .arg("--state")
+            .arg(self.dir.path().join("state/learned"))
             .arg("-vv")
             .env_remove("KSMPLUS_LOG")
             .stdin(Stdio::null())
