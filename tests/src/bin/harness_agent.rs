@@ -1,7 +1,8 @@
 //! `harness-agent SOCKET [track|ignore|silent]`: runs a [`HarnessAgent`] on SOCKET, prints
-//! `listening`, then `accepted=N` each time a connection comes in; when stdin closes it prints
-//! `hellos=N` (Hellos received) and `errors=N` (connections without a valid Hello). Tests start
-//! it as another user (e.g. nobody) to check how shims treat a foreign agent.
+//! `listening`, then `accepted=N` each time a connection comes in and `hello pid=P uid=U
+//! comm=C` for each Hello received; when stdin closes it prints `hellos=N` (Hellos received) and
+//! `errors=N` (connections without a valid Hello). Tests start it as another user (e.g. nobody)
+//! to check how shims treat a foreign agent, or as the user of a sandboxed program.
 use ksmplus_tests::{HarnessAgent, HelloAnswer};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,14 +27,22 @@ fn main() {
     let done = Arc::new(AtomicBool::new(false));
     let (a, d) = (agent.clone(), done.clone());
     let watcher = std::thread::spawn(move || {
-        let mut seen = 0;
+        let (mut seen, mut hellos) = (0, 0);
         while !d.load(Ordering::SeqCst) {
-            let n = a.state().accepted;
-            if n > seen {
-                seen = n;
-                println!("accepted={n}");
-                let _ = std::io::stdout().flush();
+            let st = a.state();
+            if st.accepted > seen {
+                seen = st.accepted;
+                println!("accepted={seen}");
             }
+            for h in &st.hellos[hellos..] {
+                println!(
+                    "hello pid={} uid={} comm={}",
+                    h.peer.pid, h.peer.uid, h.hello.comm
+                );
+            }
+            hellos = st.hellos.len();
+            drop(st);
+            let _ = std::io::stdout().flush();
             std::thread::sleep(Duration::from_millis(20));
         }
     });
