@@ -3,7 +3,8 @@
 //! None of this needs ksmd: marking is the agent's decision, merging is the kernel's.
 mod agent_support;
 use agent_support::{Agent, FAST_POLICY};
-use ksmplus_tests::{num_field, procfs};
+use ksmplus_common::channel::{flag, verdict};
+use ksmplus_tests::{num_field, procfs, Interactive, ShimChannel, ShimMode};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -72,6 +73,110 @@ fn untracked_program_goes_dormant_and_excluded_program_is_never_marked() {
         assert!(p.finish(T).0.success());
     }
 }
+
+/// The VMAs of `pid` marked MERGEABLE, anywhere in its address space.
+fn mergeable_vmas(pid: u32) -> Vec<String> {
+    procfs::smaps(pid)
+        .iter()
+        .filter(|v| v.has_flag("mg"))
+        .map(|v| format!("{v:?}"))
+        .collect()
+}
+
+/// Issue 11 #5, the mode without an agent: `KSMPLUS_MADVISE_ALL=1` marks every large region of
+/// a program (here `agent_work` under its own name: its 4 MiB buffer is marked), but not one
+/// region of the same program named `ssh-agent`, which is on the default exclusion list: its
+/// shim is dormant, no VMA has the `mg` flag and the kernel says `ksm_mergeable: no`.
+#[test]
+fn default_exclusion_holds_in_madvise_all_mode() {
+    for (name, excluded) in [("agent_work", false), ("ssh-agent", true)] {
+        let exe = agent_support::workload_named(name);
+        let mode = ShimMode::On {
+            socket: "/nonexistent/ksmplus/agent.sock".into(),
+        };
+        let mut cmd = ksmplus_tests::shim::command(&exe, &mode);
+        cmd.env("KSMPLUS_MADVISE_ALL", "1").args(["dense", "4"]);
+        let mut p = Interactive::spawn(&mut cmd);
+        let line = p.line(T);
+        let pid = p.pid();
+        let a = num_field(&line, "a");
+        let ch = ShimChannel::wait(pid, T);
+        let flags = ch.snapshot().flags;
+        let k = procfs::ksm_stat(pid);
+        if excluded {
+            assert_ne!(flags & flag::DORMANT, 0, "{name}: shim not dormant");
+            assert_eq!(flags & flag::MADVISE_ALL, 0, "{name}");
+            assert_eq!(mergeable_vmas(pid), Vec::<String>::new(), "{name}");
+            assert!(!k.mergeable, "{name}: {k:?}");
+        } else {
+            assert_ne!(flags & flag::MADVISE_ALL, 0, "{name}");
+            assert!(any_mergeable(pid, a, 4 << 20), "{name}: buffer not marked");
+            assert!(k.mergeable, "{name}: {k:?}");
+        }
+        assert!(p.finish(T).0.success(), "{name}");
+    }
+}
+
+/// Issue 11 #5, the tracked mode: an agent with `track_all = true` and the default exclusion
+/// list tracks and marks `agent_work`, and never tracks nor marks the same program named
+/// `ssh-agent` (its pages are the same as the marked ones, so only the exclusion stops it).
+///
+/// The agent and both programs run as a uid of their own (when the tests run as root): a
+/// `track_all` agent adopts every process of its uid with the shim loaded, and root's would
+/// track the programs of every other test running at the same time.
+#[test]
+fn default_exclusion_holds_for_a_track_all_agent() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = (unsafe { libc::geteuid() } == 0).then_some(TRACK_ALL_UID);
+    let policy = FAST_POLICY
+        .replace("track = [\"agent_work\"]", "track_all = true")
+        .replace(
+            "unmerge_after_full_scans = 3",
+            "unmerge_after_full_scans = 1000000",
+        );
+    let agent = Agent::start_as(&policy, uid);
+    let s = agent.status();
+    assert_eq!(s["policy"]["track_all"], true, "{s}");
+    assert!(
+        s["policy"]["exclude"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|n| n == "ssh-agent")),
+        "{s}"
+    );
+    let (secret, ls) = agent.workload("ssh-agent", &["dense", "4"]);
+    let (work, lw) = agent.workload("agent_work", &["dense", "4"]);
+    agent.wait("agent_work marked", T, |s| {
+        find(s, work.pid())
+            .filter(|p| u(&p["marked_bytes"]) >= 4 << 20)
+            .map(|_| ())
+    });
+    assert!(any_mergeable(work.pid(), num_field(&lw, "a"), 4 << 20));
+    let s = agent.wait("ssh-agent refused as excluded", T, |s| {
+        (u(&s["agent"]["excluded"]) >= 1).then(|| s.clone())
+    });
+    assert!(find(&s, secret.pid()).is_none(), "{s}");
+    assert_eq!(u(&s["agent"]["excluded"]), 1, "{}", s["agent"]);
+    let ch = ShimChannel::wait(secret.pid(), T);
+    ch.wait_for("ssh-agent's verdict IGNORE", T, |c| {
+        (c.verdict == verdict::IGNORE).then_some(())
+    });
+    // A few more rounds of the agent (it marks what it tracks within them), then nothing of
+    // ssh-agent is marked.
+    let w = agent.wait("two more rounds on agent_work", T, |s| {
+        find(s, work.pid()).map(|p| u(&p["fingerprinted_pages"]))
+    });
+    agent.wait("agent_work sampled again", T, |s| {
+        find(s, work.pid()).and_then(|p| (u(&p["fingerprinted_pages"]) > w).then_some(()))
+    });
+    assert_eq!(mergeable_vmas(secret.pid()), Vec::<String>::new());
+    assert!(!any_mergeable(secret.pid(), num_field(&ls, "a"), 4 << 20));
+    assert!(!procfs::ksm_stat(secret.pid()).mergeable);
+    assert!(secret.finish(T).0.success());
+    assert!(work.finish(T).0.success());
+}
+
+/// A uid no account uses, for [`default_exclusion_holds_for_a_track_all_agent`].
+const TRACK_ALL_UID: u32 = 64_977;
 
 #[test]
 fn volatile_pages_are_never_marked() {

@@ -31,10 +31,23 @@ pub struct Agent {
     pub policy: PathBuf,
     pub child: Option<Child>,
     log: PathBuf,
+    /// The agent, `ksmplusctl` and the workloads run as this uid ([`Agent::start_as`]).
+    uid: Option<u32>,
 }
 
 impl Agent {
     pub fn start(policy: &str) -> Agent {
+        Agent::start_as(policy, None)
+    }
+
+    /// [`Agent::start`] with the agent, every `ksmplusctl` call and every [`Agent::workload`]
+    /// run as `uid` (needs root), from copies in the agent's world-readable directory.
+    ///
+    /// Why: an agent adopts at start every process of its uid that has the shim loaded
+    /// (root's: every such process on the machine), whatever socket it was started for. A
+    /// `track_all` agent of root would mark the programs of every other test and benchmark
+    /// running at the same time; one of a uid of its own sees only its own programs.
+    pub fn start_as(policy: &str, uid: Option<u32>) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("ksmplus-agent-test")
             .tempdir()
@@ -43,15 +56,50 @@ impl Agent {
         let policy_path = dir.path().join("config/policy.toml");
         std::fs::create_dir_all(policy_path.parent().unwrap()).unwrap();
         std::fs::write(&policy_path, policy).unwrap();
+        if let Some(uid) = uid {
+            use std::os::unix::fs::PermissionsExt;
+            let d = dir.path();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+            for sub in ["run", "state", "bin"] {
+                std::fs::create_dir_all(d.join(sub)).unwrap();
+                std::os::unix::fs::chown(d.join(sub), Some(uid), Some(uid)).unwrap();
+            }
+            for (name, from) in [
+                ("ksmplus-agentd", bin("ksmplus-agentd")),
+                ("ksmplusctl", bin("ksmplusctl")),
+                ("libksmplus.so", ksmplus_tests::shim_lib()),
+            ] {
+                std::fs::copy(from, d.join("bin").join(name)).unwrap();
+            }
+        }
         let mut a = Agent {
             log: dir.path().join("agent.log"),
             dir,
             socket,
             policy: policy_path,
             child: None,
+            uid,
         };
         a.spawn();
         a
+    }
+
+    /// A workspace binary (or the shim): the copy the agent's uid can run, or the build's.
+    fn tool(&self, name: &str) -> PathBuf {
+        match self.uid {
+            Some(_) => self.dir.path().join("bin").join(name),
+            None if name == "libksmplus.so" => ksmplus_tests::shim_lib(),
+            None => bin(name),
+        }
+    }
+
+    /// Runs `cmd` as the agent's uid, if it has one.
+    fn as_user<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        if let Some(uid) = self.uid {
+            std::os::unix::process::CommandExt::uid(cmd, uid);
+            std::os::unix::process::CommandExt::gid(cmd, uid);
+        }
+        cmd
     }
 
     /// Starts (again) the agent process on the same socket and policy.
@@ -61,7 +109,8 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin("ksmplus-agentd"))
+        let child = self
+            .as_user(&mut Command::new(self.tool("ksmplus-agentd")))
             .arg("--socket")
             .arg(&self.socket)
             .arg("--policy")
@@ -112,7 +161,7 @@ impl Agent {
     }
 
     fn try_ctl(&self, args: &[&str]) -> Option<Output> {
-        Command::new(bin("ksmplusctl"))
+        self.as_user(&mut Command::new(self.tool("ksmplusctl")))
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -180,9 +229,17 @@ impl Agent {
 
     /// Runs `agent_work ARGS` (under the name `name`) under the shim, returning it and its line.
     pub fn workload(&self, name: &str, args: &[&str]) -> (Interactive, String) {
-        let exe = workload_named(name);
-        let mut cmd = ksmplus_tests::shim::command(&exe, &self.shim());
-        cmd.args(args);
+        let mut exe = workload_named(name);
+        if self.uid.is_some() {
+            let copy = self.dir.path().join("bin").join(name);
+            if !copy.is_file() {
+                std::fs::copy(&exe, &copy).unwrap();
+            }
+            exe = copy;
+        }
+        let mut cmd = Command::new(&exe);
+        self.shim().apply(&mut cmd, &self.tool("libksmplus.so"));
+        self.as_user(&mut cmd).args(args);
         let mut p = Interactive::spawn(&mut cmd);
         let line = p.line(Duration::from_secs(60));
         (p, line)
