@@ -340,7 +340,7 @@ impl Client {
         let lines = maps::parse(maps_text);
         let own = [(self.channel, self.channel + channel::CHANNEL_BYTES as u64)];
         let sps: Vec<u64> = self.stack_sps.values().copied().collect();
-        let cov = maps::coverage(&lines, min_len, &own, &sps);
+        let cov = maps::coverage(&lines, min_len, &own, &sps, &self.last.cache);
         let removed = subtract(&self.ranges, &cov.ranges);
         for (s, e) in removed {
             events.push(Event::Removed {

@@ -184,6 +184,7 @@ pub fn coverage_of(c: &Client, vmas: &[SmapsVma]) -> Coverage {
             Some(Skip::Stack) => add("stack", b),
             Some(Skip::Shim) => add("shim", b),
             Some(Skip::Small) => add("small", b),
+            Some(Skip::Cache) => add("cache", b),
             None if v.perms.ends_with('s') => add("shared", b),
             // Copy-on-write pages of read-only file mappings (relocated pointers: RELRO).
             None if v.name.starts_with('/') => add("file", b),

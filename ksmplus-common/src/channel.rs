@@ -45,6 +45,8 @@ pub const DOORBELL_BYTES: usize = 4096;
 pub const MAX_CMDS: usize = 64;
 /// mremap records kept (a ring).
 pub const MAX_MOVES: usize = 16;
+/// Pieces of the shim's cache of freed blocks published in the page (its slot count).
+pub const CACHE_PIECES: usize = 32;
 
 /// `channel.verdict`, written by the agent.
 pub mod verdict {
@@ -128,6 +130,14 @@ pub struct Counters {
     pub _pad: AtomicU32,
 }
 
+/// A freed block the shim keeps for reuse (`len` 0: empty). Its pages are garbage to the
+/// program: the agent does not sample them.
+#[repr(C)]
+pub struct CachedPiece {
+    pub addr: AtomicU64,
+    pub len: AtomicU64,
+}
+
 /// The channel page. See the module invariants for who writes what.
 #[repr(C, align(4096))]
 pub struct Channel {
@@ -168,6 +178,8 @@ pub struct Channel {
     pub moves_head: AtomicU64,
     pub moves: [Move; MAX_MOVES],
     pub counters: Counters,
+    /// The shim's cache of freed blocks, mirrored after every change.
+    pub cache: [CachedPiece; CACHE_PIECES],
 }
 
 const _: () = assert!(core::mem::size_of::<Channel>() == CHANNEL_BYTES);
@@ -236,6 +248,8 @@ pub struct Snapshot {
     pub moves_head: u64,
     /// `(seq, old, old_len, new, new_len)` of every ring entry.
     pub moves: Vec<(u64, u64, u64, u64, u64)>,
+    /// The shim's cached freed blocks `(addr, len)`.
+    pub cache: Vec<(u64, u64)>,
     pub blocks: u64,
     pub block_bytes: u64,
     pub registry_full: u64,
@@ -286,6 +300,13 @@ impl Snapshot {
             })
             .collect();
         let k = offset_of!(Channel, counters);
+        let cache = (0..CACHE_PIECES)
+            .map(|i| {
+                let base = offset_of!(Channel, cache) + i * core::mem::size_of::<CachedPiece>();
+                (c(base), c(base + 8))
+            })
+            .filter(|&(_, l)| l > 0)
+            .collect();
         Some(Snapshot {
             magic: c(offset_of!(Channel, magic)),
             version: w(offset_of!(Channel, version)),
@@ -305,6 +326,7 @@ impl Snapshot {
             map_gen: c(offset_of!(Channel, map_gen)),
             moves_head: c(offset_of!(Channel, moves_head)),
             moves,
+            cache,
             blocks: c(k + offset_of!(Counters, blocks)),
             block_bytes: c(k + offset_of!(Counters, block_bytes)),
             registry_full: c(k + offset_of!(Counters, registry_full)),

@@ -89,6 +89,8 @@ pub enum Skip {
     Shim,
     /// A piece smaller than the region threshold.
     Small,
+    /// A freed block the shim keeps for reuse: garbage until a program allocation reuses it.
+    Cache,
 }
 
 impl Skip {
@@ -97,6 +99,7 @@ impl Skip {
             Skip::Stack => "stack",
             Skip::Shim => "shim",
             Skip::Small => "small",
+            Skip::Cache => "cache",
         }
     }
 }
@@ -122,8 +125,14 @@ fn is_shim_file(m: &MapLine) -> bool {
 /// Classifies the mappings of `lines` that may hold anonymous pages (see the module doc).
 /// `own` are extra ranges to treat as the shim's (its channel page); `stacks` are addresses
 /// known to be inside a thread's stack (its stack pointer): the mappings holding them are
-/// stacks.
-pub fn coverage(lines: &[MapLine], min_len: u64, own: &[(u64, u64)], stacks: &[u64]) -> Coverage {
+/// stacks. Ranges in `cache` (the shim's freed blocks) are cut out of what is covered.
+pub fn coverage(
+    lines: &[MapLine],
+    min_len: u64,
+    own: &[(u64, u64)],
+    stacks: &[u64],
+    cache: &[(u64, u64)],
+) -> Coverage {
     let mut cov = Coverage::default();
     // Candidate pieces before coalescing: (start, end).
     let mut pieces: Vec<(u64, u64)> = Vec::new();
@@ -153,15 +162,36 @@ pub fn coverage(lines: &[MapLine], min_len: u64, own: &[(u64, u64)], stacks: &[u
             },
         }
     }
+    let mut cache: Vec<(u64, u64)> = cache
+        .iter()
+        .filter(|&&(_, l)| l > 0)
+        .map(|&(a, l)| (a, a.saturating_add(l)))
+        .collect();
+    cache.sort_unstable();
     for (s, e) in pieces {
-        if e - s >= min_len {
-            cov.ranges.push((s, e));
-        } else {
-            cov.skipped.push((s, e, Skip::Small));
+        // Cut the cached pieces out.
+        let mut cur = s;
+        for &(cs, ce) in cache.iter().filter(|&&(cs, ce)| cs < e && ce > s) {
+            if cs > cur {
+                keep(&mut cov, cur, cs, min_len);
+            }
+            cov.skipped.push((cs.max(s), ce.min(e), Skip::Cache));
+            cur = cur.max(ce);
+        }
+        if cur < e {
+            keep(&mut cov, cur, e, min_len);
         }
     }
     cov.skipped.sort_unstable();
     cov
+}
+
+fn keep(cov: &mut Coverage, s: u64, e: u64, min_len: u64) {
+    if e - s >= min_len {
+        cov.ranges.push((s, e));
+    } else {
+        cov.skipped.push((s, e, Skip::Small));
+    }
 }
 
 /// The writable mappings of the shim library's file (where its `.data` and anchor are).
@@ -200,7 +230,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         let l = parse(MAPS);
         assert_eq!(l.len(), 15);
         assert_eq!(l[1].name, "[heap]");
-        let c = coverage(&l, 64 * 1024, &[], &[0x7f0000010100]);
+        let c = coverage(&l, 64 * 1024, &[], &[0x7f0000010100], &[]);
         assert_eq!(
             c.ranges,
             vec![
@@ -223,8 +253,15 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
             c.skipped
         );
         assert_eq!(shim_data(&l), vec![(0x7f5000010000, 0x7f5000012000)]);
-        let c = coverage(&l, 64 * 1024, &[(0x7f3000100000, 0x7f3000101000)], &[]);
+        let c = coverage(&l, 64 * 1024, &[(0x7f3000100000, 0x7f3000101000)], &[], &[]);
         assert!(!c.ranges.contains(&(0x7f3000000000, 0x7f3000200000)));
+        // A cached freed block inside the heap is cut out.
+        let c = coverage(&l, 64 * 1024, &[], &[], &[(0x55d0c1100000, 0x100000)]);
+        assert!(c.ranges.contains(&(0x55d0c1000000, 0x55d0c1100000)));
+        assert!(c.ranges.contains(&(0x55d0c1200000, 0x55d0c1400000)));
+        assert!(c
+            .skipped
+            .contains(&(0x55d0c1100000, 0x55d0c1200000, Skip::Cache)));
     }
 
     #[test]
@@ -234,8 +271,8 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 7f0000002000-7f0000200000 rw-p 00000000 00:00 0 
 ";
         let l = parse(m);
-        assert_eq!(coverage(&l, 64 * 1024, &[], &[]).ranges.len(), 1);
-        let c = coverage(&l, 64 * 1024, &[], &[0x7f00001fff00]);
+        assert_eq!(coverage(&l, 64 * 1024, &[], &[], &[]).ranges.len(), 1);
+        let c = coverage(&l, 64 * 1024, &[], &[0x7f00001fff00], &[]);
         assert!(c.ranges.is_empty());
         assert_eq!(c.skipped[0].2, Skip::Stack);
     }
@@ -250,7 +287,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 4000000-4100000 rw-s 00000000 00:01 9                          /dev/zero (deleted)
 5000000-6000000 ---p 00000000 00:00 0 
 ";
-        let c = coverage(&parse(m), 64 * 1024, &[], &[]);
+        let c = coverage(&parse(m), 64 * 1024, &[], &[], &[]);
         assert_eq!(
             c.ranges,
             vec![(0x1000000, 0x1100000), (0x2000000, 0x2200000)]

@@ -24,7 +24,7 @@
 use crate::sys;
 use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 
-const SLOTS: usize = 32;
+pub const SLOTS: usize = 32;
 pub const MAX_BYTES: usize = 64 << 20;
 /// The largest block kept, and the largest request served (see the module invariants).
 pub const MAX_PIECE: usize = 32 << 20;
@@ -235,6 +235,17 @@ impl Cache {
             && due != 0
         {
             self.trim();
+        }
+    }
+
+    /// Calls `f(slot, addr, len)` for every slot, `len` 0 for an empty one (a racing change
+    /// may be seen half-way: for a mirror that is refreshed after every change).
+    pub fn for_each_slot(&self, mut f: impl FnMut(usize, usize, usize)) {
+        for (i, s) in self.slots.iter().enumerate() {
+            match s.peek() {
+                Some((a, l)) => f(i, a, l),
+                None => f(i, 0, 0),
+            }
         }
     }
 

@@ -23,6 +23,7 @@ use ksmplus_common::channel::{
     flag, op, verdict, Anchor, Channel, Counters, Doorbell, ANCHOR_MAGIC, CHANNEL_BYTES,
     CHANNEL_MAGIC, CHANNEL_VERSION, DOORBELL_BYTES, DOORBELL_MAGIC, MAX_CMDS, MAX_MOVES,
 };
+const _: () = assert!(crate::cache::SLOTS == ksmplus_common::channel::CACHE_PIECES);
 
 /// Commands a hook executes per call.
 pub const HOOK_BUDGET: usize = 8;
@@ -264,12 +265,21 @@ fn apply_verdict(ch: &Channel, v: u32) {
     set_cache_bytes();
 }
 
-/// Mirrors the cache's size into the counters.
+/// Mirrors the cache into the channel: its size, and its pieces (freed blocks the agent must
+/// not sample: their pages are garbage until reused).
 #[inline]
 pub fn set_cache_bytes() {
-    if let Some(c) = counters() {
-        c.cache_bytes.store(CACHE.bytes() as u64, Relaxed);
-    }
+    let Some(ch) = channel() else { return };
+    ch.counters.cache_bytes.store(CACHE.bytes() as u64, Relaxed);
+    CACHE.for_each_slot(|i, a, l| {
+        if let Some(p) = ch.cache.get(i) {
+            if p.addr.load(Relaxed) != a as u64 || p.len.load(Relaxed) != l as u64 {
+                p.len.store(0, Relaxed);
+                p.addr.store(a as u64, Relaxed);
+                p.len.store(l as u64, Release);
+            }
+        }
+    });
 }
 
 /// Executes up to `budget` commands of the waiting batch. Returns at once if another thread is

@@ -110,11 +110,12 @@ fn release(addr: usize, len: usize) {
     if !CACHING.load(Relaxed) || !CACHE.put(addr, len) {
         // SAFETY: the registry entry was just removed, so this mapping is ours alone.
         let _ = unsafe { sys::munmap(addr, len) };
-        chan::bump_map_gen();
     } else {
         CACHE.maybe_trim(sys::now_ms());
     }
     chan::set_cache_bytes();
+    // Unmapped, or now a cached piece the agent stops sampling: either way its view changes.
+    chan::bump_map_gen();
     chan::touch();
 }
 

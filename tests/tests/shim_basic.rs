@@ -31,7 +31,7 @@ fn fill_pattern(n: usize, seed: u64) -> Vec<u8> {
 /// True if the agent, reading `pid`'s maps, would cover all of `[start, start+len)`.
 fn covered(pid: u32, start: u64, len: u64) -> bool {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    maps::coverage(&maps::parse(&text), MIN_REGION, &[], &[])
+    maps::coverage(&maps::parse(&text), MIN_REGION, &[], &[], &[])
         .ranges
         .iter()
         .any(|&(s, e)| s <= start && start + len <= e)
