@@ -157,6 +157,10 @@ pub struct Channel {
     pub doorbell: AtomicU64,
     /// The shim's large-allocation threshold.
     pub min_region: AtomicU64,
+    /// [`socket_hash`] of the agent socket the shim was started for: an agent adopts a process
+    /// it never heard a Hello from only if this is its own socket (several agents of one uid,
+    /// as tests and benchmarks run them, must not take each other's processes).
+    pub socket_hash: AtomicU64,
     // --- agent ---
     pub verdict: AtomicU32,
     pub _pad0: AtomicU32,
@@ -237,6 +241,7 @@ pub struct Snapshot {
     pub signal: u32,
     pub doorbell: u64,
     pub min_region: u64,
+    pub socket_hash: u64,
     pub verdict: u32,
     pub cmd_seq: u64,
     pub n_cmds: u32,
@@ -317,6 +322,7 @@ impl Snapshot {
             signal: w(offset_of!(Channel, signal)),
             doorbell: c(offset_of!(Channel, doorbell)),
             min_region: c(offset_of!(Channel, min_region)),
+            socket_hash: c(offset_of!(Channel, socket_hash)),
             verdict: w(offset_of!(Channel, verdict)),
             cmd_seq: c(offset_of!(Channel, cmd_seq)),
             n_cmds,
@@ -348,6 +354,11 @@ impl Snapshot {
     pub fn batch_done(&self) -> bool {
         self.done_seq == self.cmd_seq
     }
+}
+
+/// The identity of an agent socket path, as written in [`Channel::socket_hash`].
+pub fn socket_hash(path: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(path) | 1
 }
 
 /// Encodes a command batch as the bytes of `cmds[..n]` (results zeroed), for one write at

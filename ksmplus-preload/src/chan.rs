@@ -51,6 +51,8 @@ static FAMILY_IGNORED: AtomicBool = AtomicBool::new(false);
 /// Progress inside the current batch (only the thread holding `busy` touches these).
 static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
 static BATCH_POS: AtomicUsize = AtomicUsize::new(0);
+/// [`ksmplus_common::channel::socket_hash`] of the socket this shim was started for.
+pub static SOCKET_HASH: AtomicU64 = AtomicU64::new(0);
 /// The wake-up signal the handler is installed for (0: none); set by `wake`.
 pub static SIGNAL: AtomicU32 = AtomicU32::new(0);
 
@@ -127,6 +129,7 @@ fn fill(
     ch.signal.store(SIGNAL.load(Relaxed), Relaxed);
     ch.doorbell.store(bell, Relaxed);
     ch.min_region.store(min_region as u64, Relaxed);
+    ch.socket_hash.store(SOCKET_HASH.load(Relaxed), Relaxed);
     let mut f = 0;
     if madvise_all {
         f |= flag::MADVISE_ALL;

@@ -91,6 +91,19 @@ pub fn init() {
     let real = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };
     REAL_USABLE_SIZE.store(real as usize, Release);
     MIN_REGION.store(min_region, Relaxed);
+    let socket: String = env(c"KSMPLUS_SOCKET")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            ksmplus_common::default_socket_path(env(c"XDG_RUNTIME_DIR").as_deref(), uid)
+                .to_string_lossy()
+                .into_owned()
+        });
+    chan::SOCKET_HASH.store(
+        ksmplus_common::channel::socket_hash(socket.as_bytes()),
+        Relaxed,
+    );
     if madvise_all && names::excluded_by_default(&comm, &exe) {
         // The exclusion list holds in every mode: no agent decides here, so the shim does.
         log(&format!("{comm} is excluded: KSMPLUS_MADVISE_ALL ignored"));
@@ -117,15 +130,6 @@ pub fn init() {
     if madvise_all {
         return;
     }
-    let socket = env(c"KSMPLUS_SOCKET")
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| {
-            // SAFETY: getuid has no preconditions.
-            let uid = unsafe { libc::getuid() };
-            ksmplus_common::default_socket_path(env(c"XDG_RUNTIME_DIR").as_deref(), uid)
-                .to_string_lossy()
-                .into_owned()
-        });
     let hello = Hello {
         pid: sys::getpid(),
         // SAFETY: these getters have no preconditions.

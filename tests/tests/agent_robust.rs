@@ -460,3 +460,31 @@ fn agent_restart_while_programs_run() {
     assert_serves(&agent);
     assert!(w.finish(T).0.success());
 }
+
+/// Two agents of one uid (tests and benchmarks run several): an agent started later finds the
+/// other's programs in its start-up scan and leaves them alone — it adopts only programs whose
+/// shim was started for its own socket.
+#[test]
+fn an_agent_never_takes_another_agents_programs() {
+    let a = Agent::start(FAST_POLICY);
+    let (w, _) = a.workload("agent_work", &["dense", "4"]);
+    let pid = w.pid();
+    a.wait("the program tracked by the first agent", T, |s| {
+        agent_support::find(s, pid).map(|_| ())
+    });
+    let b = Agent::start(&FAST_POLICY.replace("track = [", "track_all = true\ntrack = ["));
+    // b's start-up scan has run once it answers; give its loop a few turns more.
+    let s = b.wait("the second agent's first status", T, |s| {
+        (u(&s["agent"]["uptime_ms"]) > 500).then(|| s.clone())
+    });
+    assert!(agent_support::find(&s, pid).is_none(), "{s}");
+    assert_eq!(u(&s["agent"]["adopted"]), 0, "{s}");
+    let s = a.status();
+    assert!(
+        agent_support::find(&s, pid).is_some(),
+        "the first agent lost it: {s}"
+    );
+    let ch = ShimChannel::wait(pid, T);
+    assert_eq!(ch.snapshot().verdict, verdict::TRACK);
+    assert!(w.finish(T).0.success());
+}

@@ -1,0 +1,113 @@
+//! Kernel feedback: ksmd's full scans and each marked run's `KSM:` kB decide what is unmarked.
+
+use super::state::*;
+use super::*;
+
+impl Engine {
+    /// Records ksmd's `full_scans` counter (read by the I/O layer). Runs marked since the last
+    /// call start counting their grace period from this value, so a stale counter never makes a
+    /// fresh run look old.
+    pub fn set_full_scans(&mut self, v: u64) {
+        self.full_scans = v;
+        for p in self.procs.values_mut() {
+            for r in p.regions.values_mut() {
+                for x in r.runs.iter_mut() {
+                    if let RunState::Marked {
+                        checked_at: c @ None,
+                        ..
+                    } = &mut x.state
+                    {
+                        *c = Some(v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marked runs due for a check against smaps (`unmerge_after_full_scans` scans since marked
+    /// or last seen merging). The caller reads the client's smaps and calls [`Engine::feedback`].
+    pub fn due_checks(&self) -> Vec<ClientId> {
+        let n = self.cfg.unmerge_after_full_scans.max(1);
+        self.procs
+            .iter()
+            .filter(|(_, p)| {
+                p.regions.values().any(|r| {
+                    r.runs.iter().any(|x| {
+                        matches!(x.state, RunState::Marked { checked_at: Some(c), .. }
+                            if self.full_scans > c + n)
+                    })
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Kernel feedback: the client's VMAs as `(start, end, ksm_kib)`. Due runs showing no merged
+    /// kB are marked UNMERGEABLE (freeing their rmap_items); merging ones are confirmed.
+    pub fn feedback(&mut self, id: ClientId, vmas: &[(u64, u64, u64)]) {
+        let n = self.cfg.unmerge_after_full_scans.max(1);
+        let scans = self.full_scans;
+        let Some(p) = self.procs.get_mut(&id) else {
+            return;
+        };
+        let ps = p.page_size;
+        let mut cmds = Vec::new();
+        for (s, r) in p.regions.iter_mut() {
+            let mut keep = Vec::new();
+            for mut x in r.runs.drain(..) {
+                if let RunState::Marked {
+                    checked_at: Some(c),
+                    ..
+                } = x.state
+                {
+                    // The scan in progress when the run was marked does not count.
+                    if scans > c + n {
+                        let (a, b) = (s + x.lo * ps, s + x.hi * ps);
+                        let over: Vec<_> = vmas.iter().filter(|v| v.0 < b && v.1 > a).collect();
+                        let ksm: u64 = over.iter().map(|v| v.2).sum();
+                        let kib: u64 = over.iter().map(|v| (v.1 - v.0) / 1024).sum();
+                        if ksm == 0 {
+                            cmds.push((a, b - a));
+                            r.rejected.push((x.lo, x.hi));
+                            p.stats.runs_unmarked += 1;
+                            continue;
+                        }
+                        // Mostly not merging (content changed after it was grown, e.g. a
+                        // buffer sampled while being initialised): unmark it to free its
+                        // rmap_items, and let sampling grow a tight run again from the
+                        // current content. A few times per region at most.
+                        if ksm * 2 < kib && r.loosened < MAX_LOOSEN {
+                            cmds.push((a, b - a));
+                            r.loosened += 1;
+                            p.stats.runs_loosened += 1;
+                            // The region's schedule starts over.
+                            r.rounds = 0;
+                            if matches!(r.phase, Phase::Waiting { .. }) {
+                                r.phase = Phase::Waiting { at: 0 };
+                            }
+                            continue;
+                        }
+                        x.state = RunState::Marked {
+                            checked_at: Some(scans),
+                            merged: true,
+                        };
+                    }
+                }
+                keep.push(x);
+            }
+            r.runs = keep;
+        }
+        for (start, len) in cmds {
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            self.out.push((
+                id,
+                Command::Madvise {
+                    id: self.next_id,
+                    start,
+                    len,
+                    advice: Advice::Unmergeable,
+                },
+            ));
+        }
+    }
+}

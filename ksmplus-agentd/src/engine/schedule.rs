@@ -1,0 +1,218 @@
+//! The schedule: due rounds start, sampling and growth commands are issued within the rate
+//! limits.
+
+use super::state::*;
+use super::*;
+
+impl Engine {
+    /// Runs the schedule: starts due rounds and issues fingerprint commands within the rate limits.
+    pub fn tick(&mut self, now: u64) {
+        self.global.refill(self.cfg.rate_total, now);
+        let ids: Vec<ClientId> = self
+            .procs
+            .range(self.rr..)
+            .chain(self.procs.range(..self.rr))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in ids {
+            self.rr = id + 1;
+            self.schedule_client(id, now);
+            if self.global.tokens == 0 {
+                break;
+            }
+        }
+    }
+
+    pub(super) fn chunk_limit(&self) -> u64 {
+        (MAX_FINGERPRINT_PAGES as u64)
+            .min((self.cfg.rate_client / 4).max(64))
+            .min(self.cfg.rate_total.max(1))
+    }
+
+    pub(super) fn schedule_client(&mut self, id: ClientId, now: u64) {
+        let limit = self.chunk_limit();
+        let (cfg_start, cfg_step, cfg_floor) = (self.cfg.start, self.cfg.step, self.cfg.floor);
+        let rate = self.cfg.rate_client;
+        let p = self.procs.get_mut(&id).unwrap();
+        if p.dormant || p.inflight.is_some() {
+            return;
+        }
+        p.bucket.refill(rate, now);
+        // Start due rounds, drop exhausted regions.
+        let mut dropped = Vec::new();
+        for (s, r) in p.regions.iter_mut() {
+            if let Phase::Waiting { at } = r.phase {
+                if now < at {
+                    continue;
+                }
+                let growing = p.grows.iter().any(|g| g.region == *s);
+                if r.rounds > 0 && r.coefficient <= cfg_floor && r.runs.is_empty() && !growing {
+                    r.phase = Phase::Dropped;
+                    dropped.push(*s);
+                    continue;
+                }
+                r.coefficient = if r.rounds == 0 {
+                    cfg_start
+                } else {
+                    r.coefficient.saturating_sub(cfg_step).max(cfg_floor)
+                };
+                r.rounds += 1;
+                // The gaps are known once the residency of the first piece is.
+                r.phase = Phase::Sampling {
+                    m: 0,
+                    next: 0,
+                    scan: 0,
+                    seen: 0,
+                };
+            }
+        }
+        let mut forgotten = Vec::new();
+        for s in dropped {
+            let r = p.regions.get_mut(&s).unwrap();
+            forgotten.extend(r.hashes.drain().map(|(_, h)| h));
+            p.stats.regions_dropped += 1;
+        }
+        let budget = limit.min(p.bucket.tokens).min(self.global.tokens);
+        let mut work: Option<Pending> = None;
+        if budget > 0 {
+            // Growth first: it finishes what sampling found.
+            while let Some(mut g) = p.grows.pop_front() {
+                let Some(r) = p.regions.get(&g.region).filter(|r| r.gen == g.gen) else {
+                    crate::debug!("client {id}: grow job for a replaced region dropped");
+                    continue;
+                };
+                // A seed already covered by a run grown from an earlier seed is done.
+                let fresh = g.lo == g.hi && !g.up_done && !g.down_done;
+                if fresh && (r.in_run(g.lo) || r.rejected(g.lo)) {
+                    continue;
+                }
+                let mut pages = Vec::new();
+                loop {
+                    if g.up_done && g.down_done {
+                        break;
+                    }
+                    let n = g.batch.min(budget);
+                    match g.dir {
+                        Dir::Up if !g.up_done => {
+                            let a = g.hi + 1;
+                            let b = (a + n).min(r.pages);
+                            if a >= b || r.in_run(a) {
+                                g.up_done = true;
+                                g.dir = Dir::Down;
+                                continue;
+                            }
+                            pages.extend((a..b).map(|i| g.region + i * p.page_size));
+                        }
+                        Dir::Down if !g.down_done => {
+                            if g.lo == 0 || r.in_run(g.lo - 1) {
+                                g.down_done = true;
+                                g.dir = Dir::Up;
+                                continue;
+                            }
+                            let b = g.lo.saturating_sub(n);
+                            pages.extend((b..g.lo).rev().map(|i| g.region + i * p.page_size));
+                        }
+                        _ => {
+                            g.dir = if g.dir == Dir::Up { Dir::Down } else { Dir::Up };
+                            continue;
+                        }
+                    }
+                    break;
+                }
+                if pages.is_empty() {
+                    // Both directions done: the run is final.
+                    let job = g.clone();
+                    self.finish_grow(id, job);
+                    return self.schedule_client_after(id, now, forgotten);
+                }
+                work = Some(Pending::Grow { job: g, pages });
+                break;
+            }
+            if work.is_none() {
+                let p = self.procs.get_mut(&id).unwrap();
+                let ps = p.page_size;
+                for (s, r) in p.regions.iter_mut() {
+                    let Phase::Sampling {
+                        m,
+                        next,
+                        scan,
+                        seen,
+                    } = r.phase
+                    else {
+                        continue;
+                    };
+                    if next < m {
+                        // One random resident page in each gap of the piece.
+                        let n = r.piece_pages;
+                        let k = budget.min(m - next);
+                        let mut pages = Vec::with_capacity(k as usize);
+                        for g in next..next + k {
+                            let lo = g * n / m;
+                            let hi = ((g + 1) * n / m).max(lo + 1);
+                            let j = lo + self.rng.below(hi - lo);
+                            pages.push(s + r.piece_page(j) * ps);
+                        }
+                        r.phase = Phase::Sampling {
+                            m,
+                            next: next + k,
+                            scan,
+                            seen,
+                        };
+                        r.last_sampled_ms = now;
+                        work = Some(Pending::Sample {
+                            region: *s,
+                            gen: r.gen,
+                            pages,
+                        });
+                        break;
+                    }
+                    if scan < r.pages {
+                        work = Some(Pending::Residency {
+                            region: *s,
+                            gen: r.gen,
+                            from: scan,
+                        });
+                        break;
+                    }
+                    // Nothing left to ask or sample (normally ended by the last reply).
+                    r.end_round(&self.cfg, now);
+                }
+            }
+        }
+        if let Some(w) = work {
+            let rid = self.new_id();
+            let p = self.procs.get_mut(&id).unwrap();
+            let msg = match &w {
+                Pending::Sample { pages, .. } | Pending::Grow { pages, .. } => {
+                    let n = pages.len() as u64;
+                    p.bucket.tokens -= n.min(p.bucket.tokens);
+                    self.global.tokens -= n.min(self.global.tokens);
+                    Command::Fingerprint {
+                        id: rid,
+                        pages: pages.clone(),
+                    }
+                }
+                // A pagemap scan reads no page: no tokens.
+                Pending::Residency { region, from, .. } => {
+                    let pages = p.regions[region].pages;
+                    Command::Residency {
+                        id: rid,
+                        start: region + from * p.page_size,
+                        len: (pages - from) * p.page_size,
+                    }
+                }
+            };
+            p.inflight = Some((rid, w));
+            self.out.push((id, msg));
+        }
+        self.schedule_client_after(id, now, forgotten);
+    }
+
+    pub(super) fn schedule_client_after(&mut self, _id: ClientId, _now: u64, forgotten: Vec<u64>) {
+        let n = forgotten.len() as u64;
+        for h in forgotten {
+            dec(&mut self.index, h);
+        }
+        self.fingerprints -= n;
+    }
+}

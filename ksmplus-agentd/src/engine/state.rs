@@ -1,0 +1,194 @@
+//! The engine's state: regions, runs, growth jobs, commands in flight, per-process counters.
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RunState {
+    /// Madvise(MERGEABLE) sent, reply pending.
+    Marking(u32),
+    /// Marked; `checked_at` is the full_scans count first read after marking, or when last
+    /// confirmed merging (`None` until the I/O layer next reads the counter).
+    Marked {
+        checked_at: Option<u64>,
+        merged: bool,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Run {
+    pub(super) lo: u64,
+    /// Exclusive.
+    pub(super) hi: u64,
+    pub(super) state: RunState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Next round starts at `at`.
+    Waiting { at: u64 },
+    /// Round in progress. The residency of pages `0..scan` is known (`seen` of them resident);
+    /// gaps `next..m` of the current piece (`Region::piece`) are still to issue. When the
+    /// piece is done and `scan < pages`, the next piece's residency is asked.
+    Sampling {
+        m: u64,
+        next: u64,
+        scan: u64,
+        seen: u64,
+    },
+    /// Schedule ran out with nothing merged: fingerprints forgotten.
+    Dropped,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Region {
+    pub(super) pages: u64,
+    pub(super) gen: u64,
+    /// Coefficient of the current (or last) round; 0 before the first round.
+    pub(super) coefficient: u32,
+    pub(super) rounds: u64,
+    pub(super) phase: Phase,
+    pub(super) hashes: HashMap<u32, u64>,
+    pub(super) runs: Vec<Run>,
+    /// Ranges unmarked for merging nothing: not marked again.
+    pub(super) rejected: Vec<(u64, u64)>,
+    /// Runs unmarked for merging less than half their pages.
+    pub(super) loosened: u32,
+    pub(super) last_sampled_ms: u64,
+    /// Resident runs of the current piece of the round: `(first page, resident pages of the
+    /// piece before it)`, in page order. Empty outside a round's piece.
+    pub(super) piece: Vec<(u64, u64)>,
+    /// Resident pages of the current piece.
+    pub(super) piece_pages: u64,
+}
+
+impl Region {
+    pub(super) fn new(pages: u64, gen: u64, now: u64) -> Region {
+        Region {
+            pages,
+            gen,
+            coefficient: 0,
+            rounds: 0,
+            phase: Phase::Waiting { at: now },
+            hashes: HashMap::new(),
+            runs: Vec::new(),
+            rejected: Vec::new(),
+            loosened: 0,
+            last_sampled_ms: now,
+            piece: Vec::new(),
+            piece_pages: 0,
+        }
+    }
+    pub(super) fn in_run(&self, idx: u64) -> bool {
+        self.runs.iter().any(|r| r.lo <= idx && idx < r.hi)
+    }
+    pub(super) fn rejected(&self, idx: u64) -> bool {
+        self.rejected.iter().any(|&(lo, hi)| lo <= idx && idx < hi)
+    }
+    /// Page index of the `j`-th resident page of the current piece (`j < piece_pages`).
+    pub(super) fn piece_page(&self, j: u64) -> u64 {
+        let i = self.piece.partition_point(|&(_, before)| before <= j) - 1;
+        let (lo, before) = self.piece[i];
+        lo + (j - before)
+    }
+    /// The round is over: the next starts after a pause.
+    pub(super) fn end_round(&mut self, cfg: &Config, now: u64) {
+        // Past the schedule (kept for its marked runs) a region is only watched for new
+        // duplicates, at a tenth of the pace.
+        // The second round comes sooner: a new region's duplicates need two samples.
+        let pause = if self.coefficient <= cfg.floor {
+            cfg.round_interval_ms * FLOOR_SLOWDOWN
+        } else if self.rounds == 1 {
+            cfg.first_recheck_ms.min(cfg.round_interval_ms)
+        } else {
+            cfg.round_interval_ms
+        };
+        self.phase = Phase::Waiting { at: now + pause };
+        self.piece = Vec::new();
+        self.piece_pages = 0;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Dir {
+    Up,
+    Down,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Grow {
+    pub(super) region: u64,
+    pub(super) gen: u64,
+    pub(super) lo: u64,
+    /// Inclusive.
+    pub(super) hi: u64,
+    pub(super) dir: Dir,
+    pub(super) up_done: bool,
+    pub(super) down_done: bool,
+    pub(super) batch: u64,
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum Pending {
+    Sample {
+        region: u64,
+        gen: u64,
+        pages: Vec<u64>,
+    },
+    Grow {
+        job: Grow,
+        pages: Vec<u64>,
+    },
+    /// Residency of the region's pages `from..` asked.
+    Residency {
+        region: u64,
+        gen: u64,
+        from: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Proc {
+    pub(super) pid: u32,
+    pub(super) comm: String,
+    pub(super) page_size: u64,
+    /// Hash of an all-zero page of `page_size` bytes (see [`ZERO_PAGE_MIN_ROUND`]).
+    pub(super) zero_hash: u64,
+    pub(super) regions: BTreeMap<u64, Region>,
+    pub(super) inflight: Option<(u32, Pending)>,
+    pub(super) grows: VecDeque<Grow>,
+    pub(super) bucket: Bucket,
+    pub(super) dormant: bool,
+    pub(super) stats: ProcCounters,
+}
+
+/// Counters kept per client, reported by `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcCounters {
+    pub fingerprinted_pages: u64,
+    pub candidates: u64,
+    pub runs_marked: u64,
+    pub runs_unmarked: u64,
+    pub runs_loosened: u64,
+    pub marks_refused: u64,
+    pub regions_dropped: u64,
+    pub madvise_errors: u64,
+    /// `Residency` commands answered, and the resident pages they reported.
+    pub residency_queries: u64,
+    pub resident_pages: u64,
+}
+
+/// What `status` shows for one client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStatus {
+    pub pid: u32,
+    pub comm: String,
+    pub regions: u64,
+    pub regions_sampling: u64,
+    pub regions_dropped: u64,
+    pub tracked_bytes: u64,
+    pub marked_bytes: u64,
+    pub marked_ranges: u64,
+    pub fingerprints: u64,
+    pub min_coefficient: u32,
+    pub counters: ProcCounters,
+}

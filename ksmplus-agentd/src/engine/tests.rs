@@ -1,0 +1,658 @@
+//! Unit tests of the engine against a simulated shim.
+
+use super::*;
+
+const PS: u64 = 4096;
+
+/// A fake shim side: page contents per client region (`None` = not resident).
+struct Sim {
+    eng: Engine,
+    mem: HashMap<ClientId, BTreeMap<u64, Vec<Option<u64>>>>,
+    madvised: Vec<(ClientId, u64, u64, Advice)>,
+    volatile: bool,
+    volatile_client: Option<ClientId>,
+    now: u64,
+    counter: u64,
+    /// Most runs per ResidencyReply (the shim's is MAX_RESIDENCY_RUNS).
+    max_runs: usize,
+}
+
+fn cfg() -> Config {
+    Config {
+        round_interval_ms: 100,
+        min_region_bytes: 64 * 1024,
+        ..Config::default()
+    }
+}
+
+impl Sim {
+    fn new(cfg: Config) -> Sim {
+        Sim {
+            eng: Engine::new(cfg, 42, 0),
+            mem: HashMap::new(),
+            madvised: Vec::new(),
+            volatile: false,
+            volatile_client: None,
+            now: 0,
+            counter: 1 << 40,
+            max_runs: MAX_RESIDENCY_RUNS,
+        }
+    }
+    fn client(&mut self, id: ClientId, regions: Vec<(u64, Vec<Option<u64>>)>) {
+        self.eng
+            .add_client(id, 1000 + id as u32, "prog", PS, self.now);
+        let mut m = BTreeMap::new();
+        for (start, pages) in regions {
+            self.eng.on_event(
+                id,
+                Event::Added {
+                    start,
+                    len: pages.len() as u64 * PS,
+                },
+                self.now,
+            );
+            m.insert(start, pages);
+        }
+        self.mem.insert(id, m);
+    }
+    fn page(&mut self, id: ClientId, addr: u64) -> PageHash {
+        let m = &self.mem[&id];
+        let Some((s, v)) = m.range(..=addr).next_back() else {
+            return PageHash::Unavailable;
+        };
+        let i = ((addr - s) / PS) as usize;
+        match v.get(i) {
+            Some(Some(h)) => {
+                if self.volatile || (self.volatile_client == Some(id)) {
+                    self.counter += 1;
+                    PageHash::Hash(*h ^ self.counter)
+                } else {
+                    PageHash::Hash(*h)
+                }
+            }
+            Some(None) => PageHash::NotResident,
+            None => PageHash::Unavailable,
+        }
+    }
+    /// What the shim answers to Residency: resident runs from the start of the range.
+    fn residency(&self, id: ClientId, start: u64, len: u64) -> (Status, u64, Vec<(u64, u64)>) {
+        let m = &self.mem[&id];
+        let Some((s, v)) = m.range(..=start).next_back() else {
+            return (Status::NotRegistered, 0, Vec::new());
+        };
+        if start + len > s + v.len() as u64 * PS {
+            return (Status::NotRegistered, 0, Vec::new());
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let first = (start - s) / PS;
+        for i in first..first + len / PS {
+            if v[i as usize].is_none() {
+                continue;
+            }
+            let a = s + i * PS;
+            if let Some((rs, rl)) = runs.last_mut() {
+                if *rs + *rl == a {
+                    *rl += PS;
+                    continue;
+                }
+            }
+            if runs.len() == self.max_runs {
+                return (Status::Ok, a - start, runs);
+            }
+            runs.push((a, PS));
+        }
+        (Status::Ok, len, runs)
+    }
+    fn step(&mut self) {
+        self.eng.tick(self.now);
+        for (c, m) in self.eng.take_output() {
+            match m {
+                Command::Fingerprint { id, pages } => {
+                    let hashes = pages.iter().map(|a| self.page(c, *a)).collect();
+                    self.eng.on_reply(
+                        c,
+                        Reply::Fingerprint {
+                            id,
+                            status: Status::Ok,
+                            hashes,
+                        },
+                        self.now,
+                    );
+                }
+                Command::Madvise {
+                    id,
+                    start,
+                    len,
+                    advice,
+                } => {
+                    self.madvised.push((c, start, len, advice));
+                    self.eng.on_reply(
+                        c,
+                        Reply::Madvise {
+                            id,
+                            status: Status::Ok,
+                        },
+                        self.now,
+                    );
+                }
+                Command::Residency { id, start, len } => {
+                    let (status, covered, runs) = self.residency(c, start, len);
+                    self.eng.on_reply(
+                        c,
+                        Reply::Residency {
+                            id,
+                            status,
+                            covered,
+                            runs,
+                        },
+                        self.now,
+                    );
+                }
+            }
+        }
+        assert!(self.eng.fingerprints() <= self.eng.config().max_fingerprints);
+        self.now += 10;
+    }
+    fn run(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.step();
+        }
+    }
+    fn marks(&self, c: ClientId) -> Vec<(u64, u64)> {
+        self.madvised
+            .iter()
+            .filter(|m| m.0 == c && m.3 == Advice::Mergeable)
+            .map(|m| (m.1, m.2))
+            .collect()
+    }
+}
+
+fn unique(n: u64, salt: u64) -> Vec<Option<u64>> {
+    (0..n).map(|i| Some((salt << 32) | i)).collect()
+}
+
+#[test]
+fn table_5_2_two_regions_256_dup_pages_each() {
+    let mut s = Sim::new(cfg());
+    let mut a = unique(2560, 1);
+    let mut b = unique(2560, 2);
+    for i in 0..256 {
+        a[i] = Some(0xff);
+        b[i] = Some(0xff);
+    }
+    let (ra, rb) = (0x1000_0000, 0x2000_0000);
+    s.client(1, vec![(ra, a), (rb, b)]);
+    s.run(5_000);
+    assert!(s.eng.idle(), "{:?}", s.eng.status(1));
+    let mut marked = s.eng.marked(1);
+    marked.sort();
+    assert_eq!(marked, vec![(ra, 256 * PS), (rb, 256 * PS)]);
+    // Unique regions' tails are never marked.
+    for (start, len) in s.marks(1) {
+        assert!(start == ra || start == rb, "{start:x}");
+        assert_eq!(len, 256 * PS);
+    }
+}
+
+#[test]
+fn unique_pages_are_dropped_and_forgotten() {
+    let mut s = Sim::new(cfg());
+    s.client(1, vec![(0x1000_0000, unique(4096, 1))]);
+    s.client(2, vec![(0x1000_0000, unique(4096, 2))]);
+    s.run(10_000);
+    assert!(s.marks(1).is_empty() && s.marks(2).is_empty());
+    assert_eq!(s.eng.fingerprints(), 0);
+    assert_eq!(s.eng.distinct_hashes(), 0);
+    let st = s.eng.status(1).unwrap();
+    assert_eq!(st.regions_dropped, 1);
+    assert!(st.counters.fingerprinted_pages >= 4096 * 55 / 10 - 100);
+    // Nothing more is sampled.
+    let before = st.counters.fingerprinted_pages;
+    s.run(2_000);
+    assert_eq!(
+        s.eng.status(1).unwrap().counters.fingerprinted_pages,
+        before
+    );
+}
+
+#[test]
+fn dense_two_processes_fully_marked() {
+    let mut s = Sim::new(cfg());
+    let same: Vec<Option<u64>> = vec![Some(7); 5120];
+    s.client(1, vec![(0x1000_0000, same.clone())]);
+    s.client(2, vec![(0x5000_0000, same)]);
+    s.run(3_000);
+    assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 5120 * PS)]);
+    assert_eq!(s.eng.marked(2), vec![(0x5000_0000, 5120 * PS)]);
+}
+
+#[test]
+fn volatile_pages_never_marked() {
+    let mut s = Sim::new(cfg());
+    s.volatile = true;
+    s.client(1, vec![(0x1000_0000, vec![Some(3); 1024])]);
+    s.client(2, vec![(0x2000_0000, vec![Some(3); 1024])]);
+    s.run(10_000);
+    assert!(s.madvised.is_empty());
+    assert_eq!(s.eng.fingerprints(), 0);
+}
+
+/// Default schedule (rounds 1 s apart, the second after `first_recheck_ms`): two
+/// processes' duplicates are marked well before the first full interval, and pages
+/// rewritten continuously are still never marked.
+#[test]
+fn second_round_comes_after_first_recheck() {
+    let c = Config {
+        min_region_bytes: 64 * 1024,
+        ..Config::default()
+    };
+    assert_eq!((c.round_interval_ms, c.first_recheck_ms), (1000, 150));
+    let mut s = Sim::new(c.clone());
+    let same: Vec<Option<u64>> = vec![Some(7); 5120];
+    s.client(1, vec![(0x1000_0000, same.clone())]);
+    s.client(2, vec![(0x5000_0000, same)]);
+    s.run(400);
+    assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 5120 * PS)]);
+    assert_eq!(s.eng.marked(2), vec![(0x5000_0000, 5120 * PS)]);
+    let st = s.eng.status(1).unwrap();
+    assert_eq!(st.min_coefficient, 90, "{st:?}");
+
+    let mut s = Sim::new(c);
+    s.volatile = true;
+    s.client(1, vec![(0x1000_0000, vec![Some(3); 1024])]);
+    s.client(2, vec![(0x2000_0000, vec![Some(3); 1024])]);
+    s.run(15_000);
+    assert!(s.madvised.is_empty());
+    for c in [1, 2] {
+        let st = s.eng.status(c).unwrap();
+        assert_eq!(st.counters.candidates, 0, "{st:?}");
+        assert_eq!(st.min_coefficient, 10, "{st:?}");
+    }
+}
+
+/// All-zero pages (a buffer just allocated and not yet written) wait for the third round,
+/// a full interval after the region appeared; other duplicates are marked after the second.
+#[test]
+fn zero_pages_wait_for_the_third_round() {
+    let c = Config {
+        min_region_bytes: 64 * 1024,
+        ..Config::default()
+    };
+    let zero = ksmplus_common::protocol::page_hash(&[0u8; PS as usize]);
+    let mut s = Sim::new(c);
+    s.client(1, vec![(0x1000_0000, vec![Some(zero); 512])]);
+    s.client(2, vec![(0x5000_0000, vec![Some(zero); 512])]);
+    s.client(3, vec![(0x7000_0000, vec![Some(9); 512])]);
+    s.client(4, vec![(0x9000_0000, vec![Some(9); 512])]);
+    s.run(400);
+    assert!(s.eng.marked(1).is_empty(), "{:?}", s.eng.marked(1));
+    assert!(s.eng.marked(2).is_empty());
+    assert_eq!(s.eng.status(1).unwrap().counters.candidates, 0);
+    assert_eq!(s.eng.marked(3), vec![(0x7000_0000, 512 * PS)]);
+    assert_eq!(s.eng.marked(4), vec![(0x9000_0000, 512 * PS)]);
+    s.run(1_500);
+    assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 512 * PS)]);
+    assert_eq!(s.eng.marked(2), vec![(0x5000_0000, 512 * PS)]);
+}
+
+fn resize(s: &mut Sim, id: ClientId, old: (u64, u64), new: (u64, u64), pages: Vec<Option<u64>>) {
+    let m = s.mem.get_mut(&id).unwrap();
+    m.remove(&old.0);
+    m.insert(new.0, pages);
+    s.eng.on_event(
+        id,
+        Event::Resized {
+            old_start: old.0,
+            old_len: old.1 * PS,
+            new_start: new.0,
+            new_len: new.1 * PS,
+        },
+        s.now,
+    );
+}
+
+/// A region moved by mremap keeps its marked runs (the kernel moved the VMA flags with the
+/// pages): nothing is marked again; one grown in place samples the new pages and marks them.
+#[test]
+fn mremap_moves_and_growth_keep_marks() {
+    let mut s = Sim::new(cfg());
+    s.client(1, vec![(0x1000_0000, vec![Some(7); 512])]);
+    s.client(2, vec![(0x5000_0000, vec![Some(7); 512])]);
+    s.run(1_000);
+    assert_eq!(s.eng.marked(1), vec![(0x1000_0000, 512 * PS)]);
+    s.madvised.clear();
+    resize(
+        &mut s,
+        1,
+        (0x1000_0000, 512),
+        (0x3000_0000, 512),
+        vec![Some(7); 512],
+    );
+    assert_eq!(s.eng.marked(1), vec![(0x3000_0000, 512 * PS)]);
+    s.run(3_000);
+    assert_eq!(s.eng.marked(1), vec![(0x3000_0000, 512 * PS)]);
+    assert!(
+        !s.madvised.iter().any(|m| m.0 == 1),
+        "marked again after a move: {:?}",
+        s.madvised
+    );
+    // Grown in place (shrunk tail first, to check clipping): 512 -> 256 -> 1024 pages.
+    resize(
+        &mut s,
+        1,
+        (0x3000_0000, 512),
+        (0x3000_0000, 256),
+        vec![Some(7); 256],
+    );
+    assert_eq!(s.eng.marked(1), vec![(0x3000_0000, 256 * PS)]);
+    resize(
+        &mut s,
+        1,
+        (0x3000_0000, 256),
+        (0x3000_0000, 1024),
+        vec![Some(7); 1024],
+    );
+    s.run(3_000);
+    let marked: u64 = s.eng.marked(1).iter().map(|m| m.1).sum();
+    assert_eq!(
+        marked,
+        1024 * PS,
+        "{:?} {:?}",
+        s.eng.marked(1),
+        s.eng.status(1)
+    );
+    assert!(s.eng.marked(1).iter().all(|m| m.0 >= 0x3000_0000));
+}
+
+#[test]
+fn volatile_neighbour_process_does_not_stop_marking() {
+    let mut s = Sim::new(cfg());
+    s.volatile_client = Some(1);
+    s.client(1, vec![(0x1000_0000, vec![Some(3); 2048])]);
+    s.client(2, vec![(0x2000_0000, vec![Some(4); 1024])]);
+    s.run(10_000);
+    assert!(s.marks(1).is_empty());
+    assert_eq!(
+        s.eng.marked(2),
+        vec![(0x2000_0000, 1024 * PS)],
+        "{:?}",
+        s.eng.status(2)
+    );
+}
+
+#[test]
+fn not_resident_pages_are_nothing() {
+    let mut s = Sim::new(cfg());
+    s.client(1, vec![(0x1000_0000, vec![None; 1024])]);
+    s.client(2, vec![(0x2000_0000, vec![None; 1024])]);
+    s.run(10_000);
+    assert!(s.madvised.is_empty());
+    let st = s.eng.status(1).unwrap();
+    assert_eq!(st.regions_dropped, 1);
+    // Nothing resident: nothing fingerprinted.
+    assert_eq!(st.counters.fingerprinted_pages, 0, "{st:?}");
+}
+
+/// Regions of 1 Mi pages (4 GiB, like JavaScriptCore's gigacages) with 2 000 resident
+/// pages each, 300 of them duplicates across the two processes.
+fn sparse(salt: u64) -> Vec<Option<u64>> {
+    let mut v = vec![None; 1 << 20];
+    for (k, base) in [1000usize, 300_000, 900_000].into_iter().enumerate() {
+        let n = if k == 0 { 800 } else { 600 };
+        for i in 0..n {
+            v[base + i] = Some((salt << 32) | (base + i) as u64);
+        }
+    }
+    // The duplicates: a run in the middle of the second resident stretch.
+    for p in &mut v[300_100..300_400] {
+        *p = Some(0xd0d0);
+    }
+    v
+}
+
+#[test]
+fn sparse_regions_sample_resident_pages_only() {
+    let mut s = Sim::new(cfg());
+    s.client(1, vec![(0x1000_0000_0000, sparse(1))]);
+    s.client(2, vec![(0x2000_0000_0000, sparse(2))]);
+    s.run(20_000);
+    for (c, base) in [(1, 0x1000_0000_0000u64), (2, 0x2000_0000_0000)] {
+        assert_eq!(
+            s.eng.marked(c),
+            vec![(base + 300_100 * PS, 300 * PS)],
+            "{:?}",
+            s.eng.status(c)
+        );
+        let st = s.eng.status(c).unwrap();
+        // A round samples at most the resident pages it found (100 + 90 + … + 10 % of
+        // the 2 000, then 10 % per round at the floor); growth adds the run and one batch
+        // beyond each end. Nothing of the 1 046 576 non-resident pages.
+        let f = st.counters.fingerprinted_pages;
+        assert!(f > 2000 * 55 / 10, "{f} {st:?}");
+        assert!(f <= st.counters.resident_pages + 1000, "{f} {st:?}");
+        assert!(f < 2000 * 10, "{f} {st:?}");
+    }
+}
+
+#[test]
+fn residency_in_pieces() {
+    let mut s = Sim::new(cfg());
+    s.max_runs = 50;
+    // Every other page resident: 1024 runs of one page, asked 50 at a time.
+    let mut a: Vec<Option<u64>> = vec![None; 2048];
+    let mut b = a.clone();
+    for i in (0..1024).step_by(2) {
+        a[i] = Some(0x77);
+        b[i] = Some(0x77);
+    }
+    for i in (1024..2048).step_by(2) {
+        a[i] = Some((1 << 40) | i as u64);
+        b[i] = Some((2 << 40) | i as u64);
+    }
+    s.client(1, vec![(0x1000_0000, a)]);
+    s.client(2, vec![(0x2000_0000, b)]);
+    s.run(15_000);
+    let st = s.eng.status(1).unwrap();
+    assert!(st.counters.residency_queries > 40, "{st:?}");
+    // Single-page runs (growth stops at the non-resident pages), 2 pages apart: coalesced
+    // into one range (gap 8).
+    let m = s.eng.marked(1);
+    assert_eq!(m.len(), 1, "{m:?} {st:?}");
+    assert!(m[0].0 < 0x1000_0000 + 16 * PS && m[0].1 > 900 * PS, "{m:?}");
+    // The first round sampled every resident page once.
+    assert!(st.counters.fingerprinted_pages >= 1024, "{st:?}");
+}
+
+#[test]
+fn runs_coalesce_within_gap() {
+    let mut s = Sim::new(cfg());
+    let mut a = unique(1024, 1);
+    // Two dup runs 4 pages apart (coalesced, gap 8) and one far away.
+    for i in (100..200).chain(204..300).chain(600..650) {
+        a[i] = Some(0xaa);
+    }
+    s.client(1, vec![(0x1000_0000, a)]);
+    s.run(5_000);
+    let mut m = s.eng.marked(1);
+    m.sort();
+    assert_eq!(
+        m,
+        vec![
+            (0x1000_0000 + 100 * PS, 200 * PS),
+            (0x1000_0000 + 600 * PS, 50 * PS)
+        ]
+    );
+}
+
+#[test]
+fn unmerged_run_is_unmarked_after_full_scans() {
+    let mut s = Sim::new(cfg());
+    let same: Vec<Option<u64>> = vec![Some(7); 256];
+    s.client(1, vec![(0x1000_0000, same.clone())]);
+    s.client(2, vec![(0x5000_0000, same)]);
+    s.run(1_000);
+    assert_eq!(s.eng.marked(1).len(), 1);
+    s.eng.set_full_scans(2); // first read after marking: the grace period starts
+    assert!(s.eng.due_checks().is_empty());
+    s.eng.set_full_scans(5);
+    assert!(s.eng.due_checks().is_empty());
+    s.eng.set_full_scans(6);
+    let due = s.eng.due_checks();
+    assert_eq!(due, vec![1, 2]);
+    // Client 1 merged something, client 2 nothing.
+    s.eng
+        .feedback(1, &[(0x1000_0000, 0x1000_0000 + 256 * PS, 1024)]);
+    s.eng
+        .feedback(2, &[(0x5000_0000, 0x5000_0000 + 256 * PS, 0)]);
+    let out = s.eng.take_output();
+    assert_eq!(out.len(), 1);
+    assert!(matches!(
+        out[0],
+        (
+            2,
+            Command::Madvise {
+                start: 0x5000_0000,
+                advice: Advice::Unmergeable,
+                ..
+            }
+        )
+    ));
+    assert!(s.eng.marked(2).is_empty());
+    assert_eq!(s.eng.marked(1).len(), 1);
+    // Client 2's region is not re-marked.
+    s.run(5_000);
+    assert!(
+        s.eng.marked(2).is_empty(),
+        "{:?} {:?}",
+        s.eng.marked(2),
+        s.eng.status(2)
+    );
+}
+
+#[test]
+fn run_grown_over_initialising_buffer_is_loosened_then_regrown_tight() {
+    let mut s = Sim::new(cfg());
+    // Sampled while both buffers are still all zero: everything looks duplicate.
+    s.client(
+        1,
+        vec![
+            (0x1000_0000, vec![Some(0); 2560]),
+            (0x2000_0000, vec![Some(0); 2560]),
+        ],
+    );
+    s.run(1_000);
+    assert_eq!(s.eng.status(1).unwrap().marked_bytes, 2 * 2560 * PS);
+    // Then the program writes its real content: 256 duplicate pages each, the rest unique.
+    for (k, start) in [(1u64, 0x1000_0000u64), (2, 0x2000_0000)] {
+        let mut v = unique(2560, k);
+        for p in v.iter_mut().take(256) {
+            *p = Some(0xff);
+        }
+        s.mem.get_mut(&1).unwrap().insert(start, v);
+    }
+    s.eng.set_full_scans(10);
+    s.eng.set_full_scans(20);
+    // ksmd merged only the 256 + 256 duplicate pages.
+    s.eng.feedback(
+        1,
+        &[
+            (0x1000_0000, 0x1000_0000 + 2560 * PS, 1024),
+            (0x2000_0000, 0x2000_0000 + 2560 * PS, 1024),
+        ],
+    );
+    let out = s.eng.take_output();
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(s.eng.marked(1).is_empty());
+    s.run(30_000);
+    let mut m = s.eng.marked(1);
+    m.sort();
+    assert_eq!(m, vec![(0x1000_0000, 256 * PS), (0x2000_0000, 256 * PS)]);
+}
+
+#[test]
+fn fingerprint_memory_is_bounded() {
+    let mut c = cfg();
+    c.max_fingerprints = 1000;
+    let mut s = Sim::new(c);
+    for id in 1..=4 {
+        s.client(id, vec![(0x1000_0000, unique(2048, id))]);
+    }
+    s.run(3_000); // Sim::step asserts the bound after every step.
+    assert!(s.eng.evictions > 0);
+}
+
+#[test]
+fn rate_limits_hold() {
+    let mut c = cfg();
+    c.rate_client = 1000;
+    c.rate_total = 1500;
+    let mut s = Sim::new(c);
+    s.client(1, vec![(0x1000_0000, unique(100_000, 1))]);
+    s.client(2, vec![(0x1000_0000, unique(100_000, 2))]);
+    s.run(10_000);
+    let a = s.eng.status(1).unwrap().counters.fingerprinted_pages;
+    let b = s.eng.status(2).unwrap().counters.fingerprinted_pages;
+    // 10 s at 1500/s total, plus one second of burst.
+    assert!(a + b <= 16_500, "{a} + {b}");
+    assert!(a <= 11_000 && b <= 11_000, "{a} {b}");
+    assert!(a > 4000 && b > 4000, "unfair: {a} {b}");
+}
+
+#[test]
+fn removal_and_resync_keep_index_consistent() {
+    let mut s = Sim::new(cfg());
+    let same: Vec<Option<u64>> = vec![Some(9); 512];
+    s.client(
+        1,
+        vec![(0x1000_0000, same.clone()), (0x3000_0000, same.clone())],
+    );
+    s.client(2, vec![(0x5000_0000, same)]);
+    s.run(300);
+    // Punch a hole in the middle of the first region.
+    s.eng.on_event(
+        1,
+        Event::Removed {
+            start: 0x1000_0000 + 100 * PS,
+            len: 50 * PS,
+        },
+        s.now,
+    );
+    let st = s.eng.status(1).unwrap();
+    assert_eq!(st.regions, 3);
+    assert_eq!(st.tracked_bytes, (1024 - 50) * PS);
+    // The maps no longer show the first region at all.
+    s.eng.on_event(
+        1,
+        Event::Removed {
+            start: 0x1000_0000,
+            len: 512 * PS,
+        },
+        s.now,
+    );
+    assert_eq!(s.eng.status(1).unwrap().regions, 1);
+    s.mem.get_mut(&1).unwrap().remove(&0x1000_0000);
+    s.run(2_000);
+    s.eng.remove_client(1);
+    s.eng.remove_client(2);
+    assert_eq!(s.eng.fingerprints(), 0);
+    assert_eq!(s.eng.distinct_hashes(), 0);
+}
+
+#[test]
+fn replies_for_wrong_id_are_ignored() {
+    let mut s = Sim::new(cfg());
+    s.client(1, vec![(0x1000_0000, unique(64, 1))]);
+    s.eng.tick(0);
+    let _ = s.eng.take_output();
+    s.eng.on_reply(
+        1,
+        Reply::Fingerprint {
+            id: 999_999,
+            status: Status::Ok,
+            hashes: vec![PageHash::Hash(1); 10_000],
+        },
+        0,
+    );
+    assert_eq!(s.eng.fingerprints(), 0);
+}

@@ -1,0 +1,335 @@
+//! Which processes the agent tracks: a Hello, a family's doorbell and process tree, the anchor
+//! scan at start; the policy's verdict; forgetting a process that exited.
+
+use super::*;
+
+impl Agent {
+    pub(super) fn new_id(&mut self) -> ClientId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub(super) fn on_hello(&mut self, pid: u32, hello: Hello) {
+        if let Some(&id) = self.by_pid.get(&pid) {
+            // The same pid after an exec: the old image's channel is gone.
+            let stale = self
+                .clients
+                .get_mut(&id)
+                .is_none_or(|c| c.refresh().is_none() || c.nonce != hello.nonce);
+            if !stale {
+                return;
+            }
+            self.remove_client(id, "exec'd");
+        }
+        self.dormant.remove(&pid);
+        let id = self.new_id();
+        match Client::adopt(&self.root(), id, pid, hello.channel, Some(hello.nonce)) {
+            Ok((mut c, maps)) => {
+                c.hello = true;
+                if !hello.comm.is_empty() {
+                    c.comm = hello.comm;
+                }
+                if !hello.exe.is_empty() {
+                    c.exe = hello.exe;
+                }
+                self.admit(c, &maps);
+            }
+            Err(e) => debug!("Hello from pid {pid} not taken: {e}"),
+        }
+    }
+
+    /// Decides a new process by the policy and tracks it or lets its shim go dormant.
+    pub(super) fn admit(&mut self, mut c: Client, maps_text: &str) {
+        let decision = self.policy.decide(&c.comm, &c.exe);
+        let pid = c.pid();
+        if decision != Decision::Track {
+            if decision == Decision::Excluded {
+                self.stats.excluded += 1;
+            } else {
+                self.stats.ignored += 1;
+            }
+            if let Err(e) = c.set_verdict(verdict::IGNORE) {
+                debug!("pid {pid}: cannot write its verdict: {e}");
+            }
+            debug!(
+                "not tracking pid {pid} ({} {}): {decision:?}",
+                c.comm, c.exe
+            );
+            self.dormant.insert(
+                pid,
+                Dormant {
+                    channel: c.channel,
+                    nonce: c.nonce,
+                    comm: c.comm.clone(),
+                    exe: c.exe.clone(),
+                },
+            );
+            return;
+        }
+        if let Err(e) = c.set_verdict(verdict::TRACK) {
+            debug!("pid {pid}: cannot write its verdict: {e}");
+            return;
+        }
+        let id = c.id;
+        let now = self.now_ms();
+        if self
+            .poll
+            .registry()
+            .register(
+                &mut SourceFd(&c.proc.pidfd()),
+                Token(PIDFD_BASE + id as usize),
+                Interest::READABLE,
+            )
+            .is_err()
+        {
+            return;
+        }
+        info!(
+            "tracking pid {pid} ({} {}){}",
+            c.comm,
+            c.exe,
+            if c.hello { "" } else { ", found without Hello" }
+        );
+        if !c.hello {
+            self.stats.adopted += 1;
+        }
+        self.dormant.remove(&pid);
+        self.engine.add_client(id, pid, &c.comm, c.page_size, now);
+        let min = self.engine.config().min_region_bytes;
+        c.refresh_stacks(&self.root());
+        for ev in c.maps_events(maps_text, min) {
+            self.engine.on_event(id, ev, now);
+        }
+        c.maps_read_ms = now;
+        c.check_at_ms = now + crate::client::CHECK_MIN_MS;
+        if c.seccomp != 0 {
+            // Does its sandbox let KSM advice through? Learn it before sampling pays nothing.
+            c.queue_op(Item::Probe);
+        }
+        c.key = crate::learned::key_of(&self.root(), pid, &c.exe);
+        if self.policy.sandbox_fallback == SandboxFallback::MergeAny
+            && c.seccomp == 0
+            && self.learned.is_fork_server(&c.key)
+        {
+            info!(
+                "pid {pid}: a fork server whose children refuse marks (learned): merge-any for them"
+            );
+            c.queue_op(Item::MergeAny(true));
+            self.fallback.insert(id, 0);
+        }
+        if c.family != 0 {
+            let f = self.families.entry(c.family).or_insert_with(|| Family {
+                socket_hash: c.last.socket_hash,
+                born_ms: now,
+                doorbell: c.doorbell,
+                channel: c.channel,
+                rings_seen: 0,
+                doorbell_at: now,
+                walk_at: now + FAMILY_WALK_MS,
+                members: BTreeSet::new(),
+                pending: BTreeMap::new(),
+            });
+            f.members.insert(id);
+            f.pending.remove(&pid);
+        }
+        self.by_pid.insert(pid, id);
+        self.clients.insert(id, c);
+    }
+
+    pub(super) fn remove_client(&mut self, id: ClientId, why: &str) {
+        let Some(c) = self.clients.remove(&id) else {
+            return;
+        };
+        debug!("pid {} forgotten: {why}", c.pid());
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&c.proc.pidfd()));
+        self.by_pid.remove(&c.pid());
+        self.engine.remove_client(id);
+        self.figures.remove(&id);
+        self.fallback.remove(&id);
+        self.allowing.remove(&id);
+        if let Some(f) = self.families.get_mut(&c.family) {
+            f.members.remove(&id);
+            if f.members.is_empty() {
+                self.families.remove(&c.family);
+            }
+        }
+    }
+
+    /// At start: every process of this user that has the shim loaded (started before the agent,
+    /// or unable to reach the socket) is found through its anchor.
+    pub(super) fn adopt_running(&mut self) {
+        let root = self.root();
+        let Ok(dir) = std::fs::read_dir(root.join("proc")) else {
+            return;
+        };
+        let me = std::process::id();
+        let mut pids: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&p| p != me)
+            .collect();
+        pids.sort_unstable();
+        for pid in pids {
+            use std::os::unix::fs::MetadataExt;
+            let owned = std::fs::metadata(root.join(format!("proc/{pid}")))
+                .is_ok_and(|m| m.uid() == self.uid || self.uid == 0);
+            if owned {
+                self.adopt_by_anchor(pid, None);
+            }
+        }
+    }
+
+    /// Finds a process's channel through the anchor in the shim's data and admits it.
+    pub(super) fn adopt_by_anchor(&mut self, pid: u32, family_hash: Option<u64>) -> bool {
+        if self.by_pid.contains_key(&pid) || self.no_shim.contains(&pid) {
+            return false;
+        }
+        let root = self.root();
+        let Ok(text) = procfs::read_maps(&root, pid) else {
+            return false;
+        };
+        if maps::shim_data(&maps::parse(&text)).is_empty() {
+            self.no_shim.insert(pid);
+            return false;
+        }
+        let Ok(h) = procfs::ProcHandle::open(&root, pid) else {
+            return false;
+        };
+        let found = procfs::find_channel(&h, &text);
+        drop(h);
+        let Some((ch, _)) = found else {
+            return false;
+        };
+        let id = self.new_id();
+        match Client::adopt(&root, id, pid, ch, None) {
+            Ok((c, maps)) => {
+                // Only a process started for this agent's socket (or a descendant of one of
+                // its families): another agent of the same uid serves the others.
+                let h = c.last.socket_hash;
+                if h != self.socket_hash && Some(h) != family_hash {
+                    debug!("pid {pid}: its shim was started for another agent's socket");
+                    self.no_shim.insert(pid);
+                    return false;
+                }
+                if c.last.verdict == verdict::IGNORE
+                    && self.policy.decide(&c.comm, &c.exe) != Decision::Track
+                {
+                    self.no_shim.insert(pid);
+                    return false;
+                }
+                self.admit(c, &maps);
+                true
+            }
+            Err(e) => {
+                debug!("pid {pid}: {e}");
+                false
+            }
+        }
+    }
+
+    /// Reads each family's doorbell; a ring (or the periodic walk) looks for new processes
+    /// among the descendants of its members.
+    pub(super) fn families_turn(&mut self, now: u64) {
+        let keys: Vec<u64> = self.families.keys().copied().collect();
+        for key in keys {
+            let Some(f) = self.families.get(&key) else {
+                continue;
+            };
+            let mut walk = now >= f.walk_at || !f.pending.is_empty() && now >= f.doorbell_at;
+            if now >= f.doorbell_at {
+                let rings = f.members.iter().find_map(|m| {
+                    let c = self.clients.get(m)?;
+                    let mut b = [0u8; 8];
+                    c.proc
+                        .read(f.doorbell + channel::offsets::DOORBELL_RINGS as u64, &mut b)
+                        .ok()
+                        .map(|()| u64::from_ne_bytes(b))
+                });
+                let f = self.families.get_mut(&key).unwrap();
+                // A young family forks its first children now: look more often.
+                f.doorbell_at = now
+                    + if now < f.born_ms + YOUNG_FAMILY_MS {
+                        DOORBELL_YOUNG_MS
+                    } else {
+                        DOORBELL_MS
+                    };
+                if let Some(r) = rings {
+                    if r != f.rings_seen {
+                        f.rings_seen = r;
+                        walk = true;
+                    }
+                }
+            }
+            if walk {
+                self.walk_family(key, now);
+            }
+        }
+    }
+
+    /// Looks at every descendant of the family's members: a fork child with an initialised
+    /// channel joins; an exec'd descendant with a shim is adopted through its anchor.
+    pub(super) fn walk_family(&mut self, key: u64, now: u64) {
+        let root = self.root();
+        let Some(f) = self.families.get_mut(&key) else {
+            return;
+        };
+        f.walk_at = now + FAMILY_WALK_MS;
+        let addr = f.channel;
+        let family_hash = f.socket_hash;
+        let nonces: BTreeSet<u64> = f
+            .members
+            .iter()
+            .filter_map(|m| self.clients.get(m).map(|c| c.nonce))
+            .collect();
+        let mut frontier: Vec<u32> = f
+            .members
+            .iter()
+            .filter_map(|m| self.clients.get(m).map(|c| c.pid()))
+            .collect();
+        let mut seen: BTreeSet<u32> = frontier.iter().copied().collect();
+        let mut pending = std::mem::take(&mut f.pending);
+        while let Some(pid) = frontier.pop() {
+            for child in procfs::children(&root, pid) {
+                if !seen.insert(child) {
+                    continue;
+                }
+                frontier.push(child);
+                if self.by_pid.contains_key(&child)
+                    || self.dormant.contains_key(&child)
+                    || self.no_shim.contains(&child)
+                {
+                    continue;
+                }
+                let id = self.new_id();
+                match Client::adopt(&root, id, child, addr, None) {
+                    Ok((c, maps))
+                        if nonces.contains(&c.parent_nonce)
+                            && c.last.socket_hash == family_hash =>
+                    {
+                        pending.remove(&child);
+                        self.admit(c, &maps);
+                    }
+                    _ => {
+                        // Not initialised yet (no hook ran in it), or an exec'd program with a
+                        // channel of its own.
+                        if !self.adopt_by_anchor(child, Some(family_hash)) {
+                            let tries = pending.entry(child).or_insert(0);
+                            *tries += 1;
+                            if *tries > 20 {
+                                pending.remove(&child);
+                                self.no_shim.insert(child);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(f) = self.families.get_mut(&key) {
+            pending.retain(|p, _| seen.contains(p));
+            f.pending = pending;
+        }
+    }
+}

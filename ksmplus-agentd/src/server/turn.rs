@@ -1,0 +1,371 @@
+//! One turn of the loop after the sockets: channel reads (finished batches, wake-ups, maps
+//! refreshes), the sandbox fallback, the engine's commands executed, batches posted, kernel
+//! feedback, background coverage figures.
+
+use super::*;
+
+impl Agent {
+    pub(super) fn turn(&mut self) {
+        let now = self.now_ms();
+        self.clients_turn(now);
+        self.families_turn(now);
+        self.engine_turn();
+        let now = self.now_ms();
+        self.post_batches(now);
+        if now >= self.feedback_at {
+            self.feedback_at = now + FEEDBACK_MS;
+            if self.engine.has_marked() {
+                self.feedback();
+            }
+        }
+        if now >= self.coverage_at && !self.clients.is_empty() {
+            self.coverage_at = now + COVERAGE_EVERY_MS;
+            self.refresh_one_coverage(now);
+        }
+        self.peers.expire(self.poll.registry(), now);
+    }
+
+    /// Channel reads: finished batches, wake-ups, `map_gen` checks and maps refreshes.
+    pub(super) fn clients_turn(&mut self, now: u64) {
+        let root = self.root();
+        let min = self.engine.config().min_region_bytes;
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        let mut gone = Vec::new();
+        for id in ids {
+            let c = self.clients.get_mut(&id).unwrap();
+            let batch_due = c.posted.as_ref().is_some_and(|p| now >= p.check_ms);
+            if !batch_due && now < c.check_at_ms {
+                continue;
+            }
+            if c.refresh().is_none() {
+                gone.push(id);
+                continue;
+            }
+            if let Some(results) = c.take_done() {
+                self.batch_done(id, results, now);
+            }
+            let c = self.clients.get_mut(&id).unwrap();
+            let (cpid, snap) = (c.pid(), &c.last);
+            if let Some(p) = c.posted.as_mut() {
+                let wake_due = if p.wakes == 0 {
+                    p.at_ms + WAKE_AFTER_MS
+                } else {
+                    p.last_wake_ms + WAKE_AGAIN_MS
+                };
+                p.check_ms = now + p.every_ms;
+                p.every_ms = (p.every_ms * 2).min(crate::client::BATCH_POLL_MAX_MS);
+                if now >= wake_due && p.wakes < MAX_WAKES {
+                    p.wakes += 1;
+                    p.last_wake_ms = now;
+                    match crate::wake::wake(&root, cpid, snap) {
+                        Ok(tid) => {
+                            self.stats.wakes += 1;
+                            // Look again soon: the handler runs at once.
+                            p.check_ms = now + crate::client::BATCH_POLL_MIN_MS;
+                            p.every_ms = crate::client::BATCH_POLL_MIN_MS;
+                            debug!("pid {cpid}: woke thread {tid}");
+                        }
+                        Err(why) => debug!("pid {cpid}: no wake-up: {why:?}"),
+                    }
+                }
+                if p.wakes < MAX_WAKES {
+                    p.check_ms = p.check_ms.min(if p.wakes == 0 {
+                        p.at_ms + WAKE_AFTER_MS
+                    } else {
+                        p.last_wake_ms + WAKE_AGAIN_MS
+                    });
+                }
+            }
+            let c = self.clients.get_mut(&id).unwrap();
+            c.trim_if_idle(now);
+            if now >= c.check_at_ms {
+                let changed = c.last.map_gen != c.map_gen_seen;
+                if changed || now >= c.maps_read_ms + crate::client::MAPS_MAX_AGE_MS {
+                    c.map_gen_seen = c.last.map_gen;
+                    c.maps_read_ms = now;
+                    match procfs::read_maps(&root, c.pid()) {
+                        Ok(text) if c.proc.alive() => {
+                            c.refresh_stacks(&root);
+                            let evs = c.maps_events(&text, min);
+                            let busy = !evs.is_empty();
+                            for ev in evs {
+                                self.engine.on_event(id, ev, now);
+                            }
+                            let c = self.clients.get_mut(&id).unwrap();
+                            c.check_every_ms = if busy || changed {
+                                crate::client::CHECK_MIN_MS
+                            } else {
+                                (c.check_every_ms * 2).min(c.max_check_ms())
+                            };
+                        }
+                        _ => {
+                            gone.push(id);
+                            continue;
+                        }
+                    }
+                } else {
+                    c.check_every_ms = (c.check_every_ms * 2).min(c.max_check_ms());
+                }
+                let c = self.clients.get_mut(&id).unwrap();
+                c.check_at_ms = now + c.check_every_ms;
+            }
+        }
+        for id in gone {
+            self.remove_client(id, "gone");
+        }
+    }
+
+    pub(super) fn batch_done(&mut self, id: ClientId, results: Vec<(Item, i32)>, now: u64) {
+        for (item, res) in results {
+            match item {
+                Item::Engine(rid) => {
+                    let status = if res == 0 {
+                        Status::Ok
+                    } else {
+                        Status::Errno(res)
+                    };
+                    self.engine
+                        .on_reply(id, Reply::Madvise { id: rid, status }, now);
+                    if refused(res) {
+                        self.sandbox_refuses(id, res);
+                    }
+                }
+                Item::Probe => {
+                    if res == 0 {
+                        if let Some(c) = self.clients.get_mut(&id) {
+                            c.sandbox = Sandbox::Allows;
+                        }
+                        self.child_allows(id);
+                    } else if refused(res) {
+                        self.sandbox_refuses(id, res);
+                    }
+                }
+                Item::Trim => {}
+                Item::MergeAny(on) => {
+                    if let Some(c) = self.clients.get_mut(&id) {
+                        if res == 0 {
+                            c.merge_any = on;
+                            info!(
+                                "pid {}: merge-any {}",
+                                c.pid(),
+                                if on { "on" } else { "off" }
+                            );
+                        } else {
+                            warn!("pid {}: PR_SET_MEMORY_MERGE refused: errno {res}", c.pid());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The process's sandbox refuses KSM advice: stop sampling it (nothing could be marked),
+    /// and apply the fallback to the process it was forked from.
+    pub(super) fn sandbox_refuses(&mut self, id: ClientId, errno: i32) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if matches!(c.sandbox, Sandbox::Refuses(_)) {
+            return;
+        }
+        c.sandbox = Sandbox::Refuses(errno);
+        c.queue.retain(|(i, _)| !matches!(i, Item::Engine(_)));
+        let (pid, ppid) = (c.pid(), c.ppid);
+        info!("pid {pid}: its sandbox refuses KSM advice (errno {errno})");
+        self.engine.remove_client(id);
+        if self.policy.sandbox_fallback != SandboxFallback::MergeAny {
+            return;
+        }
+        let Some(&pid_c) = self.by_pid.get(&ppid) else {
+            return;
+        };
+        let root = self.root();
+        let Some(parent) = self.clients.get_mut(&pid_c) else {
+            return;
+        };
+        // Only a parent without a seccomp filter (prctl is refused, or fatal, under one), and
+        // none of whose children accepted marks (Firefox's fork server starts content
+        // processes that accept marks, and a few utility processes that do not).
+        // And only a fork server: single-threaded (Chromium's zygote), not a program that
+        // happens to fork one sandboxed helper (Firefox's parent forks its socket process):
+        // merge-any applies to the parent's own memory too.
+        let st = match procfs::read_status(&root, parent.pid()) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("pid {}: status: {e}", parent.pid());
+                return;
+            }
+        };
+        if st.seccomp != 0 || st.threads != 1 || self.allowing.contains_key(&pid_c) {
+            debug!(
+                "pid {}: no merge-any fallback (seccomp {}, {} threads, {} children accept marks)",
+                parent.pid(),
+                st.seccomp,
+                st.threads,
+                self.allowing.get(&pid_c).copied().unwrap_or(0)
+            );
+            return;
+        }
+        let key = parent.key.clone();
+        let n = self.fallback.entry(pid_c).or_insert(0);
+        *n += 1;
+        if *n == 1 && !parent.merge_any {
+            info!(
+                "pid {}: children forked from it refuse marks (pid {pid}): merge-any for its next children",
+                parent.pid()
+            );
+            parent.queue_op(Item::MergeAny(true));
+        }
+        self.learned.set_fork_server(&key, true);
+    }
+
+    /// A child that accepts marks: a parent switched to merge-any for its children goes back.
+    pub(super) fn child_allows(&mut self, id: ClientId) {
+        let Some(ppid) = self.clients.get(&id).map(|c| c.ppid) else {
+            return;
+        };
+        let Some(&p) = self.by_pid.get(&ppid) else {
+            return;
+        };
+        *self.allowing.entry(p).or_insert(0) += 1;
+        if self.fallback.remove(&p).is_some() {
+            if let Some(parent) = self.clients.get_mut(&p) {
+                self.learned.set_fork_server(&parent.key, false);
+                info!(
+                    "pid {}: a child accepts marks: merge-any off again",
+                    parent.pid()
+                );
+                parent.queue_op(Item::MergeAny(false));
+            }
+        }
+    }
+
+    /// Runs the engine and executes what it asks: residency and fingerprints here and now,
+    /// marks into the client's mailbox. Bounded by [`TURN_BUDGET`].
+    pub(super) fn engine_turn(&mut self) {
+        let t0 = Instant::now();
+        loop {
+            let now = self.now_ms();
+            self.engine.tick(now);
+            let out = self.engine.take_output();
+            if out.is_empty() {
+                break;
+            }
+            for (id, cmd) in out {
+                let Some(c) = self.clients.get_mut(&id) else {
+                    continue;
+                };
+                let reply = match cmd {
+                    Command::Residency {
+                        id: rid,
+                        start,
+                        len,
+                    } => {
+                        match c
+                            .proc
+                            .residency(start, len, crate::engine::MAX_RESIDENCY_RUNS)
+                        {
+                            Ok((covered, runs)) => Reply::Residency {
+                                id: rid,
+                                status: Status::Ok,
+                                covered,
+                                runs,
+                            },
+                            Err(e) => Reply::Residency {
+                                id: rid,
+                                status: Status::Errno(e.raw_os_error().unwrap_or(libc::EIO)),
+                                covered: len,
+                                runs: Vec::new(),
+                            },
+                        }
+                    }
+                    Command::Fingerprint { id: rid, pages } => Reply::Fingerprint {
+                        id: rid,
+                        status: Status::Ok,
+                        hashes: c.proc.hashes(&pages, c.page_size),
+                    },
+                    m @ Command::Madvise { .. } => {
+                        c.queue_engine(&m);
+                        continue;
+                    }
+                };
+                self.engine.on_reply(id, reply, now);
+            }
+            if t0.elapsed() >= TURN_BUDGET {
+                break;
+            }
+        }
+    }
+
+    pub(super) fn post_batches(&mut self, now: u64) {
+        let mut gone = Vec::new();
+        for (id, c) in self.clients.iter_mut() {
+            match c.post(now) {
+                Ok(true) => c.check_at_ms = c.check_at_ms.min(now + WAKE_AFTER_MS),
+                Ok(false) => {}
+                Err(e) => {
+                    debug!("pid {}: cannot post a batch: {e}", c.pid());
+                    gone.push(*id);
+                }
+            }
+        }
+        for id in gone {
+            self.remove_client(id, "channel unwritable");
+        }
+    }
+
+    /// Kernel feedback: ksmd's full_scans and, for clients with runs due, their smaps.
+    pub(super) fn feedback(&mut self) {
+        let root = self.root();
+        let Ok(scans) = ksm::read_sysfs(&root, "full_scans") else {
+            return;
+        };
+        self.engine.set_full_scans(scans.max(0) as u64);
+        for id in self.engine.due_checks() {
+            let Some(c) = self.clients.get(&id) else {
+                continue;
+            };
+            match ksm::read_smaps(&root, c.pid()) {
+                Ok(_) if !c.proc.alive() => {
+                    debug!("pid {}: exited while its smaps were read", c.pid())
+                }
+                Ok(vmas) => {
+                    let v: Vec<(u64, u64, u64)> =
+                        vmas.iter().map(|v| (v.start, v.end, v.ksm_kib)).collect();
+                    self.engine.feedback(id, &v);
+                    let cov = crate::control::coverage_of(c, &vmas);
+                    self.figures.entry(id).or_default().coverage = Some((cov, self.now_ms()));
+                }
+                Err(e) => debug!("pid {}: {e}", c.pid()),
+            }
+        }
+    }
+
+    /// Coverage figures of the client whose figures are oldest (and older than the limit).
+    pub(super) fn refresh_one_coverage(&mut self, now: u64) {
+        let root = self.root();
+        let oldest = self
+            .clients
+            .keys()
+            .map(|id| {
+                let at = self
+                    .figures
+                    .get(id)
+                    .and_then(|f| f.coverage.as_ref().map(|c| c.1))
+                    .unwrap_or(0);
+                (at, *id)
+            })
+            .min();
+        let Some((at, id)) = oldest else { return };
+        if at != 0 && now < at + COVERAGE_MAX_AGE_MS {
+            return;
+        }
+        let c = &self.clients[&id];
+        if let Ok(vmas) = ksm::read_smaps(&root, c.pid()) {
+            if c.proc.alive() {
+                let cov = crate::control::coverage_of(c, &vmas);
+                self.figures.entry(id).or_default().coverage = Some((cov, now));
+            }
+        }
+    }
+}
