@@ -76,15 +76,6 @@ impl Learned {
     }
 }
 
-/// The default store: `$XDG_STATE_HOME/ksmplus/learned`, else `~/.local/state/ksmplus/learned`.
-pub fn default_path(xdg_state_home: Option<&str>, home: Option<&str>) -> Option<PathBuf> {
-    match (xdg_state_home, home) {
-        (Some(d), _) if !d.is_empty() => Some(Path::new(d).join("ksmplus/learned")),
-        (_, Some(h)) if !h.is_empty() => Some(Path::new(h).join(".local/state/ksmplus/learned")),
-        _ => None,
-    }
-}
-
 /// A process's key: its executable and the sorted names of its `--flags` (values vary from run
 /// to run; the set of flags tells Chromium's sandboxed zygote from its unsandboxed one and from
 /// the browser). Empty when the command line is unreadable.

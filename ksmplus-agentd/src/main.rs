@@ -31,8 +31,8 @@ struct Args {
 fn main() {
     let args = Args::parse();
     log::init(args.verbose, std::env::var("KSMPLUS_LOG").ok().as_deref());
-    let socket = ksmplus_agentd::socket_path(args.socket.as_deref());
-    let policy_path = ksmplus_agentd::policy_path(args.policy.as_deref());
+    let socket = ksmplus_common::paths::socket_path(args.socket.as_deref());
+    let policy_path = ksmplus_common::paths::policy_path(args.policy.as_deref());
     let policy = match Policy::load(&policy_path) {
         Ok(p) => p,
         Err(e) => {
@@ -54,12 +54,7 @@ fn main() {
         policy_path,
         root: PathBuf::from("/"),
         seed,
-        state: args.state.or_else(|| {
-            ksmplus_agentd::learned::default_path(
-                std::env::var("XDG_STATE_HOME").ok().as_deref(),
-                std::env::var("HOME").ok().as_deref(),
-            )
-        }),
+        state: ksmplus_common::paths::state_path(args.state.as_deref()),
     };
     let mut agent = match Agent::new(opts, policy) {
         Ok(a) => a,

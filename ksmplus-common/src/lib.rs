@@ -3,7 +3,8 @@
 //! - [`channel`]: the per-process channel page and family doorbell (shim ↔ agent ABI);
 //! - [`protocol`]: the socket protocol (a shim's Hello, control requests) and its one framing;
 //! - [`names`]: program names, and the default exclusion list every mode honours;
-//! - [`fsutil`]: the one atomic-write helper;
+//! - [`fsutil`]: the one atomic-write helper; [`paths`]: XDG directories, ksmplus paths,
+//!   peer credentials;
 //! - [`maps`]: the one `/proc/PID/maps` parser and what of it ksmplus covers;
 //! - [`ksm`]: KSM's sysfs and procfs files; [`policy`] (feature `policy`): the policy file;
 //!   [`status`] (feature `policy`): the control channel's typed requests and replies.
@@ -12,6 +13,7 @@ pub mod fsutil;
 pub mod ksm;
 pub mod maps;
 pub mod names;
+pub mod paths;
 #[cfg(feature = "policy")]
 pub mod policy;
 pub mod protocol;
@@ -56,18 +58,4 @@ pub fn write_message(w: &mut impl Write, m: &Message) -> io::Result<()> {
     w.write_all(&m.to_frame())
 }
 
-/// The default socket path: `$XDG_RUNTIME_DIR/ksmplus/agent.sock`, else
-/// `/run/user/$UID/ksmplus/agent.sock`, else `/tmp/ksmplus-$UID/agent.sock`.
-pub fn default_socket_path(xdg_runtime_dir: Option<&str>, uid: u32) -> std::path::PathBuf {
-    match xdg_runtime_dir {
-        Some(d) if !d.is_empty() => std::path::Path::new(d).join("ksmplus/agent.sock"),
-        _ => {
-            let run = format!("/run/user/{uid}");
-            if std::path::Path::new(&run).is_dir() {
-                std::path::Path::new(&run).join("ksmplus/agent.sock")
-            } else {
-                std::path::PathBuf::from(format!("/tmp/ksmplus-{uid}/agent.sock"))
-            }
-        }
-    }
-}
+pub use paths::default_socket_path;

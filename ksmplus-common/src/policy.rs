@@ -277,14 +277,7 @@ fn locate(text: &str, offset: usize) -> (usize, usize, String) {
     (line, column, key)
 }
 
-/// The policy file path: `$XDG_CONFIG_HOME/ksmplus/policy.toml`, else `$HOME/.config/...`.
-pub fn default_policy_path(xdg_config_home: Option<&str>, home: Option<&str>) -> PathBuf {
-    match (xdg_config_home, home) {
-        (Some(d), _) if !d.is_empty() => Path::new(d).join("ksmplus/policy.toml"),
-        (_, Some(h)) if !h.is_empty() => Path::new(h).join(".config/ksmplus/policy.toml"),
-        _ => PathBuf::from("/etc/ksmplus/policy.toml"),
-    }
-}
+pub use crate::paths::default_policy_path;
 
 #[cfg(test)]
 mod tests {

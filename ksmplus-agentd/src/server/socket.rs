@@ -108,26 +108,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), SocketError> {
     Ok(())
 }
 
-/// `(pid, uid)` of a connected unix socket's peer.
-pub fn peer_cred(fd: i32) -> Option<(u32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (rc == 0).then_some((cred.pid as u32, cred.uid))
-}
+pub use ksmplus_common::paths::peer_cred;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {

@@ -1,4 +1,11 @@
-//! `ksmplusctl`: asks a running ksmplus-agentd for its status, edits its policy, reloads it.
+//! `ksmplusctl`: asks a running ksmplus-agentd for its status, edits its policy, reloads it;
+//! and, without an agent, wraps desktop programs (`desktop`), scans for duplicate pages (`scan`)
+//! and writes the user unit (`service`).
+mod client;
+mod desktop;
+mod scan;
+mod service;
+
 use clap::{Parser, Subcommand};
 use ksmplus_common::status::{Request, SimpleReply, StatusReply};
 use std::path::PathBuf;
@@ -27,32 +34,32 @@ enum Cmd {
     /// Re-read the policy file (a bad file leaves the old policy in force)
     Reload,
     /// Count duplicate page contents in running processes (what KSM could save); no agent needed
-    Scan(ksmplus_agentd::scan::ScanArgs),
+    Scan(scan::ScanArgs),
     /// Make a program's desktop entries (menu, file associations) start it under the shim
-    Wrap(ksmplus_agentd::desktop::WrapArgs),
+    Wrap(desktop::WrapArgs),
     /// Undo `wrap`: restore the previous user entry, or remove the override
-    Unwrap(ksmplus_agentd::desktop::UnwrapArgs),
+    Unwrap(desktop::UnwrapArgs),
     /// List the desktop entries `wrap` wrote
     Wrapped,
     /// Write the systemd user unit for ksmplus-agentd (~/.config/systemd/user)
-    InstallService(ksmplus_agentd::service::InstallArgs),
+    InstallService(service::InstallArgs),
 }
 
 fn main() {
     let args = Args::parse();
     // Local commands (desktop integration, scanner): they do not talk to the agent.
     let local = match &args.cmd {
-        Cmd::Scan(a) => Some(ksmplus_agentd::scan::cli(a, args.json)),
-        Cmd::Wrap(a) => Some(ksmplus_agentd::desktop::cli_wrap(a, args.json)),
-        Cmd::Unwrap(a) => Some(ksmplus_agentd::desktop::cli_unwrap(a, args.json)),
-        Cmd::Wrapped => Some(ksmplus_agentd::desktop::cli_wrapped(args.json)),
-        Cmd::InstallService(a) => Some(ksmplus_agentd::service::cli_install(a, args.json)),
+        Cmd::Scan(a) => Some(scan::cli(a, args.json)),
+        Cmd::Wrap(a) => Some(desktop::cli_wrap(a, args.json)),
+        Cmd::Unwrap(a) => Some(desktop::cli_unwrap(a, args.json)),
+        Cmd::Wrapped => Some(desktop::cli_wrapped(args.json)),
+        Cmd::InstallService(a) => Some(service::cli_install(a, args.json)),
         _ => None,
     };
     if let Some(code) = local {
         std::process::exit(code);
     }
-    let socket = ksmplus_agentd::socket_path(args.socket.as_deref());
+    let socket = ksmplus_common::paths::socket_path(args.socket.as_deref());
     let req = match &args.cmd {
         Cmd::Status => Request::Status,
         Cmd::Add { app } => Request::Add { app: app.clone() },
@@ -61,7 +68,7 @@ fn main() {
         _ => unreachable!("local commands returned above"),
     };
     let json = serde_json::to_string(&req).expect("a request serialises");
-    let reply = match ksmplus_agentd::control_request(&socket, &json) {
+    let reply = match client::control_request(&socket, &json) {
         Ok(r) => r,
         Err(e) => {
             if args.json {
@@ -73,7 +80,7 @@ fn main() {
                 eprintln!("ksmplusctl: {e}");
             }
             // 3: "not running", as systemctl says it.
-            let code = if matches!(e, ksmplus_agentd::CtlError::NotRunning(_)) {
+            let code = if matches!(e, client::CtlError::NotRunning(_)) {
                 3
             } else {
                 2

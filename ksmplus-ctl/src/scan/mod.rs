@@ -18,7 +18,17 @@
 //!   process the caller may not read is reported as such, never an error for `--all`.
 //! - Processes are scanned one after another, so per-process counts come from the same table:
 //!   an entry remembers the last process that saw it and how often it saw it there.
-use serde_json::{json, Value};
+mod classify;
+mod procfs;
+mod report;
+
+pub use classify::{classify, Class};
+pub use procfs::{all_pids, pids_by_comm};
+
+use ksmplus_common::maps;
+use procfs::{
+    alive, is_file, open_reason, proc_state, read_comm, scannable, zero_page_pfn, PF_KTHREAD,
+};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -28,108 +38,9 @@ use std::time::{Duration, Instant};
 
 /// Pages read per `pread` at most (2 MiB with 4 KiB pages).
 pub const CHUNK_PAGES: usize = 512;
-/// The longest period the classifier looks for, in bytes.
-pub const MAX_PERIOD: usize = 64;
-/// Bytes of a periodic pattern kept for display.
-pub const PATTERN_HEAD: usize = 16;
-
 const PM_PRESENT: u64 = 1 << 63;
 const PM_FILE: u64 = 1 << 61;
 const PM_PFN_MASK: u64 = (1 << 55) - 1;
-
-/// What a page's content looks like.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Class {
-    /// Every byte 0x00.
-    Zero,
-    /// Every byte 0xff.
-    Ones,
-    /// The page repeats a pattern of `period` bytes (the smallest such period, 1..=64); `head`
-    /// holds its first `min(period, 16)` bytes.
-    Periodic {
-        period: u8,
-        head: [u8; PATTERN_HEAD],
-    },
-    /// Anything else.
-    Other,
-}
-
-impl Class {
-    /// Short name: `all-zero`, `all-0xff`, `periodic`, `other`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Class::Zero => "all-zero",
-            Class::Ones => "all-0xff",
-            Class::Periodic { .. } => "periodic",
-            Class::Other => "other",
-        }
-    }
-
-    /// The period in bytes (1 for all-zero and all-0xff), if periodic at all.
-    pub fn period(&self) -> Option<usize> {
-        match self {
-            Class::Zero | Class::Ones => Some(1),
-            Class::Periodic { period, .. } => Some(*period as usize),
-            Class::Other => None,
-        }
-    }
-
-    /// The repeating pattern in upper-case hex (`FFFFFF00`), `…` when longer than 16 bytes.
-    pub fn pattern_hex(&self) -> Option<String> {
-        match self {
-            Class::Zero => Some("00".into()),
-            Class::Ones => Some("FF".into()),
-            Class::Periodic { period, head } => {
-                let n = (*period as usize).min(PATTERN_HEAD);
-                let mut s: String = head[..n].iter().map(|b| format!("{b:02X}")).collect();
-                if *period as usize > PATTERN_HEAD {
-                    s.push('…');
-                }
-                Some(s)
-            }
-            Class::Other => None,
-        }
-    }
-
-    /// Human-readable: `all-zero`, `all-0xff`, `periodic 4 B: FFFFFF00`, `other`.
-    pub fn describe(&self) -> String {
-        match self {
-            Class::Periodic { period, .. } => {
-                format!(
-                    "periodic {period} B: {}",
-                    self.pattern_hex().unwrap_or_default()
-                )
-            }
-            c => c.kind().into(),
-        }
-    }
-}
-
-/// Classifies one page: all-zero, all-0xff, periodic with the smallest period ≤ 64 bytes, other.
-pub fn classify(page: &[u8]) -> Class {
-    if page.is_empty() {
-        return Class::Other;
-    }
-    for period in 1..=MAX_PERIOD.min(page.len() / 2) {
-        // Period p: every byte equals the byte p before it.
-        if page[period..] == page[..page.len() - period] {
-            if period == 1 && page[0] == 0 {
-                return Class::Zero;
-            }
-            if period == 1 && page[0] == 0xff {
-                return Class::Ones;
-            }
-            let mut head = [0u8; PATTERN_HEAD];
-            let n = period.min(PATTERN_HEAD);
-            head[..n].copy_from_slice(&page[..n]);
-            return Class::Periodic {
-                period: period as u8,
-                head,
-            };
-        }
-    }
-    Class::Other
-}
 
 /// One distinct content: the only per-content state the scanner keeps.
 #[derive(Clone, Debug)]
@@ -232,15 +143,6 @@ impl Scanner {
         }
     }
 
-    pub fn page_size(&self) -> usize {
-        self.page_size
-    }
-
-    /// Distinct contents so far.
-    pub fn distinct(&self) -> usize {
-        self.map.len()
-    }
-
     /// Counts one page of process `pc.pid` at `addr`. Processes must be fed one after another.
     pub fn add_page(&mut self, pc: &mut ProcCounts, addr: u64, page: &[u8]) {
         let h = ksmplus_common::page_hash(page);
@@ -321,7 +223,7 @@ impl Scanner {
             Ok(m) => m,
             Err(e) => return skip(self, open_reason(&e)),
         };
-        let vmas: Vec<Vma> = maps.lines().filter_map(parse_maps_line).collect();
+        let vmas = maps::parse(&maps);
         if vmas.is_empty() {
             return skip(self, "no user memory (zombie: exited)".into());
         }
@@ -335,8 +237,8 @@ impl Scanner {
             buf.resize(CHUNK_PAGES * ps, 0);
         }
         let mut pm = vec![0u8; CHUNK_PAGES * 8];
-        'vmas: for v in vmas.iter().filter(|v| v.scannable()) {
-            let file_backed = v.is_file();
+        'vmas: for v in vmas.iter().filter(|v| scannable(v)) {
+            let file_backed = is_file(v);
             let mut addr = v.start;
             while addr < v.end {
                 let n = (((v.end - addr) / ps as u64) as usize).min(CHUNK_PAGES);
@@ -458,174 +360,6 @@ impl Scanner {
         v.truncate(n);
         v
     }
-
-    fn comm_of(&self, pid: u32) -> &str {
-        self.procs
-            .iter()
-            .find(|p| p.pid == pid)
-            .map(|p| p.comm.as_str())
-            .unwrap_or("?")
-    }
-
-    /// The report as JSON.
-    pub fn to_json(&self, top: usize) -> Value {
-        let ps = self.page_size as u64;
-        let t = self.totals();
-        let secs = self.elapsed().as_secs_f64();
-        let procs: Vec<Value> = self
-            .procs
-            .iter()
-            .map(|p| {
-                let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-                v["saving_pages"] = json!(p.saving());
-                v["saving_bytes"] = json!(p.saving() * ps);
-                v
-            })
-            .collect();
-        let top: Vec<Value> = self
-            .top(top)
-            .into_iter()
-            .map(|(h, e)| {
-                json!({
-                    "hash": format!("{h:016x}"),
-                    "count": e.count,
-                    "bytes": e.count * ps,
-                    "processes": e.procs,
-                    "class": e.class.kind(),
-                    "period": e.class.period(),
-                    "pattern": e.class.pattern_hex(),
-                    "first_pid": e.first_pid,
-                    "first_addr": format!("{:#x}", e.first_addr),
-                })
-            })
-            .collect();
-        json!({
-            "ok": true,
-            "page_size": ps,
-            "processes": procs,
-            "skipped": self.skipped,
-            "totals": t,
-            "saving_bytes": t.saving_pages * ps,
-            "top": top,
-            "bytes_read": self.bytes_read,
-            "seconds": secs,
-            "mib_per_s": mib_per_s(self.bytes_read, secs),
-            "zero_page_known": self.zero_pfn.is_some(),
-        })
-    }
-
-    /// The report as text.
-    pub fn to_text(&self, top: usize) -> String {
-        use std::fmt::Write;
-        let ps = self.page_size as u64;
-        let mib = |pages: u64| pages as f64 * ps as f64 / (1 << 20) as f64;
-        let t = self.totals();
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{:>7}  {:<15}  {:>9}  {:>9}  {:>9}  {:>9}  {:>13}",
-            "PID", "COMM", "PAGES", "UNIQUE", "DUPLICATE", "DISTINCT", "SAVING"
-        );
-        for p in &self.procs {
-            let _ = writeln!(
-                s,
-                "{:>7}  {:<15}  {:>9}  {:>9}  {:>9}  {:>9}  {:>8.1} MiB{}",
-                p.pid,
-                p.comm,
-                p.pages,
-                p.unique,
-                p.duplicate,
-                p.distinct,
-                mib(p.saving()),
-                p.note
-                    .as_deref()
-                    .map(|n| format!("  ({n})"))
-                    .unwrap_or_default()
-            );
-        }
-        let _ = writeln!(
-            s,
-            "{:>7}  {:<15}  {:>9}  {:>9}  {:>9}  {:>9}  {:>8.1} MiB",
-            "ALL",
-            format!("{} processes", t.processes),
-            t.pages,
-            t.unique,
-            t.duplicate,
-            t.distinct,
-            mib(t.saving_pages)
-        );
-        let _ = writeln!(
-            s,
-            "saving KSM could give: {} pages ({:.1} MiB, {:.1}% of {:.1} MiB scanned); {} pages of it \
-             only by merging across processes; {} contents appear in more than one process",
-            t.saving_pages,
-            mib(t.saving_pages),
-            if t.pages > 0 {
-                100.0 * t.saving_pages as f64 / t.pages as f64
-            } else {
-                0.0
-            },
-            mib(t.pages),
-            t.cross_process_saving_pages,
-            t.shared_contents
-        );
-        let _ = writeln!(
-            s,
-            "duplicate contents by count: {} seen 2-9 times, {} seen 10-99 times, {} seen 100+ times",
-            t.histogram[0], t.histogram[1], t.histogram[2]
-        );
-        if t.zero_page_mapped > 0 {
-            let _ = writeln!(
-                s,
-                "{} pages map the kernel's shared zero page (already free, not counted above)",
-                t.zero_page_mapped
-            );
-        }
-        let tops = self.top(top);
-        if !tops.is_empty() {
-            let _ = writeln!(s, "top {} duplicate contents:", tops.len());
-            let _ = writeln!(
-                s,
-                "{:>3}  {:>9}  {:>10}  {:>5}  {:<40}  FIRST SEEN",
-                "#", "COUNT", "SIZE", "PROCS", "CLASS"
-            );
-            for (i, (_, e)) in tops.iter().enumerate() {
-                let _ = writeln!(
-                    s,
-                    "{:>3}  {:>9}  {:>6.1} MiB  {:>5}  {:<40}  pid {} ({}) {:#x}",
-                    i + 1,
-                    e.count,
-                    mib(e.count),
-                    e.procs,
-                    e.class.describe(),
-                    e.first_pid,
-                    self.comm_of(e.first_pid),
-                    e.first_addr
-                );
-            }
-        }
-        for sk in &self.skipped {
-            let _ = writeln!(s, "skipped pid {} ({}): {}", sk.pid, sk.comm, sk.reason);
-        }
-        let secs = self.elapsed().as_secs_f64();
-        let _ = writeln!(
-            s,
-            "read {:.1} MiB in {:.2} s: {:.0} MiB/s; table: {} distinct contents",
-            self.bytes_read as f64 / (1 << 20) as f64,
-            secs,
-            mib_per_s(self.bytes_read, secs),
-            self.map.len()
-        );
-        s
-    }
-}
-
-fn mib_per_s(bytes: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        bytes as f64 / (1 << 20) as f64 / secs
-    } else {
-        0.0
-    }
 }
 
 /// Reads as much of `buf` as possible at `off`; returns the bytes read (short on an error).
@@ -640,153 +374,6 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> usize {
         }
     }
     done
-}
-
-const PF_KTHREAD: u64 = 0x0020_0000;
-
-/// State letter and flags from `/proc/PID/stat` (readable by anyone).
-fn proc_state(dir: &Path) -> Option<(char, u64)> {
-    let s = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let flags = f.nth(5)?.parse().ok()?; // field 9: after ppid pgrp session tty_nr tpgid
-    Some((state, flags))
-}
-
-/// Still running (not gone, not a zombie).
-fn alive(dir: &Path) -> bool {
-    matches!(proc_state(dir), Some((s, _)) if s != 'Z' && s != 'X')
-}
-
-fn read_comm(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("comm"))
-        .map(|s| s.trim_end_matches('\n').to_owned())
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn open_reason(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ENOENT) | Some(libc::ESRCH) => "exited before it could be scanned".into(),
-        Some(libc::EACCES) | Some(libc::EPERM) => {
-            "permission denied: reading another process's memory needs root (or CAP_SYS_PTRACE), \
-             or the same user with kernel.yama.ptrace_scope=0"
-                .into()
-        }
-        _ => e.to_string(),
-    }
-}
-
-/// The PFN of the kernel's shared zero page, learnt by read-faulting one page of our own; `None`
-/// when pagemap hides PFNs (not root).
-fn zero_page_pfn() -> Option<u64> {
-    // SAFETY: a fresh private anonymous mapping, read once, then unmapped.
-    unsafe {
-        let ps = libc::sysconf(libc::_SC_PAGESIZE) as usize;
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            ps,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        std::ptr::read_volatile(p as *const u8);
-        let mut e = [0u8; 8];
-        let r = File::open("/proc/self/pagemap")
-            .and_then(|f| f.read_at(&mut e, (p as u64) / ps as u64 * 8));
-        libc::munmap(p, ps);
-        let e = u64::from_le_bytes(e);
-        match r {
-            Ok(8) if e & PM_PRESENT != 0 && e & PM_PFN_MASK != 0 => Some(e & PM_PFN_MASK),
-            _ => None,
-        }
-    }
-}
-
-/// One line of `/proc/PID/maps`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Vma {
-    pub start: u64,
-    pub end: u64,
-    pub perms: String,
-    pub path: String,
-}
-
-impl Vma {
-    /// Private and readable, and anonymous or a private file mapping (whose COW copies are
-    /// anonymous); never the kernel's special mappings.
-    pub fn scannable(&self) -> bool {
-        let p = self.perms.as_bytes();
-        if p.len() < 4 || p[0] != b'r' || p[3] != b'p' {
-            return false;
-        }
-        !matches!(
-            self.path.as_str(),
-            "[vvar]" | "[vdso]" | "[vsyscall]" | "[vvar_vclock]" | "[uprobes]"
-        )
-    }
-
-    /// A mapping of a file (a path), whose present pages are anonymous only where pagemap says so.
-    /// Unwritable file mappings never hold anonymous pages.
-    pub fn is_file(&self) -> bool {
-        self.path.starts_with('/')
-    }
-}
-
-/// Parses `start-end perms offset dev inode [path]`.
-pub fn parse_maps_line(line: &str) -> Option<Vma> {
-    let mut it = line.splitn(6, ' ');
-    let range = it.next()?;
-    let perms = it.next()?;
-    let _off = it.next()?;
-    let _dev = it.next()?;
-    let _inode = it.next()?;
-    let path = it.next().unwrap_or("").trim_start().to_owned();
-    let (s, e) = range.split_once('-')?;
-    Some(Vma {
-        start: u64::from_str_radix(s, 16).ok()?,
-        end: u64::from_str_radix(e, 16).ok()?,
-        perms: perms.to_owned(),
-        path,
-    })
-}
-
-/// Pids under `proc_root` whose comm is `name`, or whose executable's file name is `name` (comm is
-/// cut to 15 bytes).
-pub fn pids_by_comm(proc_root: &Path, name: &str) -> Vec<u32> {
-    all_pids(proc_root)
-        .into_iter()
-        .filter(|pid| {
-            let dir = proc_root.join(pid.to_string());
-            let comm = read_comm(&dir);
-            if comm == name {
-                return true;
-            }
-            if name.len() > 15 && comm.len() == 15 && name.as_bytes().starts_with(comm.as_bytes()) {
-                return true;
-            }
-            std::fs::read_link(dir.join("exe"))
-                .ok()
-                .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
-                .is_some_and(|f| f == name)
-        })
-        .collect()
-}
-
-/// Every numeric entry of `proc_root`.
-pub fn all_pids(proc_root: &Path) -> Vec<u32> {
-    let mut v: Vec<u32> = std::fs::read_dir(proc_root)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
 }
 
 /// `ksmplusctl scan` options.
@@ -868,51 +455,6 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_ones() {
-        assert_eq!(classify(&[0u8; 4096]), Class::Zero);
-        assert_eq!(classify(&[0xffu8; 4096]), Class::Ones);
-        assert_eq!(Class::Zero.period(), Some(1));
-    }
-
-    #[test]
-    fn periodic_smallest_period() {
-        let c = classify(&page_of(&[0xff, 0xff, 0xff, 0x00]));
-        assert_eq!(c.period(), Some(4));
-        assert_eq!(c.pattern_hex().unwrap(), "FFFFFF00");
-        assert_eq!(c.describe(), "periodic 4 B: FFFFFF00");
-        // A pattern of 8 that is really two copies of 4 is period 4.
-        let c = classify(&page_of(&[1, 2, 3, 4, 1, 2, 3, 4]));
-        assert_eq!(c.period(), Some(4));
-        // A single non-zero byte repeated.
-        assert_eq!(classify(&page_of(&[0x41])).period(), Some(1));
-        assert_eq!(classify(&page_of(&[0x41])).kind(), "periodic");
-        // A period not dividing the page size still counts.
-        assert_eq!(classify(&page_of(&[7, 8, 9])).period(), Some(3));
-    }
-
-    #[test]
-    fn long_periods_and_limit() {
-        let pat: Vec<u8> = (0..64u8).collect();
-        let c = classify(&page_of(&pat));
-        assert_eq!(c.period(), Some(64));
-        assert!(c.pattern_hex().unwrap().ends_with('…'));
-        assert!(c.pattern_hex().unwrap().starts_with("000102030405"));
-        let pat: Vec<u8> = (0..65u8).collect();
-        assert_eq!(classify(&page_of(&pat)), Class::Other);
-    }
-
-    #[test]
-    fn other() {
-        let mut p = vec![0u8; 4096];
-        p[4095] = 1;
-        assert_eq!(classify(&p), Class::Other);
-        let mut p = page_of(&[0xff, 0xff, 0xff, 0x00]);
-        p[100] ^= 1;
-        assert_eq!(classify(&p), Class::Other);
-        assert_eq!(classify(&[]), Class::Other);
-    }
-
-    #[test]
     fn counts_per_process_and_across() {
         let mut sc = Scanner::new(Path::new("/proc"));
         let z = vec![0u8; 4096];
@@ -958,29 +500,6 @@ mod tests {
         assert_eq!(top[0].1.procs, 2);
         assert_eq!(top[1].1.count, 2);
         assert_eq!(top.len(), 2);
-    }
-
-    #[test]
-    fn maps_lines() {
-        let v = parse_maps_line(
-            "7f00a0000000-7f00a0021000 rw-p 00000000 00:00 0                          [heap]",
-        )
-        .unwrap();
-        assert_eq!(v.start, 0x7f00a0000000);
-        assert_eq!(v.path, "[heap]");
-        assert!(v.scannable() && !v.is_file());
-        let v = parse_maps_line("7fff1000-7fff3000 r--p 00000000 00:00 0  [vvar]").unwrap();
-        assert!(!v.scannable());
-        let v = parse_maps_line("1000-2000 rw-s 00000000 00:05 12 /dev/shm/x").unwrap();
-        assert!(!v.scannable());
-        let v = parse_maps_line("1000-2000 ---p 00000000 00:00 0").unwrap();
-        assert!(!v.scannable());
-        let v =
-            parse_maps_line("1000-2000 rw-p 00001000 08:01 77 /usr/lib/a b.so (deleted)").unwrap();
-        assert_eq!(v.path, "/usr/lib/a b.so (deleted)");
-        assert!(v.scannable() && v.is_file());
-        let v = parse_maps_line("1000-2000 rw-p 00000000 00:00 0").unwrap();
-        assert_eq!(v.path, "");
     }
 
     #[test]
