@@ -70,6 +70,20 @@ pub struct StatusReply {
     pub totals: Totals,
 }
 
+/// What happened to the socket's peers since the agent started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStats {
+    pub accepted: u64,
+    /// Another user's process (SO_PEERCRED).
+    pub refused_uid: u64,
+    /// The agent was at its peer limit.
+    pub refused_full: u64,
+    pub dropped_malformed: u64,
+    pub dropped_overflow: u64,
+    /// A peer that did not finish its frame in time.
+    pub dropped_slow: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentInfo {
     pub pid: u32,
@@ -83,12 +97,9 @@ pub struct AgentInfo {
     /// Loop wake-ups since start.
     pub wakeups: u64,
     pub peers: Peers,
-    pub accepted: u64,
-    pub refused_uid: u64,
-    pub refused_full: u64,
-    pub dropped_malformed: u64,
-    pub dropped_overflow: u64,
-    pub dropped_slow: u64,
+    /// Connections: flattened, so the JSON keeps `agent.accepted`, `agent.refused_uid`, ...
+    #[serde(flatten)]
+    pub connections: PeerStats,
     /// Processes that said Hello and were not tracked (not listed / excluded).
     pub ignored: u64,
     pub excluded: u64,

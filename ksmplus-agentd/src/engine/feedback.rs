@@ -27,7 +27,7 @@ impl Engine {
     /// Marked runs due for a check against smaps (`unmerge_after_full_scans` scans since marked
     /// or last seen merging). The caller reads the client's smaps and calls [`Engine::feedback`].
     pub fn due_checks(&self) -> Vec<ClientId> {
-        let n = self.cfg.unmerge_after_full_scans.max(1);
+        let n = self.cfg.sampling.unmerge_after_full_scans.max(1);
         self.procs
             .iter()
             .filter(|(_, p)| {
@@ -45,7 +45,7 @@ impl Engine {
     /// Kernel feedback: the client's VMAs as `(start, end, ksm_kib)`. Due runs showing no merged
     /// kB are marked UNMERGEABLE (freeing their rmap_items); merging ones are confirmed.
     pub fn feedback(&mut self, id: ClientId, vmas: &[(u64, u64, u64)]) {
-        let n = self.cfg.unmerge_after_full_scans.max(1);
+        let n = self.cfg.sampling.unmerge_after_full_scans.max(1);
         let scans = self.full_scans;
         let Some(p) = self.procs.get_mut(&id) else {
             return;

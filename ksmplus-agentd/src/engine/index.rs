@@ -46,7 +46,7 @@ impl Engine {
 
     /// Evicts fingerprints of least recently sampled regions while over `max_fingerprints`.
     pub(super) fn evict(&mut self, _now: u64, keep_region: u64) {
-        while self.fingerprints > self.cfg.max_fingerprints {
+        while self.fingerprints > self.cfg.limits.max_fingerprints {
             let victim = self
                 .procs
                 .iter()

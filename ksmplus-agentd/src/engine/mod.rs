@@ -34,7 +34,7 @@
 //! - resident runs are kept for one piece of one round only: at most one region per client
 //!   holds them (the one being sampled), at most `MAX_RESIDENCY_RUNS` entries (16 bytes each).
 
-use ksmplus_common::policy::Policy;
+use ksmplus_common::policy::{Limits, Policy, Sampling};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod feedback;
@@ -171,35 +171,17 @@ pub const FLOOR_SLOWDOWN: u64 = 10;
 /// Engine tunables, taken from the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub start: u32,
-    pub step: u32,
-    pub floor: u32,
-    pub round_interval_ms: u64,
-    pub first_recheck_ms: u64,
-    pub coalesce_gap_pages: u64,
-    pub unmerge_after_full_scans: u64,
+    pub sampling: Sampling,
+    pub limits: Limits,
     pub min_region_bytes: u64,
-    pub rate_client: u64,
-    pub rate_total: u64,
-    pub max_marked_ranges: u64,
-    pub max_fingerprints: u64,
 }
 
 impl Config {
     pub fn from_policy(p: &Policy) -> Config {
         Config {
-            start: p.sampling.start,
-            step: p.sampling.step,
-            floor: p.sampling.floor,
-            round_interval_ms: p.sampling.round_interval_ms,
-            first_recheck_ms: p.sampling.first_recheck_ms,
-            coalesce_gap_pages: p.sampling.coalesce_gap_pages,
-            unmerge_after_full_scans: p.sampling.unmerge_after_full_scans,
+            sampling: p.sampling.clone(),
+            limits: p.limits.clone(),
             min_region_bytes: p.min_region_bytes,
-            rate_client: p.limits.fingerprint_pages_per_sec,
-            rate_total: p.limits.fingerprint_pages_per_sec_total,
-            max_marked_ranges: p.limits.max_marked_ranges,
-            max_fingerprints: p.limits.max_fingerprints,
         }
     }
 }
@@ -278,7 +260,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(cfg: Config, seed: u64, now: u64) -> Engine {
         Engine {
-            global: Bucket::new(cfg.rate_total, now),
+            global: Bucket::new(cfg.limits.fingerprint_pages_per_sec_total, now),
             cfg,
             procs: BTreeMap::new(),
             index: HashMap::new(),
@@ -334,7 +316,7 @@ impl Engine {
                 regions: BTreeMap::new(),
                 inflight: None,
                 grows: VecDeque::new(),
-                bucket: Bucket::new(self.cfg.rate_client, now),
+                bucket: Bucket::new(self.cfg.limits.fingerprint_pages_per_sec, now),
                 dormant: false,
                 stats: ProcCounters::default(),
             },
@@ -502,7 +484,8 @@ impl Engine {
             p.grows.is_empty()
                 && p.inflight.is_none()
                 && p.regions.values().all(|r| {
-                    r.phase == Phase::Dropped || (r.rounds > 0 && r.coefficient <= self.cfg.floor)
+                    r.phase == Phase::Dropped
+                        || (r.rounds > 0 && r.coefficient <= self.cfg.sampling.floor)
                 })
         })
     }

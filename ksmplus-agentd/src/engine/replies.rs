@@ -263,8 +263,8 @@ impl Engine {
 
     /// A grown run `[lo, hi]` is coalesced with nearby runs and marked MERGEABLE.
     pub(super) fn finish_grow(&mut self, id: ClientId, g: Grow) {
-        let gap = self.cfg.coalesce_gap_pages;
-        let max_runs = self.cfg.max_marked_ranges;
+        let gap = self.cfg.sampling.coalesce_gap_pages;
+        let max_runs = self.cfg.limits.max_marked_ranges;
         let rid = self.new_id();
         let p = self.procs.get_mut(&id).unwrap();
         let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();

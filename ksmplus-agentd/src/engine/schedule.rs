@@ -7,7 +7,8 @@ use super::*;
 impl Engine {
     /// Runs the schedule: starts due rounds and issues fingerprint commands within the rate limits.
     pub fn tick(&mut self, now: u64) {
-        self.global.refill(self.cfg.rate_total, now);
+        self.global
+            .refill(self.cfg.limits.fingerprint_pages_per_sec_total, now);
         let ids: Vec<ClientId> = self
             .procs
             .range(self.rr..)
@@ -25,14 +26,18 @@ impl Engine {
 
     pub(super) fn chunk_limit(&self) -> u64 {
         (MAX_FINGERPRINT_PAGES as u64)
-            .min((self.cfg.rate_client / 4).max(64))
-            .min(self.cfg.rate_total.max(1))
+            .min((self.cfg.limits.fingerprint_pages_per_sec / 4).max(64))
+            .min(self.cfg.limits.fingerprint_pages_per_sec_total.max(1))
     }
 
     pub(super) fn schedule_client(&mut self, id: ClientId, now: u64) {
         let limit = self.chunk_limit();
-        let (cfg_start, cfg_step, cfg_floor) = (self.cfg.start, self.cfg.step, self.cfg.floor);
-        let rate = self.cfg.rate_client;
+        let (cfg_start, cfg_step, cfg_floor) = (
+            self.cfg.sampling.start,
+            self.cfg.sampling.step,
+            self.cfg.sampling.floor,
+        );
+        let rate = self.cfg.limits.fingerprint_pages_per_sec;
         let p = self.procs.get_mut(&id).unwrap();
         if p.dormant || p.inflight.is_some() {
             return;

@@ -95,12 +95,14 @@ impl Region {
         // Past the schedule (kept for its marked runs) a region is only watched for new
         // duplicates, at a tenth of the pace.
         // The second round comes sooner: a new region's duplicates need two samples.
-        let pause = if self.coefficient <= cfg.floor {
-            cfg.round_interval_ms * FLOOR_SLOWDOWN
+        let pause = if self.coefficient <= cfg.sampling.floor {
+            cfg.sampling.round_interval_ms * FLOOR_SLOWDOWN
         } else if self.rounds == 1 {
-            cfg.first_recheck_ms.min(cfg.round_interval_ms)
+            cfg.sampling
+                .first_recheck_ms
+                .min(cfg.sampling.round_interval_ms)
         } else {
-            cfg.round_interval_ms
+            cfg.sampling.round_interval_ms
         };
         self.phase = Phase::Waiting { at: now + pause };
         self.piece = Vec::new();

@@ -18,11 +18,12 @@ struct Sim {
 }
 
 fn cfg() -> Config {
-    Config {
-        round_interval_ms: 100,
+    let mut c = Config {
         min_region_bytes: 64 * 1024,
         ..Config::default()
-    }
+    };
+    c.sampling.round_interval_ms = 100;
+    c
 }
 
 impl Sim {
@@ -150,7 +151,7 @@ impl Sim {
                 }
             }
         }
-        assert!(self.eng.fingerprints() <= self.eng.config().max_fingerprints);
+        assert!(self.eng.fingerprints() <= self.eng.config().limits.max_fingerprints);
         self.now += 10;
     }
     fn run(&mut self, ms: u64) {
@@ -247,7 +248,10 @@ fn second_round_comes_after_first_recheck() {
         min_region_bytes: 64 * 1024,
         ..Config::default()
     };
-    assert_eq!((c.round_interval_ms, c.first_recheck_ms), (1000, 150));
+    assert_eq!(
+        (c.sampling.round_interval_ms, c.sampling.first_recheck_ms),
+        (1000, 150)
+    );
     let mut s = Sim::new(c.clone());
     let same: Vec<Option<u64>> = vec![Some(7); 5120];
     s.client(1, vec![(0x1000_0000, same.clone())]);
@@ -573,7 +577,7 @@ fn run_grown_over_initialising_buffer_is_loosened_then_regrown_tight() {
 #[test]
 fn fingerprint_memory_is_bounded() {
     let mut c = cfg();
-    c.max_fingerprints = 1000;
+    c.limits.max_fingerprints = 1000;
     let mut s = Sim::new(c);
     for id in 1..=4 {
         s.client(id, vec![(0x1000_0000, unique(2048, id))]);
@@ -585,8 +589,8 @@ fn fingerprint_memory_is_bounded() {
 #[test]
 fn rate_limits_hold() {
     let mut c = cfg();
-    c.rate_client = 1000;
-    c.rate_total = 1500;
+    c.limits.fingerprint_pages_per_sec = 1000;
+    c.limits.fingerprint_pages_per_sec_total = 1500;
     let mut s = Sim::new(c);
     s.client(1, vec![(0x1000_0000, unique(100_000, 1))]);
     s.client(2, vec![(0x1000_0000, unique(100_000, 2))]);

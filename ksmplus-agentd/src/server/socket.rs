@@ -144,15 +144,7 @@ pub enum PeerEvent {
 }
 
 /// Counters shown by `status`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PeerStats {
-    pub accepted: u64,
-    pub refused_uid: u64,
-    pub refused_full: u64,
-    pub dropped_malformed: u64,
-    pub dropped_overflow: u64,
-    pub dropped_slow: u64,
-}
+pub use ksmplus_common::status::PeerStats;
 
 /// The listener and its peers.
 pub struct Peers {
