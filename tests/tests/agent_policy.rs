@@ -121,9 +121,8 @@ fn default_exclusion_holds_in_madvise_all_mode() {
 /// list tracks and marks `agent_work`, and never tracks nor marks the same program named
 /// `ssh-agent` (its pages are the same as the marked ones, so only the exclusion stops it).
 ///
-/// The agent and both programs run as a uid of their own (when the tests run as root): a
-/// `track_all` agent adopts every process of its uid with the shim loaded, and root's would
-/// track the programs of every other test running at the same time.
+/// The agent and both programs run as a uid of their own (when the tests run as root), as a
+/// user's agent runs: a `track_all` agent of that uid meets only this test's programs.
 #[test]
 fn default_exclusion_holds_for_a_track_all_agent() {
     // SAFETY: geteuid has no preconditions.

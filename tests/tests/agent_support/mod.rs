@@ -41,12 +41,10 @@ impl Agent {
     }
 
     /// [`Agent::start`] with the agent, every `ksmplusctl` call and every [`Agent::workload`]
-    /// run as `uid` (needs root), from copies in the agent's world-readable directory.
-    ///
-    /// Why: an agent adopts at start every process of its uid that has the shim loaded
-    /// (root's: every such process on the machine), whatever socket it was started for. A
-    /// `track_all` agent of root would mark the programs of every other test and benchmark
-    /// running at the same time; one of a uid of its own sees only its own programs.
+    /// run as `uid` (needs root), from copies in the agent's world-readable directory: the
+    /// per-user daemon as users run it, whose `/proc` reads and channel writes pass the
+    /// kernel's checks for an ordinary user (the other tests run everything as root). Its uid
+    /// has no other processes, so even a `track_all` policy meets only the test's programs.
     pub fn start_as(policy: &str, uid: Option<u32>) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("ksmplus-agent-test")
