@@ -109,8 +109,10 @@ fn hundreds_of_programs_then_fds_and_memory_return_to_baseline() {
         &format!("agent RSS idle / {n} programs / after"),
         format!("{} / {rss_busy} / {rss} KiB", u(&base["agent"]["rss_kib"])),
     );
+    // Measured: 4 MiB idle, 10.5 MiB with 300 programs, 11 MiB after (the heap's high-water
+    // mark, reused by the next 300: no growth from round to round).
     assert!(
-        rss < 24 * 1024,
+        rss < 16 * 1024,
         "agent RSS {rss} KiB after {n} programs left"
     );
 }

@@ -159,7 +159,9 @@ fn gone_and_forbidden_processes_are_reported_not_fatal() {
     // Without ptrace rights: as nobody, against a root-owned process (only testable as root).
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--help").output().is_err() {
-        eprintln!("skipping the permission case (needs root and setpriv)");
+        ksmplus_tests::ksmd::skip_or_fail(
+            "the permission case needs root and setpriv (util-linux)",
+        );
         return;
     }
     let p = Interactive::spawn(&mut Command::new("cat"));
