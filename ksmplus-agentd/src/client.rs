@@ -60,6 +60,23 @@ pub enum Sandbox {
     Refuses(i32),
 }
 
+/// Why a process could not be adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error(transparent)]
+    Proc(#[from] procfs::ProcError),
+    #[error("channel page at {addr:#x}: {source}")]
+    Channel {
+        addr: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no ksmplus channel at {addr:#x} (or another program's after an exec)")]
+    NoChannel { addr: u64 },
+    #[error("maps: {0}")]
+    Maps(#[source] std::io::Error),
+}
+
 pub struct Client {
     pub id: ClientId,
     pub proc: ProcHandle,
@@ -122,15 +139,15 @@ impl Client {
         pid: u32,
         addr: u64,
         nonce: Option<u64>,
-    ) -> Result<(Client, String), String> {
-        let proc = ProcHandle::open(root, pid).map_err(|e| e.to_string())?;
+    ) -> Result<(Client, String), AdoptError> {
+        let proc = ProcHandle::open(root, pid)?;
         let snap = proc
             .snapshot(addr)
-            .map_err(|e| format!("pid {pid}: channel at {addr:#x}: {e}"))?;
+            .map_err(|source| AdoptError::Channel { addr, source })?;
         if !snap.valid() || nonce.is_some_and(|n| n != snap.nonce) {
-            return Err(format!("pid {pid}: no ksmplus channel at {addr:#x}"));
+            return Err(AdoptError::NoChannel { addr });
         }
-        let maps = procfs::read_maps(root, pid).map_err(|e| format!("pid {pid}: maps: {e}"))?;
+        let maps = procfs::read_maps(root, pid).map_err(AdoptError::Maps)?;
         let family = if snap.doorbell != 0 {
             procfs::shared_inode_at(&maps, snap.doorbell).unwrap_or(0)
         } else {

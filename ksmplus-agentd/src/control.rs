@@ -233,6 +233,7 @@ fn marking(c: &Client, inherited_merge_any: bool) -> (&'static str, String) {
 }
 
 fn status(agent: &mut Agent) -> StatusReply {
+    agent.forget_gone();
     let root = agent.opts.root.clone();
     let now = agent.uptime_ms();
     let mut procs = Vec::new();
@@ -370,6 +371,16 @@ fn status(agent: &mut Agent) -> StatusReply {
         page_size: 4096,
         processes: procs,
         totals: tot,
+        unreadable: agent
+            .unreadable
+            .iter()
+            .map(|(&pid, u)| UnreadableProcess {
+                pid,
+                comm: u.comm.clone(),
+                exe: u.exe.clone(),
+                reason: u.reason.clone(),
+            })
+            .collect(),
     }
 }
 

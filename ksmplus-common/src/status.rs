@@ -68,6 +68,18 @@ pub struct StatusReply {
     pub page_size: u64,
     pub processes: Vec<ProcessStatus>,
     pub totals: Totals,
+    /// Processes the policy names that said Hello and that the agent cannot read.
+    #[serde(default)]
+    pub unreadable: Vec<UnreadableProcess>,
+}
+
+/// A process the agent was asked to track and cannot read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub reason: String,
 }
 
 /// What happened to the socket's peers since the agent started.

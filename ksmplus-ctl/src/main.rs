@@ -251,4 +251,12 @@ fn print_status(v: &StatusReply) {
         a.wakeups,
         a.policy
     );
+    for u in &v.unreadable {
+        println!(
+            "cannot track pid {} ({}): {}",
+            u.pid,
+            if u.exe.is_empty() { &u.comm } else { &u.exe },
+            u.reason
+        );
+    }
 }

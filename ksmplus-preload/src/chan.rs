@@ -238,6 +238,11 @@ fn fork_child(ch: &Channel) {
         MADVISE_ALL.load(Relaxed),
         true,
     );
+    let agent = crate::ptracer::PTRACER.load(Relaxed);
+    if agent != 0 {
+        // Yama's exception is per process: name the agent again before it comes looking.
+        crate::ptracer::set_ptracer(agent);
+    }
     if bell != 0 {
         // SAFETY: the doorbell page was mapped shared in the exec'd ancestor and is inherited
         // at the same address by every fork; Doorbell is atomics only.

@@ -10,8 +10,14 @@
 //!   this user or root), one non-blocking send, close. Whatever fails, the program runs on
 //!   unchanged; an agent started later adopts the process through its anchor instead.
 //! - Diagnostics go to fd 2 with raw `write`, and only when `KSMPLUS_LOG` is set.
+//! - Under Yama `ptrace_scope` 1 (Ubuntu's default) the agent, not being an ancestor, could not
+//!   open `/proc/PID/mem`: the constructor names the agent it reached (its pid from
+//!   `SO_PEERCRED`) with `PR_SET_PTRACER`, and a forked child does the same (the relation is
+//!   not inherited). Never under a seccomp filter (Chromium's kills on that `prctl`), never
+//!   under other scopes, never for anyone but the verified agent.
 
 use crate::chan;
+use crate::ptracer::{self, names_ptracer, set_ptracer};
 use crate::sys::{self, PAGE};
 use crate::wake;
 use crate::{CACHING, MADVISE_ALL, MIN_REGION, REAL_USABLE_SIZE, THRESHOLD};
@@ -145,8 +151,25 @@ pub fn init() {
         nonce,
         flags: if madvise_all { flag::MADVISE_ALL } else { 0 },
     };
-    if let Err(why) = say_hello(&socket, &hello) {
-        log(&format!("no agent reached at {socket}: {why}"));
+    match say_hello(&socket, &hello) {
+        Ok(agent) => allow_agent(agent),
+        Err(why) => log(&format!("no agent reached at {socket}: {why}")),
+    }
+}
+
+/// Lets the agent read this process under Yama scope 1 (see the module invariants).
+fn allow_agent(agent: i32) {
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok();
+    if agent <= 0 || scope.is_none() {
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok();
+    if !names_ptracer(scope.as_deref(), status.as_deref()) {
+        log("Yama: the agent is not named as ptracer (scope is not 1, or a seccomp filter)");
+        return;
+    }
+    if set_ptracer(agent) {
+        ptracer::PTRACER.store(agent, Relaxed);
     }
 }
 
@@ -164,8 +187,9 @@ fn last_error() -> String {
     std::io::Error::last_os_error().to_string()
 }
 
-/// Connects, checks the agent's uid, sends the Hello and closes. Never blocks.
-fn say_hello(path: &str, hello: &Hello) -> Result<(), String> {
+/// Connects, checks the agent's uid, sends the Hello and closes; returns the agent's pid. Never
+/// blocks.
+fn say_hello(path: &str, hello: &Hello) -> Result<i32, String> {
     // SAFETY: a sockaddr_un is plain data; zeroed is valid.
     let mut addr: libc::sockaddr_un = unsafe { core::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -241,5 +265,5 @@ fn say_hello(path: &str, hello: &Hello) -> Result<(), String> {
         });
     }
     log(&format!("said Hello to the agent at {path}"));
-    Ok(())
+    Ok(cred.pid)
 }

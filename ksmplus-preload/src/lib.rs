@@ -22,6 +22,7 @@
 
 mod cache;
 mod chan;
+mod ptracer;
 mod sys;
 mod table;
 

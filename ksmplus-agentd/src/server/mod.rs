@@ -28,9 +28,9 @@ pub mod socket;
 pub mod tunables;
 mod turn;
 
-use crate::client::{Client, Item, Sandbox};
+use crate::client::{AdoptError, Client, Item, Sandbox};
 use crate::engine::{ClientId, Command, Config, Engine, Reply, Status};
-use crate::procfs;
+use crate::procfs::{self, ProcError};
 use crate::{debug, info, warn};
 use ksmplus_common::channel::{self, verdict};
 use ksmplus_common::policy::{Decision, Policy, SandboxFallback};
@@ -51,6 +51,10 @@ const PIDFD_BASE: usize = 1 << 48;
 
 /// Most time one turn spends on engine work before it serves sockets again.
 pub const TURN_BUDGET: Duration = Duration::from_millis(20);
+/// Known-but-untracked pids (dormant, no shim, unreadable) are checked for exit this often, on a
+/// turn the loop makes anyway (never a wake-up of its own).
+const FORGET_EVERY_MS: u64 = 10_000;
+
 /// A posted batch not executed after this long gets a wake-up signal; then every
 /// [`WAKE_AGAIN_MS`], at most [`MAX_WAKES`] times.
 pub const WAKE_AFTER_MS: u64 = 20;
@@ -104,6 +108,15 @@ pub struct Dormant {
     pub exe: String,
 }
 
+/// A process that said Hello, which the policy would track, and that the agent cannot read
+/// (not dumpable: setuid, `PR_SET_DUMPABLE` 0; or another user's): `status` lists it.
+#[derive(Clone, Debug)]
+pub struct Unreadable {
+    pub comm: String,
+    pub exe: String,
+    pub reason: String,
+}
+
 /// Processes sharing a doorbell (an exec'd process and everything forked from it).
 #[derive(Clone, Debug)]
 pub struct Family {
@@ -141,6 +154,9 @@ pub struct Agent {
     pub dormant: HashMap<u32, Dormant>,
     /// pids known to have no shim (or a foreign channel): not read again.
     no_shim: BTreeSet<u32>,
+    pub unreadable: BTreeMap<u32, Unreadable>,
+    /// When `dormant`, `no_shim` and `unreadable` were last cleared of gone processes.
+    forget_at: u64,
     pub figures: HashMap<ClientId, Figures>,
     next_id: ClientId,
     tunables: tunables::Tunables,
@@ -221,6 +237,8 @@ impl Agent {
             families: HashMap::new(),
             dormant: HashMap::new(),
             no_shim: BTreeSet::new(),
+            unreadable: BTreeMap::new(),
+            forget_at: 0,
             figures: HashMap::new(),
             next_id: 1,
             sig_fd: -1,

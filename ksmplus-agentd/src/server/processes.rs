@@ -35,8 +35,35 @@ impl Agent {
                 }
                 self.admit(c, &maps);
             }
-            Err(e) => debug!("Hello from pid {pid} not taken: {e}"),
+            Err(e) => {
+                debug!("Hello from pid {pid} not taken: {e}");
+                if matches!(e, AdoptError::Proc(ProcError::Denied { .. }))
+                    && self.policy.decide(&hello.comm, &hello.exe) == Decision::Track
+                {
+                    warn!(
+                        "pid {pid} ({}) asked to be tracked and cannot be: {e}",
+                        hello.comm
+                    );
+                    self.unreadable.insert(
+                        pid,
+                        Unreadable {
+                            comm: hello.comm,
+                            exe: hello.exe,
+                            reason: e.to_string(),
+                        },
+                    );
+                }
+            }
         }
+    }
+
+    /// Forgets untracked pids whose process exited (a reused pid must be looked at afresh).
+    pub(crate) fn forget_gone(&mut self) {
+        let root = self.root();
+        let alive = |pid: &u32| root.join(format!("proc/{pid}")).exists();
+        self.dormant.retain(|pid, _| alive(pid));
+        self.no_shim.retain(alive);
+        self.unreadable.retain(|pid, _| alive(pid));
     }
 
     /// Decides a new process by the policy and tracks it or lets its shim go dormant.

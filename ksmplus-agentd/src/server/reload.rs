@@ -68,10 +68,7 @@ impl Agent {
                 self.admit(c, &maps);
             }
         }
-        // Forget dormant processes that are gone.
-        let root = self.root();
-        self.dormant
-            .retain(|pid, _| root.join(format!("proc/{pid}")).exists());
+        self.forget_gone();
         info!("policy reloaded from {}", self.opts.policy_path.display());
         Ok(())
     }

@@ -22,6 +22,10 @@ impl Agent {
             self.coverage_at = now + COVERAGE_EVERY_MS;
             self.refresh_one_coverage(now);
         }
+        if now >= self.forget_at {
+            self.forget_at = now + FORGET_EVERY_MS;
+            self.forget_gone();
+        }
         self.peers.expire(self.poll.registry(), now);
     }
 

@@ -235,7 +235,13 @@ impl Agent {
             }
             exe = copy;
         }
-        let mut cmd = Command::new(&exe);
+        self.run_under_shim(&exe, args)
+    }
+
+    /// Runs the program `exe ARGS` under the shim (as the agent's uid, if it has one),
+    /// returning it and its first line.
+    pub fn run_under_shim(&self, exe: &Path, args: &[&str]) -> (Interactive, String) {
+        let mut cmd = Command::new(exe);
         self.shim().apply(&mut cmd, &self.tool("libksmplus.so"));
         self.as_user(&mut cmd).args(args);
         let mut p = Interactive::spawn(&mut cmd);
