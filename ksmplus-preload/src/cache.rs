@@ -13,8 +13,12 @@
 //!   program touches. glibc never reuses a freed block above its mmap threshold, which it raises
 //!   to at most 32 MiB (`DEFAULT_MMAP_THRESHOLD_MAX`); neither does the cache. (Without this
 //!   bound GIMP grew a freed 47 MiB buffer into a sparsely used 48 MiB one: +14 MiB Pss.)
-//! - Adjacent pieces are coalesced on `put`; `take` serves the best fit and puts the rest back,
-//!   or grows the largest piece with `mremap` so only the missing pages are new.
+//! - Adjacent pieces are coalesced on `put`; `take` cuts from the start of the largest fitting
+//!   piece the calling thread stored (else of the largest fitting one) and puts the rest back,
+//!   or grows the largest piece with `mremap` so only the missing pages are new. Like glibc's
+//!   top chunk in a per-thread arena, this keeps each thread on the same warm pages and leaves
+//!   room after a block for realloc to grow into (`take_at`): no system call, so no wait on the
+//!   mmap lock, which a concurrent `fork` holds for as long as it copies the address space.
 //! - Cached memory is not zeroed: calloc never takes from here.
 //! - A piece not reused within one to two `trim` periods (one to two seconds) goes back to the
 //!   kernel, so the cache speeds up allocate/free loops without holding idle memory. The rest of
@@ -38,6 +42,19 @@ struct Slot {
     age: AtomicU8,
     addr: AtomicUsize,
     len: AtomicUsize,
+    /// [`thread_tag`] of the thread that stored the piece: a thread is served from its own
+    /// pieces first, so each thread keeps reusing the same warm pages (glibc's per-thread
+    /// arenas do the same).
+    tag: AtomicUsize,
+}
+
+/// A cheap identity of the calling thread: the 1 MiB granule of its stack. No system call and
+/// no thread-local storage (whose first use may allocate). Two threads may share a tag; it only
+/// steers the choice of a piece.
+#[inline(always)]
+fn thread_tag() -> usize {
+    let probe = 0u8;
+    (&probe as *const u8 as usize) >> 20
 }
 
 pub struct Cache {
@@ -56,6 +73,7 @@ const NEW_SLOT: Slot = Slot {
     age: AtomicU8::new(0),
     addr: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
+    tag: AtomicUsize::new(0),
 };
 
 pub static CACHE: Cache = Cache::new();
@@ -148,6 +166,7 @@ impl Cache {
                 s.addr.store(addr, Relaxed);
                 s.len.store(len, Relaxed);
                 s.age.store(age, Relaxed);
+                s.tag.store(thread_tag(), Relaxed);
                 s.state.store(FULL, Release);
                 return true;
             }
@@ -155,26 +174,43 @@ impl Cache {
         false
     }
 
-    /// A range of exactly `len` bytes built from cached memory: the best-fitting piece (its rest
-    /// goes back), else the largest piece grown with `mremap`. `None` if `len` is larger than
-    /// `MAX_PIECE`, the cache is empty or the growth fails.
+    /// A range of exactly `len` bytes built from cached memory: cut from the start of the
+    /// largest fitting piece the calling thread stored, else of the largest fitting piece (its
+    /// rest goes back, adjacent, so a realloc can grow into it: [`Cache::take_at`]), else the
+    /// largest piece grown with `mremap`. `None` if `len` is larger than `MAX_PIECE`, the cache
+    /// is empty or the growth fails.
     pub fn take(&self, len: usize) -> Option<usize> {
+        self.take_or_grow(len, true)
+    }
+
+    /// [`Cache::take`] without growth: a piece of at least `len` bytes cut to `len`, or `None`.
+    /// No system call unless a rest has no slot to go back to.
+    pub fn take_fitting(&self, len: usize) -> Option<usize> {
+        self.take_or_grow(len, false)
+    }
+
+    fn take_or_grow(&self, len: usize, grow: bool) -> Option<usize> {
         if len > MAX_PIECE {
             return None;
         }
+        let me = thread_tag();
         for _ in 0..4 {
-            let mut best: Option<(usize, usize)> = None; // (slot, len) smallest >= len
+            // (slot, len) of the largest piece overall and of the largest this thread stored.
             let mut largest: Option<(usize, usize)> = None;
+            let mut mine: Option<(usize, usize)> = None;
             for (i, s) in self.slots.iter().enumerate() {
                 let Some((_, l)) = s.peek() else { continue };
-                if l >= len && best.is_none_or(|(_, b)| l < b) {
-                    best = Some((i, l));
-                }
                 if largest.is_none_or(|(_, b)| l > b) {
                     largest = Some((i, l));
                 }
+                if l >= len && s.tag.load(Relaxed) == me && mine.is_none_or(|(_, b)| l > b) {
+                    mine = Some((i, l));
+                }
             }
-            let (i, _) = best.or(largest)?;
+            let (i, l) = mine.or(largest)?;
+            if l < len && !grow {
+                return None;
+            }
             let Some((a, l, age)) = self.slots[i].claim() else {
                 continue;
             };
@@ -184,6 +220,11 @@ impl Cache {
                     // SAFETY: the rest of a cached range is ours alone.
                     let _ = unsafe { sys::munmap(a + len, l - len) };
                 }
+                return Some(a);
+            }
+            // Room right after the piece: extend it there (no move, and no failure when the
+            // piece spans two VMAs).
+            if sys::mmap_anon_at(a + l, len - l) {
                 return Some(a);
             }
             // SAFETY: [a, a+l) is ours alone; MAYMOVE lets the kernel find room.
@@ -200,6 +241,38 @@ impl Cache {
             }
         }
         None
+    }
+
+    /// Takes the `extra` bytes that start at `at` out of the cache if a cached piece begins
+    /// exactly there and holds at least that much (its rest goes back): a block ending at `at`
+    /// then grows in place, like glibc's realloc into the free space after a chunk. No system
+    /// call unless the rest has no slot to go back to.
+    pub fn take_at(&self, at: usize, extra: usize) -> bool {
+        for s in &self.slots {
+            let Some((a, l)) = s.peek() else { continue };
+            if a != at || l < extra {
+                continue;
+            }
+            let Some((a, l, age)) = s.claim() else {
+                return false;
+            };
+            if a != at || l < extra {
+                // Changed between the look and the claim: put it back untouched.
+                if !self.store(a, l, age) {
+                    // SAFETY: a cached range is ours alone.
+                    let _ = unsafe { sys::munmap(a, l) };
+                    self.bytes.fetch_sub(l, AcqRel);
+                }
+                return false;
+            }
+            self.bytes.fetch_sub(l, AcqRel);
+            if l > extra && !self.put_aged(a + extra, l - extra, age) {
+                // SAFETY: the rest of a cached range is ours alone.
+                let _ = unsafe { sys::munmap(a + extra, l - extra) };
+            }
+            return true;
+        }
+        false
     }
 
     /// Gives back to the kernel every piece that stayed cached since the previous trim, so idle
@@ -354,6 +427,22 @@ mod tests {
         assert!(!mapped(b));
         // SAFETY: test mapping made above, owned by this test.
         unsafe { sys::munmap(x, 4 * P).unwrap() };
+    }
+
+    #[test]
+    fn take_at_grows_a_block_into_the_piece_after_it() {
+        let c = Cache::new();
+        let a = touched(8);
+        // Pages 4..8 are free (cached); a block holds 0..4.
+        assert!(c.put(a + 4 * P, 4 * P));
+        assert!(!c.take_at(a + 5 * P, P), "no piece starts there");
+        assert!(!c.take_at(a + 4 * P, 5 * P), "the piece is too short");
+        assert!(c.take_at(a + 4 * P, 3 * P));
+        assert_eq!(c.bytes(), P, "the rest stays cached");
+        assert_eq!(c.take(P), Some(a + 7 * P));
+        assert_eq!(c.bytes(), 0);
+        // SAFETY: the test's own mapping.
+        unsafe { sys::munmap(a, 8 * P).unwrap() };
     }
 
     #[test]

@@ -234,6 +234,58 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         return p;
     }
     let addr = p as usize;
+    if new_len > old_len && CACHING.load(Relaxed) {
+        // Without a system call, so without waiting on the mmap lock (which a concurrent fork
+        // holds for its whole copy of the address space): grow into the cached piece that
+        // follows the block, else copy into a cached piece that fits.
+        if CACHE.take_at(addr + old_len, new_len - old_len) {
+            if TABLE.resize(addr, new_len) {
+                if let Some(c) = chan::counters() {
+                    c.block_bytes.fetch_add((new_len - old_len) as u64, Relaxed);
+                }
+                chan::bump_map_gen();
+                chan::set_cache_bytes();
+                chan::touch();
+                return p;
+            }
+            if !CACHE.put(addr + old_len, new_len - old_len) {
+                // SAFETY: the range was a cached piece, ours alone.
+                let _ = unsafe { sys::munmap(addr + old_len, new_len - old_len) };
+            }
+        }
+        if let Some(q) = CACHE.take_fitting(new_len) {
+            if TABLE.insert(q, new_len) {
+                TABLE.remove(addr);
+                block_added(q, new_len);
+                // SAFETY: the old block holds old_len readable bytes; q has new_len > old_len
+                // bytes and is a different range.
+                unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, q as *mut u8, old_len) };
+                release(addr, old_len);
+                return q as *mut c_void;
+            }
+            // Registry full: the piece goes back where it came from.
+            if !CACHE.put(q, new_len) {
+                // SAFETY: a piece taken from the cache is ours alone.
+                let _ = unsafe { sys::munmap(q, new_len) };
+            }
+        }
+    }
+    if new_len > old_len && sys::mmap_anon_at(addr + old_len, new_len - old_len) {
+        // Grown in place: nothing moves, nothing is copied.
+        TABLE.resize(addr, new_len);
+        if let Some(c) = chan::counters() {
+            c.block_bytes.fetch_add((new_len - old_len) as u64, Relaxed);
+        }
+        if MADVISE_ALL.load(Relaxed) {
+            let e = sys::errno();
+            // SAFETY: KSM advice on the grown block we own.
+            let _ = unsafe { sys::madvise(addr, new_len, libc::MADV_MERGEABLE) };
+            sys::set_errno(e);
+        }
+        chan::bump_map_gen();
+        chan::touch();
+        return p;
+    }
     // Unregister before the kernel can free the old address: once mremap moves the block,
     // another thread may map that address and register it as its own.
     TABLE.remove(addr);

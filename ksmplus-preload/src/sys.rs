@@ -64,6 +64,33 @@ pub fn mmap_anon(len: usize) -> Result<usize, i32> {
     }
 }
 
+/// Extends the caller's mapping ending at `addr` by `len` fresh bytes if nothing is mapped
+/// there (`MAP_FIXED_NOREPLACE`: never replaces a mapping; a kernel without it takes the
+/// address as a hint, and a mapping elsewhere is undone). `true` when `[addr, addr+len)` is
+/// now a new private anonymous mapping.
+pub fn mmap_anon_at(addr: usize, len: usize) -> bool {
+    // SAFETY: MAP_FIXED_NOREPLACE fails rather than replace anything mapped at `addr`.
+    let r = unsafe {
+        mmap(
+            addr as *mut c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    match r {
+        Ok(a) if a == addr => true,
+        Ok(a) => {
+            // SAFETY: the kernel placed a new mapping of ours at `a`; nobody else knows it.
+            let _ = unsafe { munmap(a, len) };
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 #[inline]
 pub unsafe fn munmap(addr: usize, len: usize) -> Result<usize, i32> {
     // SAFETY: the caller owns [addr, addr+len).

@@ -99,6 +99,18 @@ impl Table {
         self.find(addr).map(|e| e.len.load(Acquire))
     }
 
+    /// Changes the registered length of `addr` (a block grown in place); `false` if `addr` is
+    /// not registered.
+    pub fn resize(&self, addr: usize, len: usize) -> bool {
+        match self.find(addr) {
+            Some(e) => {
+                e.len.store(len, Release);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Unregisters `addr`, returning its length.
     pub fn remove(&self, addr: usize) -> Option<usize> {
         let e = self.find(addr)?;

@@ -4,6 +4,11 @@
  *                                    each op frees one and mallocs another, touching both ends.
  *   malloc_bench large OPS           64 KiB..8 MiB (power of two times 1..2): malloc, write every page, read
  *                                    one byte per page back, free.
+ *   malloc_bench forks THREADS FORKS THREADS workers malloc, memset, realloc (x2) and free blocks of
+ *                                    64 KiB..4 MiB while the main thread forks FORKS children one after
+ *                                    another (each exits at once; it is waited for). ns is the time of the
+ *                                    forks, ops the workers' completed operations meanwhile (issue 12's
+ *                                    probe: large blocks under threads and fork).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -12,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static long ops;
 static uint64_t sums[64];
@@ -48,8 +55,32 @@ static void *small_worker(void *arg) {
     return NULL;
 }
 
+static volatile int stop_workers;
+
+static void *fork_worker(void *arg) {
+    uintptr_t id = (uintptr_t)arg;
+    uint64_t r = 0xA0761D6478BD642Full * (id + 1), sum = 0;
+    long n_ops = 0;
+    while (!stop_workers) {
+        uint64_t x = rnd(&r);
+        /* log-uniform over 2^16 .. 2^22 */
+        size_t n = ((size_t)1 << (16 + x % 6)) + (x >> 8) % ((size_t)1 << (16 + x % 6));
+        unsigned char *p = malloc(n);
+        memset(p, (int)(x >> 16) | 1, n);
+        unsigned char *q = realloc(p, 2 * n);
+        q[2 * n - 1] = 3;
+        for (size_t i = 0; i < 2 * n; i += 4096) sum += q[i];
+        sum += q[n - 1] + q[2 * n - 1];
+        free(q);
+        n_ops++;
+    }
+    sums[id] = sum;
+    __atomic_fetch_add(&ops, n_ops, __ATOMIC_RELAXED);
+    return NULL;
+}
+
 int main(int argc, char **argv) {
-    if (argc < 3) { fprintf(stderr, "usage: malloc_bench small THREADS OPS | large OPS\n"); return 2; }
+    if (argc < 3) { fprintf(stderr, "usage: malloc_bench small THREADS OPS | large OPS | forks THREADS FORKS\n"); return 2; }
     uint64_t sum = 0, t0, t1;
     if (!strcmp(argv[1], "small")) {
         int threads = atoi(argv[2]);
@@ -61,6 +92,25 @@ int main(int argc, char **argv) {
         t1 = now_ns();
         for (int i = 0; i < threads; i++) sum += sums[i];
         ops *= threads;
+    } else if (!strcmp(argv[1], "forks")) {
+        int threads = atoi(argv[2]);
+        long forks = atol(argv[3]);
+        pthread_t t[64];
+        ops = 0;
+        for (long i = 0; i < threads; i++) pthread_create(&t[i], NULL, fork_worker, (void *)i);
+        t0 = now_ns();
+        for (long i = 0; i < forks; i++) {
+            pid_t c = fork();
+            if (c == 0) _exit(0);
+            if (c < 0) { perror("fork"); return 1; }
+            int st;
+            waitpid(c, &st, 0);
+        }
+        t1 = now_ns();
+        stop_workers = 1;
+        for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
+        /* The workers' sums depend on how many operations they made: count the workers that made any. */
+        for (int i = 0; i < threads; i++) sum += sums[i] != 0;
     } else {
         ops = atol(argv[2]);
         uint64_t r = 12345;

@@ -258,6 +258,86 @@ fn hook_realloc_grow_shrink_keeps_content_and_records_the_move() {
     assert!(p.finish(T).0.success());
 }
 
+/// realloc grows a block without moving it and without a system call when a cached freed
+/// piece follows it (as glibc grows into the free space after a chunk), copies into a cached
+/// piece that fits when none follows, and grows in place with a fresh mapping when the
+/// address space after the block is free. Content is kept every time.
+#[test]
+fn hook_realloc_grows_into_cached_pieces_and_free_space() {
+    let agent = HarnessAgent::start();
+    let (mut p, ch) = driver(&agent);
+    let ps = page_size();
+    let round = |n: u64| n.div_ceil(ps) * ps;
+
+    // 1. A freed 1 MiB block is cached; a 100 000-byte block is cut from its start, and the
+    //    rest stays cached right after it: growing to 600 000 bytes takes that rest in place.
+    let x = num_field(&p.cmd("malloc 1048576", T), "ptr");
+    assert_eq!(p.cmd(&format!("free {x}"), T), "ok");
+    assert_eq!(ch.snapshot().cache_bytes, 1 << 20);
+    let a = num_field(&p.cmd("malloc 100000", T), "ptr");
+    assert_eq!(a, x, "cut from the start of the cached piece");
+    p.cmd(&format!("fill {a} 100000 3"), T);
+    let want = fill_pattern(100000, 3);
+    let moves = ch.snapshot().moves_head;
+    let r = p.cmd(&format!("realloc {a} 600000"), T);
+    assert_eq!(num_field(&r, "ptr"), a, "grown in place: {r}");
+    assert!(num_field(&r, "usable") >= 600000, "{r}");
+    assert_eq!(procfs::read_mem(p.pid(), a, 100000), want);
+    let s = ch.snapshot();
+    assert_eq!(s.cache_bytes, (1 << 20) - round(600000));
+    assert_eq!(s.moves_head, moves, "nothing moved");
+    assert!(covered(p.pid(), a, 600000));
+
+    // 2. A block with no cached piece after it copies into a cached piece that fits.
+    let b = num_field(&p.cmd("malloc 100000", T), "ptr");
+    p.cmd(&format!("fill {b} 100000 5"), T);
+    let want_b = fill_pattern(100000, 5);
+    let y = num_field(&p.cmd("malloc 2097152", T), "ptr");
+    assert_eq!(p.cmd(&format!("free {y}"), T), "ok");
+    let r = p.cmd(&format!("realloc {b} 1000000"), T);
+    let b2 = num_field(&r, "ptr");
+    assert_ne!(b2, b, "{r}");
+    assert!(
+        (y..y + (2 << 20)).contains(&b2),
+        "served from the cached 2 MiB piece at {y:#x}: {r}"
+    );
+    assert_eq!(procfs::read_mem(p.pid(), b2, 100000), want_b);
+
+    // 3. Free address space after a block: a fresh mapping there, the block stays put. The
+    //    block comes from calloc (never from the cache) just below a raw mapping (the kernel
+    //    places new mappings top-down), which is then unmapped; no cached piece holds 3 MB.
+    //    Gaps higher up are filled first: blocks are taken until one lands below the hole.
+    let hole = num_field(&p.cmd("mmap 4194304", T), "ptr");
+    let mut fillers = Vec::new();
+    let c = loop {
+        let c = num_field(&p.cmd("calloc 100000", T), "ptr");
+        if c + round(100000) == hole {
+            break c;
+        }
+        fillers.push(c);
+        assert!(
+            fillers.len() < 10_000,
+            "no block ever landed below {hole:#x}"
+        );
+    };
+    assert!(p
+        .cmd(&format!("munmap {hole} 4194304"), T)
+        .starts_with("ret=0"));
+    p.cmd(&format!("fill {c} 100000 7"), T);
+    let r = p.cmd(&format!("realloc {c} 3000000"), T);
+    assert_eq!(num_field(&r, "ptr"), c, "grown in place into the hole: {r}");
+    assert_eq!(
+        procfs::read_mem(p.pid(), c, 100000),
+        fill_pattern(100000, 7)
+    );
+    assert!(covered(p.pid(), c, 3000000));
+    assert_eq!(ch.snapshot().moves_head, moves, "nothing moved");
+    for f in fillers {
+        assert_eq!(p.cmd(&format!("free {f}"), T), "ok");
+    }
+    assert!(p.finish(T).0.success());
+}
+
 #[test]
 fn hook_reallocarray_overflow_is_enomem_and_keeps_block() {
     let agent = HarnessAgent::start();

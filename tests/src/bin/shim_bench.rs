@@ -23,6 +23,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// One timed run of `prog args` in `mode`: nanoseconds as printed by the program, and its checksum.
 fn timed(prog: &Path, args: &[&str], mode: &ShimMode, lib: &Path) -> (f64, String) {
+    let (ns, _, sum) = timed_ops(prog, args, mode, lib);
+    (ns, sum)
+}
+
+/// [`timed`] with the operations the program reports.
+fn timed_ops(prog: &Path, args: &[&str], mode: &ShimMode, lib: &Path) -> (f64, f64, String) {
     let mut c = Command::new(prog);
     mode.apply(&mut c, lib);
     c.args(args);
@@ -30,7 +36,11 @@ fn timed(prog: &Path, args: &[&str], mode: &ShimMode, lib: &Path) -> (f64, Strin
     assert!(out.status.success(), "{c:?}: {}", out.stderr_str());
     let line = out.stdout_str();
     let sum = ksmplus_tests::field(&line, "sum").unwrap().to_owned();
-    (num_field(&line, "ns") as f64, sum)
+    (
+        num_field(&line, "ns") as f64,
+        num_field(&line, "ops") as f64,
+        sum,
+    )
 }
 
 /// Wall time of `n` sequential `/bin/true` runs.
@@ -132,6 +142,35 @@ fn main() {
             }
         );
     }
+    // Issue 12's probe: four threads allocate, fill, grow and free 64 KiB-4 MiB blocks while
+    // the main thread forks 200 children. A fork holds the mmap lock while it copies the
+    // address space: any system call or fault on fresh memory in a worker waits for it.
+    let fork_args = ["forks", "4", "200"];
+    let mut ops_s = vec![Vec::new(); modes.len()];
+    let mut fork_ns = vec![Vec::new(); modes.len()];
+    for _ in 0..reps {
+        for (i, (_, mode)) in modes.iter().enumerate() {
+            let (ns, ops, sum) = timed_ops(&prog, &fork_args, mode, &lib);
+            assert_eq!(sum, "4", "every worker made operations");
+            ops_s[i].push(ops / ns * 1e9);
+            fork_ns[i].push(ns);
+        }
+    }
+    let o: Vec<f64> = ops_s.into_iter().map(median).collect();
+    let f: Vec<f64> = fork_ns.into_iter().map(median).collect();
+    println!(
+        "{:<36} {:>11.0} op/s {:>11.0} op/s {:>11.0} op/s   {:>9.3}x {:>9.3}x  throughput shim/glibc, target >= 0.9",
+        "threads+fork: 4 workers, large blocks", o[0], o[1], o[2], o[1] / o[0], o[2] / o[0]
+    );
+    println!(
+        "{:<36} {:>13.1} ms {:>13.1} ms {:>13.1} ms   {:>9.3}x {:>9.3}x  time shim/glibc, target <= 1.1",
+        "threads+fork: 200 forks meanwhile",
+        f[0] / 1e6,
+        f[1] / 1e6,
+        f[2] / 1e6,
+        f[1] / f[0],
+        f[2] / f[0]
+    );
     let n = 200;
     let mut times = vec![Vec::new(); modes.len()];
     for _ in 0..reps {
