@@ -191,6 +191,12 @@ pub fn touch() {
     }
 }
 
+/// The small-allocation fast path's test: is a batch waiting? (three loads, no call.)
+#[inline(always)]
+pub fn pending() -> bool {
+    channel().is_some_and(|ch| ch.cmd_seq.load(Relaxed) != ch.done_seq.load(Relaxed))
+}
+
 /// The small-allocation fast path's share: only "is a batch waiting?" (two loads).
 #[inline(always)]
 pub fn poll() {

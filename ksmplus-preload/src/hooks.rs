@@ -157,6 +157,18 @@ fn large_or(size: usize, glibc: impl FnOnce() -> *mut c_void) -> *mut c_void {
 
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    // The fast path is a compare, three loads and a tail call: everything else is out of line,
+    // so no register is saved on the way to glibc.
+    if size >= threshold() || chan::pending() {
+        return malloc_slow(size);
+    }
+    // SAFETY: plain forwarding to glibc.
+    unsafe { sys::__libc_malloc(size) }
+}
+
+#[cold]
+#[inline(never)]
+fn malloc_slow(size: usize) -> *mut c_void {
     // SAFETY: plain forwarding to glibc.
     large_or(size, || unsafe { sys::__libc_malloc(size) })
 }
@@ -176,6 +188,21 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 
 #[no_mangle]
 pub extern "C" fn free(p: *mut c_void) {
+    // Fast path as in malloc: glibc's blocks are never page-aligned (a chunk header precedes
+    // them), so only a page-aligned pointer needs the registry.
+    if p as usize & PAGE_MASK == 0 || chan::pending() {
+        if p.is_null() {
+            return; // glibc's free(NULL) does nothing either
+        }
+        return free_slow(p);
+    }
+    // SAFETY: p is not page-aligned, so not ours: glibc's.
+    unsafe { sys::__libc_free(p) }
+}
+
+#[cold]
+#[inline(never)]
+fn free_slow(p: *mut c_void) {
     if let Some(addr) = (p as usize & PAGE_MASK == 0 && !p.is_null()).then_some(p as usize) {
         if let Some(len) = TABLE.remove(addr) {
             release(addr, len);
