@@ -2,14 +2,13 @@
 //! (`ksmplusctl`, the control CLI, is the crate `ksmplus-ctl`.)
 //!
 //! Modules, from the edge inwards: `server` (event loop; `server::socket`,
-//! `server::tunables`), `control` (control requests), `client` (one tracked process: maps,
+//! `server::tunables`, `server::control` (control requests)), `client` (one tracked process: maps,
 //! mailbox), `wake` (wake-up signals), `learned` (fork servers remembered across runs),
 //! `procfs` (reading a process from outside), `engine`
 //! (the pure KSM+ state machine).
 pub mod log;
 
 pub mod client;
-pub mod control;
 pub mod engine;
 pub mod learned;
 pub mod procfs;

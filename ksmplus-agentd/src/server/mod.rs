@@ -22,6 +22,7 @@
 //! - What the agent reads from `/proc/PID` about a client counts only if the client's pidfd
 //!   still says alive after the read.
 
+mod control;
 mod processes;
 mod reload;
 pub mod socket;
@@ -344,7 +345,7 @@ impl Agent {
                 match ev {
                     PeerEvent::Hello { pid, hello } => self.on_hello(pid, hello),
                     PeerEvent::Control { token, json } => {
-                        let reply = crate::control::handle(self, &json);
+                        let reply = self.control(&json);
                         self.peers.reply(
                             self.poll.registry(),
                             token,

@@ -337,7 +337,7 @@ impl Agent {
                     let v: Vec<(u64, u64, u64)> =
                         vmas.iter().map(|v| (v.start, v.end, v.ksm_kib)).collect();
                     self.engine.feedback(id, &v);
-                    let cov = crate::control::coverage_of(c, &vmas);
+                    let cov = control::coverage_of(c, &vmas);
                     self.figures.entry(id).or_default().coverage = Some((cov, self.now_ms()));
                 }
                 Err(e) => debug!("pid {}: {e}", c.pid()),
@@ -367,7 +367,7 @@ impl Agent {
         let c = &self.clients[&id];
         if let Ok(vmas) = ksm::read_smaps(&root, c.pid()) {
             if c.proc.alive() {
-                let cov = crate::control::coverage_of(c, &vmas);
+                let cov = control::coverage_of(c, &vmas);
                 self.figures.entry(id).or_default().coverage = Some((cov, now));
             }
         }

@@ -4,9 +4,9 @@
 //! Invariant: answering reads nothing slower than one `ksm_stat` per tracked process (and the
 //! agent's own `/proc/self`); coverage figures come from the background refresh, with their age.
 
+use super::{Agent, MAX_WAKES};
 use crate::client::{Client, Sandbox};
 use crate::engine::BYTES_PER_FINGERPRINT;
-use crate::server::Agent;
 use ksmplus_common::channel::flag;
 use ksmplus_common::ksm::{self, SmapsVma};
 use ksmplus_common::maps::Skip;
@@ -15,7 +15,14 @@ use ksmplus_common::status::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub fn handle(agent: &mut Agent, request: &str) -> String {
+impl Agent {
+    /// Answers one control request (JSON in, JSON out).
+    pub(super) fn control(&mut self, request: &str) -> String {
+        handle(self, request)
+    }
+}
+
+fn handle(agent: &mut Agent, request: &str) -> String {
     let req: Request = match serde_json::from_str(request) {
         Ok(r) => r,
         Err(e) => return json(&SimpleReply::err(format!("bad request: {e}"))),
@@ -223,7 +230,7 @@ fn marking(c: &Client, inherited_merge_any: bool) -> (&'static str, String) {
                 "marks-pending",
                 "the program is idle and took over the wake-up signal".into(),
             ),
-            Some(p) if p.wakes >= crate::server::MAX_WAKES => (
+            Some(p) if p.wakes >= MAX_WAKES => (
                 "marks-pending",
                 "the program is idle where a signal would show (sleep, pause)".into(),
             ),
