@@ -173,6 +173,9 @@ pub struct Agent {
     /// `socket_hash` of this agent's socket path: processes found without a Hello are adopted
     /// only if started for it.
     socket_hash: u64,
+    /// The service manager (`Type=notify`, watchdog).
+    notify: crate::notify::Notifier,
+    watchdog_at: u64,
 }
 
 static SIG_WRITE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
@@ -250,6 +253,8 @@ impl Agent {
             allowing: BTreeMap::new(),
             learned: crate::learned::Learned::default(),
             socket_hash: 0,
+            notify: crate::notify::Notifier::from_env(),
+            watchdog_at: 0,
         };
         a.socket_hash =
             ksmplus_common::channel::socket_hash(a.opts.socket.as_os_str().as_encoded_bytes());
@@ -300,7 +305,13 @@ impl Agent {
     /// changed. Marks stay in the running programs.
     pub fn run(&mut self) -> io::Result<()> {
         self.adopt_running();
+        self.notify.ready(&format!(
+            "listening on {}; {} processes tracked",
+            self.opts.socket.display(),
+            self.clients.len()
+        ));
         let r = self.serve();
+        self.notify.stopping();
         let _ = std::fs::remove_file(&self.opts.socket);
         self.tunables.restore();
         r
@@ -320,6 +331,12 @@ impl Agent {
             }
             self.stats.wakeups += 1;
             let now = self.now_ms();
+            if let Some(every) = self.notify.ping_every_ms {
+                if now >= self.watchdog_at {
+                    self.notify.watchdog();
+                    self.watchdog_at = now + every;
+                }
+            }
             let mut ready = Vec::new();
             let mut writable = Vec::new();
             let mut exited = Vec::new();
@@ -369,6 +386,9 @@ impl Agent {
         }
         let mut due: Option<u64> = self.peers.next_expiry();
         let mut at = |t: u64| due = Some(due.map_or(t, |d: u64| d.min(t)));
+        if self.notify.ping_every_ms.is_some() {
+            at(self.watchdog_at);
+        }
         // Urgent: the engine within a second (first rechecks), batches in flight.
         if let Some(t) = self.engine.next_due(now) {
             at(if t <= now + 1000 { t } else { grid(t) });
@@ -410,9 +430,11 @@ impl Agent {
             for &s in &buf[..n as usize] {
                 match s as i32 {
                     libc::SIGHUP => {
+                        self.notify.reloading();
                         if let Err(e) = self.reload() {
                             warn!("reload refused, old policy kept: {e}");
                         }
+                        self.notify.ready("policy reloaded");
                     }
                     _ => self.shutdown = true,
                 }
