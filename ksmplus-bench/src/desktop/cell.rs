@@ -6,16 +6,25 @@
 //! measured (`smaps_rollup`, before any merging) -> `run=1` at t0 -> sampled until the merging
 //! pages settle -> one more key per window after merging, with a screenshot (the program must
 //! still answer) -> programs and agent ended -> ksmd back to the baseline.
+//!
+//! A scenario of the unprivileged user (the browsers, `Scenario::user`) runs its programs as
+//! that user, with their sandboxes, in a home and runtime directory the user owns; under
+//! ksmplus its agent runs as the user too, with the run's learned store. Its processes are the
+//! programs' descendants and every process of the user started during the cell (crash handlers
+//! re-parent to init), the user's bus and agent excepted.
 
 use super::procs::{self, Mem};
-use super::scenario::{Program, Ready, Scenario};
+use super::scenario::{Program, Ready, Scenario, TRACK};
+use super::user::UserSide;
 use super::x11::{self, Desktop};
 use crate::approach::{Approach, Launch, Tools};
 use crate::sys;
 use ksmplus_common::ksm;
+use ksmplus_common::names::name_matches;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,6 +57,8 @@ pub struct Ctx<'a> {
     pub deadline_secs: f64,
     /// Run `ksmplusctl scan` in this cell (once per scenario), when the subcommand exists.
     pub scan: bool,
+    /// The unprivileged user of the browser scenarios, when the run has any.
+    pub user: Option<&'a UserSide>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -62,6 +73,23 @@ pub struct ProcResult {
     pub profit: i64,
     pub merge_any: bool,
     pub shim: bool,
+    pub exe: String,
+    /// The agent's policy names it (comm or executable): under ksmplus it must be tracked.
+    pub named: bool,
+    /// Present when ksmd started (t0); processes that appear later join the figures.
+    pub at_t0: bool,
+    /// Already exited at t0 (not reaped yet): no maps to check.
+    pub zombie_t0: bool,
+    /// In the agent's `status` (ksmplus cells; judged for the processes alive then).
+    pub tracked: Option<bool>,
+    /// How the agent found it (`hello`, `fork`, `scan`) and what it can do in it (`marks`,
+    /// `refused`, `merge-any`, ...), from `status`.
+    pub found: String,
+    pub marking: String,
+    /// Alive after merging, when the last key was answered.
+    pub alive_end: bool,
+    /// How it ended, when the bench saw it exited before its parent reaped it.
+    pub exit: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -85,8 +113,15 @@ pub struct ProgResult {
     pub merging_pages: u64,
     pub rmap_items: u64,
     pub profit: i64,
-    /// In the agent's `status --json` (ksmplus only).
+    /// In the agent's `status --json` (ksmplus only): the program and every process of it
+    /// that the policy names and that was alive when the status was read.
     pub tracked: Option<bool>,
+    /// `PID comm` of its processes present at t0 and gone by the end.
+    pub gone: Vec<String>,
+    /// `PID comm` of its processes present at t0 without the shim mapped (shim cells).
+    pub no_shim: Vec<String>,
+    /// `PID comm` of its processes the policy names that the agent did not track (ksmplus).
+    pub untracked: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -148,9 +183,8 @@ impl DeskCell {
 }
 
 /// The environment of every program: a private home and runtime dir, no accessibility bus,
-/// WebKit without its bubblewrap sandbox (the sandbox would hide the shim's file and socket
-/// from the web processes; it is off under every approach alike), and a dead proxy so nothing
-/// reaches the network.
+/// and a dead proxy so nothing reaches the network. Sandboxes stay on (WebKit's bubblewrap,
+/// Firefox's and Chromium's seccomp and namespaces) under every approach.
 fn base_env(home: &Path, run: &Path) -> Vec<(String, String)> {
     [
         ("HOME", home.display().to_string()),
@@ -158,7 +192,6 @@ fn base_env(home: &Path, run: &Path) -> Vec<(String, String)> {
         ("NO_AT_BRIDGE", "1".into()),
         ("GTK_A11Y", "none".into()),
         ("GSETTINGS_BACKEND", "memory".into()),
-        ("WEBKIT_DISABLE_SANDBOX_THIS_IS_DANGEROUS", "1".into()),
         ("http_proxy", "http://127.0.0.1:9".into()),
         ("https_proxy", "http://127.0.0.1:9".into()),
         ("QT_QPA_PLATFORM", "xcb".into()),
@@ -175,7 +208,8 @@ pub struct Running {
     pub spawned: Instant,
 }
 
-/// Starts a program under the approach's launcher (environment, `prctl` before exec).
+/// Starts a program under the approach's launcher (environment, `prctl` before exec); as the
+/// unprivileged user when `user` is given (with a clean environment and the user's bus).
 pub fn spawn(
     desktop: &Desktop,
     p: &Program,
@@ -183,15 +217,33 @@ pub fn spawn(
     home: &Path,
     run: &Path,
     log: &Path,
+    user: Option<&UserSide>,
 ) -> Result<Running, String> {
     let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
+    let home_s = home.display().to_string();
     let mut cmd = Command::new(&p.argv[0]);
-    cmd.args(&p.argv[1..])
-        .env_remove("LD_PRELOAD")
-        .env_remove("KSMPLUS_SOCKET")
-        .envs(desktop.env())
-        .envs(base_env(home, run))
+    cmd.args(
+        p.argv[1..]
+            .iter()
+            .map(|a| a.replace(super::scenario::HOME, &home_s)),
+    );
+    match user {
+        Some(u) => {
+            cmd.env_clear()
+                .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                .env("USER", &u.user.name)
+                .env("LOGNAME", &u.user.name)
+                .envs(desktop.env_with(u.bus.as_ref()));
+            u.user.apply(&mut cmd);
+        }
+        None => {
+            cmd.env_remove("LD_PRELOAD")
+                .env_remove("KSMPLUS_SOCKET")
+                .envs(desktop.env());
+        }
+    }
+    cmd.envs(base_env(home, run))
         .current_dir(home)
         .stdin(Stdio::null())
         .stdout(out)
@@ -270,8 +322,9 @@ fn read_like_a_user(desktop: &Desktop, p: &Program, pid: u32, n: usize, from: us
     false
 }
 
-fn stop_all(roots: &[u32]) {
-    let pids = procs::all_pids(roots);
+/// Ends every process `list` names (asked again after SIGTERM: children may have appeared).
+fn stop_all(list: &dyn Fn() -> BTreeSet<u32>) {
+    let pids = list();
     for &p in &pids {
         sys::kill(p, libc::SIGTERM);
     }
@@ -279,8 +332,89 @@ fn stop_all(roots: &[u32]) {
     while Instant::now() < deadline && pids.iter().any(|&p| sys::pid_alive(p) && !zombie(p)) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for &p in procs::all_pids(roots).iter().chain(pids.iter()) {
+    for &p in list().iter().chain(pids.iter()) {
         sys::kill(p, libc::SIGKILL);
+    }
+}
+
+/// The processes of a cell, each with the index of its program: the programs and their
+/// descendants; for a scenario of the user also the processes of the user that did not exist
+/// at the cell's start (`before`), run an executable from a program's own directory (crash
+/// handlers re-parent to init: `/usr/lib/firefox-esr/crashhelper`) and are not the agent's
+/// (`exclude`). Services the user's bus activates (at-spi) are not the programs'.
+fn cell_procs(
+    user: Option<&UserSide>,
+    roots: &[u32],
+    before: &BTreeSet<u32>,
+    exclude: &[u32],
+) -> BTreeMap<u32, usize> {
+    let mut m = procs::trees(roots);
+    let Some(u) = user else {
+        return m;
+    };
+    let mut not_ours: BTreeSet<u32> = procs::trees(exclude).into_keys().collect();
+    not_ours.extend(u.bus.as_ref().map(|b| b.pid()));
+    not_ours.extend(procs::trees(&u.bus.iter().map(|b| b.pid()).collect::<Vec<_>>()).into_keys());
+    let dir = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+    };
+    let root_dirs: Vec<Option<PathBuf>> = roots.iter().map(|&r| dir(r)).collect();
+    for pid in u.user.pids() {
+        if before.contains(&pid) || not_ours.contains(&pid) || m.contains_key(&pid) {
+            continue;
+        }
+        let d = dir(pid);
+        if let Some(i) = root_dirs.iter().position(|r| r.is_some() && *r == d) {
+            m.insert(pid, i);
+        }
+    }
+    m
+}
+
+/// Whatever else of the user a cell started (a service the user's bus activated for the
+/// browser): every process of the user that is new since `before`, the bus and its
+/// activation helpers excepted.
+fn leftovers(u: &UserSide, before: &BTreeSet<u32>) -> BTreeSet<u32> {
+    let bus: BTreeSet<u32> = u.bus.iter().map(|b| b.pid()).collect();
+    u.user
+        .pids()
+        .into_iter()
+        .filter(|p| !before.contains(p) && !bus.contains(p) && !bus.contains(&ppid(*p)))
+        .collect()
+}
+
+fn ppid(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn exe(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// The agent's policy names this process (as `TRACK` does for the scenarios' programs).
+fn named(comm: &str, exe: &str) -> bool {
+    TRACK.iter().any(|n| name_matches(n, comm, exe))
+}
+
+fn proc_result(pid: u32, program: &str) -> ProcResult {
+    let (comm, exe) = (procs::comm(pid), exe(pid));
+    ProcResult {
+        pid,
+        named: named(&comm, &exe),
+        comm,
+        exe,
+        program: program.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -345,24 +479,17 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
     set("run", "0")?;
     set("smart_scan", if ap.smart_scan() { "1" } else { "0" }).ok();
     let name = format!("{}-{}", sc.id, ap.name());
-    let mut launch = match ap.launch(&ctx.tools, &ctx.tmp, &name) {
+    let user = user_of(ctx, sc)?;
+    // The user's processes before anything of this cell starts: what is new is the cell's.
+    let before = user.map(|u| u.user.pids()).unwrap_or_default();
+    let mut launch = match launcher(ctx, user, ap, &name) {
         Ok(l) => l,
         Err(u) => {
             r.status = format!("unavailable: {}", u.0);
             return Ok(r);
         }
     };
-    if matches!(ap, Approach::Ksmplus | Approach::MadviseAll) {
-        // The whole anonymous address space (heap, arenas, toolkit allocators), for both
-        // shim-based approaches alike; the agent does not send COVER_MAPS itself yet.
-        launch.env.push(("KSMPLUS_COVER_MAPS".into(), "1".into()));
-    }
-    let home = ctx.tmp.join(format!("home-{name}"));
-    let rundir = ctx.tmp.join(format!("run-{name}"));
-    copy_dir(&ctx.home_template, &home)?;
-    std::fs::create_dir_all(&rundir).map_err(|e| e.to_string())?;
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&rundir, std::fs::Permissions::from_mode(0o700));
+    let (home, rundir) = place(ctx, user, &name)?;
     let logs = ctx.results.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
 
@@ -373,22 +500,11 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
         ap,
         &mut launch,
         &mut running,
-        &home,
-        &rundir,
+        (&home, &rundir),
+        &before,
         &mut r,
     );
-    let roots: Vec<u32> = running.iter().map(|x| x.child.id()).collect();
-    stop_all(&roots);
-    for x in running.iter_mut() {
-        let _ = x.child.wait();
-    }
-    if let Some(a) = launch.agent.as_mut() {
-        let _ = std::fs::copy(
-            a.dir.join("agent.log"),
-            logs.join(format!("{name}-agent.log")),
-        );
-        a.stop();
-    }
+    end(user, &mut running, &mut launch, &before, &logs, &name);
     drop(launch);
     if let Err(e) = outcome {
         if sys::stop_requested() {
@@ -401,6 +517,87 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
     Ok(r)
 }
 
+/// The user side when the scenario runs as the unprivileged user.
+fn user_of<'a>(ctx: &Ctx<'a>, sc: &Scenario) -> Result<Option<&'a UserSide>, String> {
+    match (sc.user, ctx.user) {
+        (false, _) => Ok(None),
+        (true, Some(u)) => Ok(Some(u)),
+        (true, None) => Err(format!(
+            "{} runs as the unprivileged user, which is not set up",
+            sc.id
+        )),
+    }
+}
+
+/// The approach's launcher; under ksmplus in a scenario of the user, an agent of that user.
+fn launcher(
+    ctx: &Ctx,
+    user: Option<&UserSide>,
+    ap: Approach,
+    name: &str,
+) -> Result<Launch, crate::approach::Unavailable> {
+    match user {
+        Some(u) if ap == Approach::Ksmplus => u.ksmplus(
+            ctx.tools.preload.as_deref(),
+            &ctx.tmp,
+            name,
+            &ctx.tools.policy_template,
+        ),
+        _ => ap.launch(&ctx.tools, &ctx.tmp, name),
+    }
+}
+
+/// A fresh home (a copy of the warmed-up template) and runtime directory (0700), the user's
+/// for a scenario of the user.
+fn place(ctx: &Ctx, user: Option<&UserSide>, name: &str) -> Result<(PathBuf, PathBuf), String> {
+    let home = ctx.tmp.join(format!("home-{name}"));
+    let rundir = ctx.tmp.join(format!("run-{name}"));
+    let template = user.map_or(&ctx.home_template, |u| &u.home_template);
+    copy_dir(template, &home)?;
+    let _ = std::fs::remove_dir_all(&rundir);
+    std::fs::create_dir_all(&rundir).map_err(|e| e.to_string())?;
+    if let Some(u) = user {
+        u.user.chown(&home)?;
+        u.user.chown(&rundir)?;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&rundir, std::fs::Permissions::from_mode(0o700));
+    Ok((home, rundir))
+}
+
+/// Ends a cell's programs (and, for the user, what they left behind), then its agent, whose
+/// log is kept.
+fn end(
+    user: Option<&UserSide>,
+    running: &mut [Running],
+    launch: &mut Launch,
+    before: &BTreeSet<u32>,
+    logs: &Path,
+    name: &str,
+) {
+    let roots: Vec<u32> = running.iter().map(|x| x.child.id()).collect();
+    let agent = launch.agent.as_ref().map(|a| a.pid());
+    let exclude: Vec<u32> = agent.into_iter().collect();
+    stop_all(&|| {
+        cell_procs(user, &roots, before, &exclude)
+            .into_keys()
+            .collect()
+    });
+    for x in running.iter_mut() {
+        let _ = x.child.wait();
+    }
+    if let Some(a) = launch.agent.as_mut() {
+        let _ = std::fs::copy(
+            a.dir.join("agent.log"),
+            logs.join(format!("{name}-agent.log")),
+        );
+        a.stop();
+    }
+    if let Some(u) = user {
+        stop_all(&|| leftovers(u, before));
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn observe(
     ctx: &Ctx,
@@ -408,11 +605,12 @@ fn observe(
     ap: Approach,
     launch: &mut Launch,
     running: &mut Vec<Running>,
-    home: &Path,
-    rundir: &Path,
+    (home, rundir): (&Path, &Path),
+    before: &BTreeSet<u32>,
     r: &mut DeskCell,
 ) -> Result<(), String> {
     let d = ctx.desktop;
+    let user = user_of(ctx, sc)?;
     let logs = ctx.results.join("logs");
     // Start the programs one after another, as a user would.
     for p in &sc.programs {
@@ -422,7 +620,7 @@ fn observe(
             ap.name(),
             p.label.replace('#', "")
         ));
-        let mut run = spawn(d, p, launch, home, rundir, &log)?;
+        let mut run = spawn(d, p, launch, home, rundir, &log, user)?;
         let res = wait_ready(d, p, &mut run, Duration::from_secs(120));
         let pid = run.child.id();
         running.push(run);
@@ -453,7 +651,9 @@ fn observe(
     sys::sleep_checked(Duration::from_secs(1))?;
 
     let roots: Vec<u32> = r.programs.iter().map(|p| p.pid).collect();
-    let tree = procs::trees(&roots);
+    let exclude: Vec<u32> = launch.agent.iter().map(|a| a.pid()).collect();
+    let procs_now = || cell_procs(user, &roots, before, &exclude);
+    let tree = procs_now();
     // The launcher must have done what it claims.
     for p in &r.programs {
         if let Some(so) = &launch.must_map {
@@ -475,19 +675,18 @@ fn observe(
     }
     let mut procs_r: BTreeMap<u32, ProcResult> = BTreeMap::new();
     for (&pid, &i) in &tree {
-        let m = procs::mem(pid);
         procs_r.insert(
             pid,
             ProcResult {
-                pid,
-                comm: procs::comm(pid),
-                program: r.programs[i].label.clone(),
-                mem_t0: m,
+                mem_t0: procs::mem(pid),
+                exit: procs::exit_status(pid),
+                zombie_t0: zombie(pid),
                 shim: launch
                     .must_map
                     .as_ref()
                     .is_some_and(|so| sys::maps_contain(pid, so)),
-                ..Default::default()
+                at_t0: true,
+                ..proc_result(pid, &r.programs[i].label)
             },
         );
     }
@@ -514,15 +713,15 @@ fn observe(
         let t = t0.elapsed().as_secs_f64();
         let (mut merging, mut rmap) = (0u64, 0u64);
         // New descendants (a plug-in, a web process) join their program.
-        for (&pid, &i) in &procs::trees(&roots) {
-            procs_r.entry(pid).or_insert_with(|| ProcResult {
-                pid,
-                comm: procs::comm(pid),
-                program: r.programs[i].label.clone(),
-                ..Default::default()
-            });
+        for (&pid, &i) in &procs_now() {
+            procs_r
+                .entry(pid)
+                .or_insert_with(|| proc_result(pid, &r.programs[i].label));
         }
         for (&pid, pr) in procs_r.iter_mut() {
+            if pr.exit.is_none() {
+                pr.exit = procs::exit_status(pid);
+            }
             if let Ok(st) = ksm::read_ksm_stat(root(), pid) {
                 pr.merging_pages = st.merging_pages;
                 pr.rmap_items = st.rmap_items;
@@ -577,13 +776,50 @@ fn observe(
                 a.log_tail()
             ));
         }
-        r.agent_status = agent_status(ctx, &a.dir.join("agent.sock"), &mut r.notes);
+        r.agent_status = agent_status(ctx, user, &a.dir.join("agent.sock"), &mut r.notes);
+        // `ksmplus_common::status::StatusReply` (read as JSON values: the bench builds
+        // ksmplus-common without its `policy` feature).
+        let listed = r
+            .agent_status
+            .as_ref()
+            .and_then(|v| v["processes"].as_array().cloned());
+        match listed {
+            Some(list) => {
+                for pr in procs_r.values_mut() {
+                    let entry = list
+                        .iter()
+                        .find(|p| p["pid"].as_u64() == Some(pr.pid as u64));
+                    if let Some(e) = entry {
+                        let text = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+                        pr.found = text("found");
+                        pr.marking = text("marking");
+                    }
+                    // Judged for the processes alive when the status was read.
+                    if sys::pid_alive(pr.pid) && !zombie(pr.pid) {
+                        pr.tracked = Some(entry.is_some());
+                    }
+                }
+            }
+            None => r.notes.push("ksmplusctl status: no reply".into()),
+        }
     }
     // Totals per program and per cell.
     for pr in procs_r.values() {
         let Some(p) = r.programs.iter_mut().find(|p| p.label == pr.program) else {
             continue;
         };
+        if pr.at_t0 && !pr.zombie_t0 && !pr.shim && launch.must_map.is_some() {
+            p.no_shim.push(format!("{} {}", pr.pid, pr.comm));
+        }
+        if launch.agent.is_some() && (pr.pid == p.pid || pr.named) {
+            // The program's own process always; the others the policy names, when they were
+            // alive as the status was read.
+            let ok = pr.tracked.unwrap_or(pr.pid != p.pid);
+            if !ok {
+                p.untracked.push(format!("{} {}", pr.pid, pr.comm));
+            }
+            p.tracked = Some(p.tracked.unwrap_or(true) && ok);
+        }
         p.processes += 1;
         p.mem_t0 += pr.mem_t0;
         p.merging_pages += pr.merging_pages;
@@ -618,18 +854,6 @@ fn observe(
     };
     r.saved_pct_pss = pct(r.mem_t0.pss_kib);
     r.saved_pct_anon = pct(r.mem_t0.anon_kib);
-    if let Some(st) = &r.agent_status {
-        let empty = vec![];
-        let tracked: Vec<u64> = st["processes"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .filter_map(|p| p["pid"].as_u64())
-            .collect();
-        for p in r.programs.iter_mut() {
-            p.tracked = Some(tracked.contains(&(p.pid as u64)));
-        }
-    }
 
     // After merging: every program must still answer a key, and its window is kept.
     let shots = ctx.results.join("screenshots");
@@ -654,6 +878,26 @@ fn observe(
         }
         r.programs[i].alive_end = sys::pid_alive(pid) && !zombie(pid);
     }
+    // Every process that was there when ksmd started (a zombie then counts: it ended during
+    // the start) must still be there.
+    for pr in procs_r.values_mut() {
+        if pr.exit.is_none() {
+            pr.exit = procs::exit_status(pr.pid);
+        }
+        pr.alive_end = sys::pid_alive(pr.pid) && !zombie(pr.pid);
+        if pr.at_t0 && !pr.alive_end {
+            if let Some(p) = r.programs.iter_mut().find(|p| p.label == pr.program) {
+                p.gone.push(format!(
+                    "{} {}{}",
+                    pr.pid,
+                    pr.comm,
+                    pr.exit
+                        .as_ref()
+                        .map_or(String::new(), |e| format!(" ({e})"))
+                ));
+            }
+        }
+    }
     r.processes = procs_r.into_values().collect();
     Ok(())
 }
@@ -662,10 +906,18 @@ fn r_pids(procs_r: &BTreeMap<u32, ProcResult>) -> Vec<u32> {
     procs_r.keys().copied().collect()
 }
 
-/// `ksmplusctl --json status` of the cell's agent.
-fn agent_status(ctx: &Ctx, socket: &Path, notes: &mut Vec<String>) -> Option<Value> {
-    let ctl = ctx.ctl.as_ref()?;
-    let out = Command::new(ctl)
+/// `ksmplusctl --json status` of the cell's agent (as the agent's user).
+fn agent_status(
+    ctx: &Ctx,
+    user: Option<&UserSide>,
+    socket: &Path,
+    notes: &mut Vec<String>,
+) -> Option<Value> {
+    let mut cmd = match user {
+        Some(u) => u.ctl()?,
+        None => Command::new(ctx.ctl.as_ref()?),
+    };
+    let out = cmd
         .arg("--socket")
         .arg(socket)
         .args(["--json", "status"])
@@ -723,7 +975,8 @@ fn scan(ctx: &Ctx, pids: &[u32], notes: &mut Vec<String>) -> Option<Value> {
 }
 
 /// Starts each distinct program once (no KSM, not measured) so first-run work — GIMP's
-/// plug-in database, KDE's service cache, fontconfig — is done before the first cell.
+/// plug-in database, KDE's service cache, fontconfig, a browser's profile — is done before the
+/// first cell. A program's `home_files` are written into its home template first.
 pub fn warm_up(ctx: &Ctx, scenarios: &[Scenario]) -> Result<(), String> {
     let tools_none = Launch {
         env: Vec::new(),
@@ -731,32 +984,43 @@ pub fn warm_up(ctx: &Ctx, scenarios: &[Scenario]) -> Result<(), String> {
         agent: None,
         must_map: None,
     };
-    let rundir = ctx.tmp.join("run-warmup");
-    std::fs::create_dir_all(&rundir).map_err(|e| e.to_string())?;
     let logs = ctx.results.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
     let mut seen = Vec::new();
     for sc in scenarios {
+        let user = user_of(ctx, sc)?;
         for p in &sc.programs {
             if seen.contains(&p.group) {
                 continue;
             }
             seen.push(p.group);
+            let template = user.map_or(&ctx.home_template, |u| &u.home_template);
+            for (rel, text) in &p.home_files {
+                let f = template.join(rel);
+                if let Some(d) = f.parent() {
+                    std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+                }
+                std::fs::write(&f, text).map_err(|e| format!("{}: {e}", f.display()))?;
+            }
+            let rundir = ctx.tmp.join(format!("run-warmup-{}", p.group));
+            std::fs::create_dir_all(&rundir).map_err(|e| e.to_string())?;
+            if let Some(u) = user {
+                u.user.chown(template)?;
+                u.user.chown(&rundir)?;
+            }
             let log = logs.join(format!("warmup-{}.log", p.group));
-            let mut run = spawn(
-                ctx.desktop,
-                p,
-                &tools_none,
-                &ctx.home_template,
-                &rundir,
-                &log,
-            )?;
+            let before = user.map(|u| u.user.pids()).unwrap_or_default();
+            let mut run = spawn(ctx.desktop, p, &tools_none, template, &rundir, &log, user)?;
             let t = Instant::now();
             let res = wait_ready(ctx.desktop, p, &mut run, Duration::from_secs(180));
             let _ = sys::sleep_checked(Duration::from_secs(2));
             let pid = run.child.id();
-            stop_all(&[pid]);
+            stop_all(&|| cell_procs(user, &[pid], &before, &[]).into_keys().collect());
             let _ = run.child.wait();
+            if let Some(u) = user {
+                stop_all(&|| leftovers(u, &before));
+            }
+            let _ = std::fs::remove_dir_all(&rundir);
             eprintln!(
                 "ksmplus-bench desktop: warm-up {} {:.1} s{}",
                 p.group,
@@ -769,4 +1033,55 @@ pub fn warm_up(ctx: &Ctx, scenarios: &[Scenario]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The learning run of a program (`Program::learning_run`, Chromium): started once under
+/// ksmplus, unmeasured, with the agent of the user and the run's learned store, until the agent
+/// has learned a fork server (or 30 s after the window). The measured ksmplus cell is then the
+/// program's second start, as on a desktop where the agent saw the browser before. Returns
+/// what was learned.
+pub fn learning_run(ctx: &Ctx, sc: &Scenario, p: &Program) -> Result<String, String> {
+    let user = user_of(ctx, sc)?;
+    let name = format!("{}-learning", sc.id);
+    let before = user.map(|u| u.user.pids()).unwrap_or_default();
+    let mut launch = launcher(ctx, user, Approach::Ksmplus, &name).map_err(|u| u.0)?;
+    let (home, rundir) = place(ctx, user, &name)?;
+    let logs = ctx.results.join("logs");
+    let log = logs.join(format!("{name}-{}.log", p.label.replace('#', "")));
+    let learned = |ctx: &Ctx| -> Vec<String> { ctx.user.map(|u| u.learned()).unwrap_or_default() };
+    let known = learned(ctx);
+    let t = Instant::now();
+    let mut running = vec![spawn(ctx.desktop, p, &launch, &home, &rundir, &log, user)?];
+    let res = wait_ready(ctx.desktop, p, &mut running[0], Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut outcome = res.map(|_| ());
+    while outcome.is_ok() && Instant::now() < deadline {
+        if learned(ctx).iter().any(|k| !known.contains(k)) {
+            break;
+        }
+        outcome = sys::sleep_checked(Duration::from_millis(200));
+    }
+    end(user, &mut running, &mut launch, &before, &logs, &name);
+    drop(launch);
+    let _ = std::fs::remove_dir_all(&home);
+    let _ = std::fs::remove_dir_all(&rundir);
+    outcome?;
+    let now = learned(ctx);
+    let new: Vec<&String> = now.iter().filter(|k| !known.contains(k)).collect();
+    Ok(format!(
+        "{} learning run ({}, {:.1} s): {}",
+        sc.id,
+        p.label,
+        t.elapsed().as_secs_f64(),
+        if now.is_empty() {
+            "the agent learned no fork server".to_owned()
+        } else {
+            format!(
+                "{} fork server(s) learned now, {} known: {}",
+                new.len(),
+                now.len(),
+                now.join(" | ")
+            )
+        }
+    ))
 }

@@ -50,11 +50,6 @@ pub fn trees(roots: &[u32]) -> BTreeMap<u32, usize> {
     }
 }
 
-/// Every live pid of a set of trees (for teardown).
-pub fn all_pids(roots: &[u32]) -> BTreeSet<u32> {
-    trees(roots).into_keys().collect()
-}
-
 /// `Rss`, `Pss` and `Anonymous` of `/proc/PID/smaps_rollup`, KiB.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct Mem {
@@ -87,6 +82,35 @@ pub fn mem(pid: u32) -> Mem {
         }
     }
     m
+}
+
+/// How a process that has exited (a zombie not reaped yet) ended: `killed by SIGSYS`,
+/// `exit 0`; `None` while it runs or once it is reaped.
+pub fn exit_status(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is the state; exit_code is field 52 of stat, the last one.
+    if f.first() != Some(&"Z") {
+        return None;
+    }
+    let code: i32 = f.last()?.parse().ok()?;
+    let sig = code & 0x7f;
+    Some(if sig != 0 {
+        let name = match sig {
+            6 => "SIGABRT",
+            9 => "SIGKILL",
+            11 => "SIGSEGV",
+            15 => "SIGTERM",
+            31 => "SIGSYS",
+            _ => "",
+        };
+        format!("killed by signal {sig} {name}")
+            .trim_end()
+            .to_owned()
+    } else {
+        format!("exit {}", (code >> 8) & 0xff)
+    })
 }
 
 pub fn comm(pid: u32) -> String {

@@ -1,6 +1,6 @@
 //! The desktop tables: one row per cell with the thesis's figures beside ours, per-program
-//! rows (start-up, merging, profit, responsiveness), the `scan` summaries and the targets of
-//! issue 7.
+//! rows (start-up, merging, profit, responsiveness), per-process rows of the browsers under
+//! ksmplus, the `scan` summaries and the targets of issues 7 and 10.
 
 use super::cell::DeskCell;
 use super::scenario::Scenario;
@@ -169,6 +169,90 @@ pub fn programs(cells: &[DeskCell]) -> String {
         s,
         "%Pss here = ksm_merging_pages × 4 KiB / Pss (merging counts the kept copy too); turned = content changed by the reading keys / by a key after merging"
     );
+    s
+}
+
+/// The browsers' programs (their processes are checked one by one: alive, shim, tracked).
+const BROWSERS: &[&str] = &["epiphany", "firefox", "chromium"];
+
+fn browser_labels(sc: &Scenario) -> Vec<&str> {
+    sc.programs
+        .iter()
+        .filter(|p| BROWSERS.contains(&p.group))
+        .map(|p| p.label.as_str())
+        .collect()
+}
+
+/// Every process of the browsers in the ksmplus cells: how the agent found it (`hello`, `fork`,
+/// `scan`), what it can do in it (`marks`, `refused` by a sandbox, `merge-any`), its figures.
+pub fn processes(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
+    let mut s = String::new();
+    for sc in scenarios {
+        let labels = browser_labels(sc);
+        if labels.is_empty() {
+            continue;
+        }
+        for c in cells
+            .iter()
+            .filter(|c| c.scenario == sc.id && c.approach == "ksmplus" && c.ran())
+        {
+            let _ = writeln!(
+                s,
+                "{} ksmplus, every process of {} (t0 = present when ksmd started; found/marking from status --json):",
+                c.scenario,
+                labels.join(", ")
+            );
+            let _ = writeln!(
+                s,
+                "  {:>7} {:<16} {:<6} {:<10} {:>3} {:>5} {:>7} {:>5} {:>7} {:>8} {:>7} {:>9} {:>5}",
+                "pid",
+                "comm",
+                "found",
+                "marking",
+                "t0",
+                "shim",
+                "tracked",
+                "alive",
+                "PssMiB",
+                "merging",
+                "rmap",
+                "profitKiB",
+                "m_any"
+            );
+            for pr in c
+                .processes
+                .iter()
+                .filter(|pr| labels.contains(&pr.program.as_str()))
+            {
+                let yn = |b: bool| if b { "yes" } else { "NO" };
+                let _ = writeln!(
+                    s,
+                    "  {:>7} {:<16} {:<6} {:<10} {:>3} {:>5} {:>7} {:>5} {:>7.1} {:>8} {:>7} {:>9} {:>5}",
+                    pr.pid,
+                    pr.comm,
+                    if pr.found.is_empty() { "-" } else { &pr.found },
+                    if pr.marking.is_empty() { "-" } else { &pr.marking },
+                    if pr.at_t0 { "y" } else { "n" },
+                    yn(pr.shim),
+                    match (pr.tracked, pr.named) {
+                        (Some(true), _) => "yes",
+                        (Some(false), true) => "NO",
+                        (Some(false), false) => "no*",
+                        (None, _) => "-",
+                    },
+                    yn(pr.alive_end),
+                    pr.mem_t0.pss_kib as f64 / 1024.0,
+                    pr.merging_pages,
+                    pr.rmap_items,
+                    pr.profit / 1024,
+                    if pr.merge_any { "yes" } else { "no" },
+                );
+            }
+        }
+    }
+    if !s.is_empty() {
+        s += "  no* = not tracked and not named by the policy (a sandbox helper: bwrap, xdg-dbus-proxy)\n";
+    }
     s
 }
 
@@ -365,11 +449,108 @@ pub fn targets(cells: &[DeskCell], scenarios: &[Scenario]) -> Vec<Target> {
             });
         }
     }
+    browser_targets(cells, scenarios, &mut out);
     out
 }
 
+/// Issue 10: every process of every browser alive after merging under every approach, mapping
+/// the shim in the shim cells and tracked under ksmplus; on D5/D6 ksmplus merges ≥ 0.9× of
+/// merge_any's pages with ≤ 1/5 of its rmap items.
+fn browser_targets(cells: &[DeskCell], scenarios: &[Scenario], out: &mut Vec<Target>) {
+    for sc in scenarios {
+        let labels = browser_labels(sc);
+        if labels.is_empty() {
+            continue;
+        }
+        let mut bad = Vec::new();
+        let (mut n_cells, mut n_procs) = (0, 0);
+        for c in cells.iter().filter(|c| c.scenario == sc.id) {
+            if !c.ran() {
+                bad.push(format!("{}: {}", c.approach, c.status));
+                continue;
+            }
+            n_cells += 1;
+            for p in c
+                .programs
+                .iter()
+                .filter(|p| labels.contains(&p.label.as_str()))
+            {
+                n_procs += c
+                    .processes
+                    .iter()
+                    .filter(|pr| pr.at_t0 && pr.program == p.label)
+                    .count();
+                for (what, list) in [
+                    ("gone", &p.gone),
+                    ("no shim", &p.no_shim),
+                    ("not tracked", &p.untracked),
+                ] {
+                    if !list.is_empty() {
+                        bad.push(format!("{} {what}: {}", c.approach, list.join(", ")));
+                    }
+                }
+                if !p.alive_end || !p.responsive_after {
+                    bad.push(format!(
+                        "{} {}: died or stopped answering",
+                        c.approach, p.label
+                    ));
+                }
+            }
+        }
+        if n_cells > 0 || !bad.is_empty() {
+            out.push(Target {
+                name: format!(
+                    "{} every browser process alive after merging, mapping the shim (shim cells) and tracked (ksmplus)",
+                    sc.id
+                ),
+                verdict: Some(bad.is_empty()),
+                detail: if bad.is_empty() {
+                    format!("{n_cells} cells, {n_procs} processes present when ksmd started")
+                } else {
+                    bad.join("; ")
+                },
+            });
+        }
+        if !sc.user {
+            continue;
+        }
+        if let (Some(k), Some(m)) = (
+            find(cells, sc.id, "ksmplus"),
+            find(cells, sc.id, "merge_any"),
+        ) {
+            let pct = |a: u64, b: u64| {
+                if b > 0 {
+                    a as f64 * 100.0 / b as f64
+                } else {
+                    0.0
+                }
+            };
+            out.push(Target {
+                name: format!(
+                    "{} ksmplus merges >= 0.9 x merge_any's pages with <= 1/5 of its rmap_items",
+                    sc.id
+                ),
+                verdict: Some(
+                    k.merging_pages * 10 >= m.merging_pages * 9 && k.rmap_items * 5 <= m.rmap_items,
+                ),
+                detail: format!(
+                    "merging {} vs {} ({:.0} %), rmap_items {} vs {} ({:.1} %); saved {:.1} vs {:.1} MiB",
+                    k.merging_pages,
+                    m.merging_pages,
+                    pct(k.merging_pages, m.merging_pages),
+                    k.rmap_items,
+                    m.rmap_items,
+                    pct(k.rmap_items, m.rmap_items),
+                    k.saved_mib,
+                    m.saved_mib
+                ),
+            });
+        }
+    }
+}
+
 pub fn targets_text(ts: &[Target]) -> String {
-    let mut s = String::from("targets (issue 7):\n");
+    let mut s = String::from("targets (issues 7 and 10):\n");
     for t in ts {
         let v = match t.verdict {
             Some(true) => "MET ",

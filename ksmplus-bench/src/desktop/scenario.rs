@@ -27,6 +27,12 @@ pub struct Program {
     pub keys: Vec<&'static str>,
     /// How many keys to press while "reading" before ksmd starts.
     pub presses: usize,
+    /// Files written into the home template before the warm-up (`path` relative to `$HOME`).
+    pub home_files: Vec<(&'static str, String)>,
+    /// Started once under ksmplus before the measured cells, unmeasured, so the agent's learned
+    /// store knows the program's fork server (Chromium's zygote) as a user's agent would from
+    /// the program's previous start.
+    pub learning_run: bool,
 }
 
 /// The thesis's figures for a scenario (Table and text of 5.1.2).
@@ -46,6 +52,9 @@ pub struct Scenario {
     pub title: &'static str,
     pub programs: Vec<Program>,
     pub thesis: Thesis,
+    /// Its programs run as the unprivileged bench user (with their sandboxes: Chromium's
+    /// refuses root), and under ksmplus so does the agent.
+    pub user: bool,
 }
 
 /// Every comm and executable name the scenarios start (the agent's policy tracks them).
@@ -64,7 +73,16 @@ pub const TRACK: &[&str] = &[
     "abiword",
     "xterm",
     "bash",
+    // D5, D6: every process of the browsers runs their executable (content processes,
+    // renderers, zygotes, utilities), plus their crash handlers.
+    "firefox-esr",
+    "crashhelper",
+    "chromium",
+    "chrome_crashpad_handler",
 ];
+
+/// Where `{home}` in a program's arguments points: the cell's `$HOME`.
+pub const HOME: &str = "{home}";
 
 fn s(x: &str) -> String {
     x.to_owned()
@@ -81,6 +99,8 @@ fn okular(i: usize, inputs: &Path, doc: usize) -> Program {
         ready: Ready::Window,
         keys: vec!["Next"],
         presses: 6,
+        home_files: vec![],
+        learning_run: false,
     }
 }
 
@@ -98,22 +118,133 @@ fn epiphany(inputs: &Path, pages: &[usize]) -> Program {
         ready: Ready::Title(s("Local page")),
         keys: vec!["Page_Down", "Page_Down", "ctrl+Page_Down"],
         presses: 8,
+        home_files: vec![],
+        learning_run: false,
     }
 }
 
-/// D1..D4; `smoke` gives the reduced D1 of CI (two okular instances, fewer page turns).
-pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
+/// The local pages of the browser scenarios as `file://` URLs, the first `tabs` of them.
+fn web_pages(web: &Path, tabs: usize) -> Vec<String> {
+    super::pages::PAGES
+        .iter()
+        .take(tabs)
+        .map(|(f, _)| format!("file://{}", web.join(f).display()))
+        .collect()
+}
+
+/// Firefox's preferences for an unattended run: no first-run pages, no default-browser
+/// question, no session restore or safe-mode question after the bench ended it, no telemetry,
+/// no background fetches (they would fail on the dead proxy anyway), no accessibility bus (as
+/// `NO_AT_BRIDGE=1` for the GTK programs).
+const FIREFOX_PREFS: &str = r#"user_pref("browser.shell.checkDefaultBrowser", false);
+user_pref("browser.startup.homepage_override.mstone", "ignore");
+user_pref("startup.homepage_welcome_url", "");
+user_pref("startup.homepage_welcome_url.additional", "");
+user_pref("browser.aboutwelcome.enabled", false);
+user_pref("trailhead.firstrun.didSeeAboutWelcome", true);
+user_pref("datareporting.policy.dataSubmissionEnabled", false);
+user_pref("datareporting.policy.firstRunURL", "");
+user_pref("datareporting.healthreport.uploadEnabled", false);
+user_pref("toolkit.telemetry.reportingpolicy.firstRun", false);
+user_pref("toolkit.telemetry.enabled", false);
+user_pref("browser.sessionstore.resume_from_crash", false);
+user_pref("browser.sessionstore.max_resumed_crashes", 0);
+user_pref("toolkit.startup.max_resumed_crashes", -1);
+user_pref("browser.tabs.warnOnClose", false);
+user_pref("browser.warnOnQuit", false);
+user_pref("app.update.auto", false);
+user_pref("app.update.enabled", false);
+user_pref("app.normandy.enabled", false);
+user_pref("extensions.update.enabled", false);
+user_pref("extensions.getAddons.cache.enabled", false);
+user_pref("browser.discovery.enabled", false);
+user_pref("browser.newtabpage.enabled", false);
+user_pref("browser.newtabpage.activity-stream.feeds.system.topstories", false);
+user_pref("extensions.pocket.enabled", false);
+user_pref("browser.safebrowsing.update.enabled", false);
+user_pref("browser.safebrowsing.downloads.remote.enabled", false);
+user_pref("network.captive-portal-service.enabled", false);
+user_pref("network.connectivity-service.enabled", false);
+user_pref("browser.translations.automaticallyPopup", false);
+user_pref("browser.translations.enable", false);
+user_pref("browser.ml.enable", false);
+user_pref("accessibility.force_disabled", 1);
+"#;
+
+/// `firefox-esr` with `tabs` of the local pages, in a profile of the cell's home, sandbox on.
+fn firefox(web: &Path, tabs: usize) -> Program {
+    let mut argv = vec![
+        s("firefox-esr"),
+        s("--no-remote"),
+        s("--profile"),
+        format!("{HOME}/firefox-profile"),
+    ];
+    argv.extend(web_pages(web, tabs));
+    Program {
+        label: s("firefox"),
+        group: "firefox",
+        argv,
+        ready: Ready::Title(s("Local page")),
+        // Scroll the tab, go to the next one: every tab is shown and scrolled.
+        keys: vec!["Page_Down", "ctrl+Page_Down"],
+        presses: 2 * tabs,
+        home_files: vec![("firefox-profile/user.js", FIREFOX_PREFS.to_owned())],
+        learning_run: false,
+    }
+}
+
+/// `chromium` with `tabs` of the local pages, its profile in the cell's home, sandbox on.
+fn chromium(web: &Path, tabs: usize) -> Program {
+    let mut argv = vec![
+        s("chromium"),
+        s("--no-first-run"),
+        s("--disable-background-networking"),
+        s("--disable-component-update"),
+        s("--disable-sync"),
+        s("--password-store=basic"),
+        s("--hide-crash-restore-bubble"),
+        format!("--user-data-dir={HOME}/chromium-profile"),
+    ];
+    argv.extend(web_pages(web, tabs));
+    Program {
+        label: s("chromium"),
+        group: "chromium",
+        argv,
+        ready: Ready::Title(s("Local page")),
+        keys: vec!["Page_Down", "ctrl+Page_Down"],
+        presses: 2 * tabs,
+        home_files: vec![],
+        // Its renderers' seccomp filter refuses MADV_MERGEABLE: the agent's fallback puts the
+        // zygote in merge-any mode from its start once it has learned it.
+        learning_run: true,
+    }
+}
+
+/// D1..D6; `smoke` gives CI's reduced D1 (two okular instances, fewer page turns) and D5
+/// (firefox-esr with two tabs). The browsers' pages are in `web` (the unprivileged user must
+/// read them: the results directory may be closed to others).
+pub fn all(inputs: &Path, web: &Path, smoke: bool) -> Vec<Scenario> {
     if smoke {
         let mut progs: Vec<Program> = (1..=2).map(|i| okular(i, inputs, i)).collect();
         for p in &mut progs {
             p.presses = 3;
         }
-        return vec![Scenario {
-            id: "D1s",
-            title: "okular x2 (CI reduced mode)",
-            programs: progs,
-            thesis: Thesis::default(),
-        }];
+        return vec![
+            Scenario {
+                id: "D1s",
+                title: "okular x2 (CI reduced mode)",
+                programs: progs,
+                thesis: Thesis::default(),
+                user: false,
+            },
+            Scenario {
+                id: "D5s",
+                title: "firefox-esr, 2 local pages, sandbox on (CI reduced mode)",
+                programs: vec![firefox(web, 2)],
+                thesis: Thesis::default(),
+                user: true,
+            },
+        ];
     }
     let gimp_args = {
         let mut a = vec![s("gimp"), s("-n"), s("-s"), s("-d"), s("-f")];
@@ -139,6 +270,8 @@ pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
         ready: Ready::Window,
         keys: vec!["Page_Down"],
         presses: 4,
+        home_files: vec![],
+        learning_run: false,
     });
     for i in 1..=4 {
         d4.push(Program {
@@ -148,6 +281,8 @@ pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
             ready: Ready::Window,
             keys: vec!["Return"],
             presses: 2,
+            home_files: vec![],
+            learning_run: false,
         });
     }
     vec![
@@ -162,6 +297,7 @@ pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
                 converge: Some("~2 min"),
                 per_group: vec![],
             },
+            user: false,
         },
         Scenario {
             id: "D2",
@@ -175,12 +311,15 @@ pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
                 ready: Ready::Title(s("-5.0 (")),
                 keys: vec!["1", "shift+ctrl+j"],
                 presses: 2,
+                home_files: vec![],
+                learning_run: false,
             }],
             thesis: Thesis {
                 saved_mb: Some(14.7),
                 saved_pct: Some(16.12),
                 ..Default::default()
             },
+            user: false,
         },
         Scenario {
             id: "D3",
@@ -191,6 +330,7 @@ pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
                 saved_pct: Some(3.97),
                 ..Default::default()
             },
+            user: false,
         },
         Scenario {
             id: "D4",
@@ -200,6 +340,21 @@ pub fn all(inputs: &Path, smoke: bool) -> Vec<Scenario> {
                 per_group: vec![("okular", 25.56), ("epiphany", 7.36)],
                 ..Default::default()
             },
+            user: false,
+        },
+        Scenario {
+            id: "D5",
+            title: "firefox-esr, 4 local pages (text, table, SVG, canvas), sandbox on, unprivileged user",
+            programs: vec![firefox(web, 4)],
+            thesis: Thesis::default(),
+            user: true,
+        },
+        Scenario {
+            id: "D6",
+            title: "chromium, 4 local pages (text, table, SVG, canvas), sandbox on, unprivileged user",
+            programs: vec![chromium(web, 4)],
+            thesis: Thesis::default(),
+            user: true,
         },
     ]
 }
@@ -209,15 +364,20 @@ pub fn needed_programs(scenarios: &[Scenario]) -> Vec<(&'static str, &'static st
     let mut v = Vec::new();
     for sc in scenarios {
         for p in &sc.programs {
-            let pair = match p.group {
-                "okular" => ("okular", "okular"),
-                "gimp" => ("gimp", "gimp"),
-                "epiphany" => ("epiphany", "epiphany-browser"),
-                "abiword" => ("abiword", "abiword"),
-                _ => ("xterm", "xterm"),
+            let pairs: &[(&'static str, &'static str)] = match p.group {
+                "okular" => &[("okular", "okular")],
+                "gimp" => &[("gimp", "gimp")],
+                // WebKit's web processes run in its bubblewrap sandbox.
+                "epiphany" => &[("epiphany", "epiphany-browser"), ("bwrap", "bubblewrap")],
+                "abiword" => &[("abiword", "abiword")],
+                "firefox" => &[("firefox-esr", "firefox-esr")],
+                "chromium" => &[("chromium", "chromium")],
+                _ => &[("xterm", "xterm")],
             };
-            if !v.contains(&pair) {
-                v.push(pair);
+            for pair in pairs {
+                if !v.contains(pair) {
+                    v.push(*pair);
+                }
             }
         }
     }

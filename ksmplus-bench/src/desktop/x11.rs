@@ -41,11 +41,71 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
 /// A virtual X server and a session bus, for one run.
 pub struct Desktop {
     xvfb: Child,
-    dbus: Option<Child>,
+    /// Root's session bus, when one could be started.
+    pub bus: Option<Bus>,
     /// `:N`
     pub display: String,
-    /// `DBUS_SESSION_BUS_ADDRESS`, when a bus could be started.
-    pub bus: Option<String>,
+}
+
+/// A private D-Bus session bus (`dbus-daemon --session`), killed and reaped on drop.
+pub struct Bus {
+    child: Child,
+    /// `DBUS_SESSION_BUS_ADDRESS`
+    pub address: String,
+}
+
+impl Bus {
+    /// A session bus of root, or of `user` (a bus refuses clients of other users); `None`
+    /// without `dbus-daemon` (the programs run without a bus then).
+    pub fn start(user: Option<&super::user::User>) -> Option<Bus> {
+        if !have("dbus-daemon") {
+            return None;
+        }
+        let mut cmd = Command::new("dbus-daemon");
+        cmd.args(["--session", "--nofork", "--print-address=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(u) = user {
+            u.apply(&mut cmd);
+            cmd.env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .current_dir("/");
+        }
+        let mut child = cmd.spawn().ok()?;
+        match read_line_with_deadline(&mut child, "dbus-daemon", 10) {
+            Ok(a) if !a.is_empty() => Some(Bus { child, address: a }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        end_child(&mut self.child);
+    }
+}
+
+/// SIGTERM, up to 3 s to exit, then SIGKILL; reaped.
+fn end_child(c: &mut Child) {
+    sys::kill(c.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 fn read_line_with_deadline(child: &mut Child, what: &str, secs: u64) -> Result<String, String> {
@@ -88,37 +148,23 @@ impl Desktop {
                 return Err(format!("Xvfb gave no display number: {other:?}"));
             }
         };
-        let mut d = Desktop {
+        Ok(Desktop {
             xvfb,
-            dbus: None,
+            bus: Bus::start(None),
             display: format!(":{n}"),
-            bus: None,
-        };
-        if have("dbus-daemon") {
-            if let Ok(mut c) = Command::new("dbus-daemon")
-                .args(["--session", "--nofork", "--print-address=1"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-            {
-                match read_line_with_deadline(&mut c, "dbus-daemon", 10) {
-                    Ok(a) if !a.is_empty() => d.bus = Some(a),
-                    _ => {
-                        let _ = c.kill();
-                    }
-                }
-                d.dbus = Some(c);
-            }
-        }
-        Ok(d)
+        })
     }
 
     /// The environment every tool and program of this desktop runs with.
     pub fn env(&self) -> Vec<(String, String)> {
+        self.env_with(self.bus.as_ref())
+    }
+
+    /// The display, and `bus` as the session bus (none: no bus address at all).
+    pub fn env_with(&self, bus: Option<&Bus>) -> Vec<(String, String)> {
         let mut v = vec![("DISPLAY".to_owned(), self.display.clone())];
-        if let Some(b) = &self.bus {
-            v.push(("DBUS_SESSION_BUS_ADDRESS".into(), b.clone()));
+        if let Some(b) = bus {
+            v.push(("DBUS_SESSION_BUS_ADDRESS".into(), b.address.clone()));
         }
         v
     }
@@ -266,17 +312,7 @@ pub fn digest(xwd: &[u8]) -> u64 {
 
 impl Drop for Desktop {
     fn drop(&mut self) {
-        for c in self.dbus.iter_mut().chain(std::iter::once(&mut self.xvfb)) {
-            sys::kill(c.id(), libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.bus = None;
+        end_child(&mut self.xvfb);
     }
 }
