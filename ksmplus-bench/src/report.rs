@@ -149,23 +149,36 @@ pub struct Target {
     pub name: &'static str,
     pub verdict: Option<bool>,
     pub detail: String,
+    /// The smoke run fails when this target does: it holds today, at smoke size too.
+    pub smoke: bool,
+}
+
+/// Whether the smoke run asserts a target ([`Target::smoke`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Smoke {
+    Asserted,
+    /// Printed only: it does not hold with today's design, or not at smoke size (docs/BENCH.md).
+    Reported,
 }
 
 pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     let k = |wl| find(cells, wl, "ksmplus");
     let m = |wl| find(cells, wl, "merge_any");
     let mut t = Vec::new();
-    let mut push = |name, v: Option<(bool, String)>| {
+    let mut push = |name: &'static str, smoke: Smoke, v: Option<(bool, String)>| {
+        let smoke = smoke == Smoke::Asserted;
         t.push(match v {
             Some((ok, detail)) => Target {
                 name,
                 verdict: Some(ok),
                 detail,
+                smoke,
             },
             None => Target {
                 name,
                 verdict: None,
                 detail: "cells missing".into(),
+                smoke,
             },
         })
     };
@@ -184,6 +197,7 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     };
     push(
         "W2 ksmplus merges >= 510 of 512 with <= 600 rmap_items",
+        Smoke::Asserted,
         k("W2").map(|k| {
             (
                 k.merging_pages >= 510 && k.rmap_items <= 600,
@@ -193,6 +207,9 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     );
     push(
         "W2 ksmd CPU to converge <= 1/20 of merge_any's",
+        // Held at full size (1/24 to 1/66, results/), not at smoke size: merge_any's work
+        // shrinks with the regions, ksmplus's (512 marked pages rescanned) does not.
+        Smoke::Reported,
         vs("W2", |k, m| {
             (
                 k.ksmd_cpu_secs * 20.0 <= m.ksmd_cpu_secs,
@@ -200,13 +217,19 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
             )
         }),
     );
-    push("W2 profit > merge_any's", profit_vs("W2", |k, m| k > m));
+    push(
+        "W2 profit > merge_any's",
+        Smoke::Asserted,
+        profit_vs("W2", |k, m| k > m),
+    );
     push(
         "W3 ksmplus rmap_items = 0",
+        Smoke::Asserted,
         k("W3").map(|k| (k.rmap_items == 0, format!("{} rmap_items", k.rmap_items))),
     );
     push(
         "W1 ksmplus >= 99.9 % of ideal",
+        Smoke::Asserted,
         k("W1").map(|k| {
             (
                 k.merging_pages * 1000 >= k.ideal_pages * 999,
@@ -216,6 +239,7 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     );
     push(
         "W1 converge time <= 1.2x merge_any's",
+        Smoke::Reported,
         vs("W1", |k, m| {
             (
                 k.converged && k.converge_secs <= 1.2 * m.converge_secs,
@@ -223,13 +247,19 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
             )
         }),
     );
-    push("W5 profit >= merge_any's", profit_vs("W5", |k, m| k >= m));
+    push(
+        "W5 profit >= merge_any's",
+        Smoke::Asserted,
+        profit_vs("W5", |k, m| k >= m),
+    );
     push(
         "W6 profit >= 0.9x merge_any's",
+        Smoke::Asserted,
         profit_vs("W6", |k, m| k as f64 >= 0.9 * m as f64),
     );
     push(
         "W6 rmap_items <= 1/5 of merge_any's",
+        Smoke::Reported,
         vs("W6", |k, m| {
             (
                 k.rmap_items * 5 <= m.rmap_items,
@@ -241,16 +271,28 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
 }
 
 pub fn targets_text(ts: &[Target]) -> String {
-    let mut s = String::from("targets (issue 4):\n");
+    let mut s = String::from("targets (issue 4; * = the smoke run fails when it does):\n");
     for t in ts {
         let v = match t.verdict {
             Some(true) => "PASS",
             Some(false) => "FAIL",
             None => "n/a ",
         };
-        let _ = writeln!(s, "  {v}  {:<55} {}", t.name, t.detail);
+        let mark = if t.smoke { '*' } else { ' ' };
+        let _ = writeln!(s, "  {v}{mark} {:<55} {}", t.name, t.detail);
     }
     s
+}
+
+/// The smoke run's failures among the targets: every asserted target that failed. A target
+/// whose cells did not run is left to the cell checks (an unavailable or failed cell fails the
+/// smoke on its own).
+pub fn smoke_failures(cells: &[CellResult]) -> Vec<String> {
+    targets(cells)
+        .into_iter()
+        .filter(|t| t.smoke && t.verdict == Some(false))
+        .map(|t| format!("target {}: {}", t.name, t.detail))
+        .collect()
 }
 
 pub const THESIS_W2: &str = "thesis Table 5-2 (same program as W2, KSM on the 2011 kernel): \
@@ -465,5 +507,31 @@ mod tests {
             Some(false)
         );
         assert_eq!(get("W5 profit >= merge_any's").verdict, None);
+    }
+
+    #[test]
+    fn smoke_fails_on_asserted_targets_only() {
+        let mut w2m = cell("W2", "merge_any", 514, 51224, -100);
+        w2m.ksmd_cpu_secs = 0.2;
+        let mut w2k = cell("W2", "ksmplus", 512, 601, 1000); // > 600 rmap_items
+        w2k.ksmd_cpu_secs = 0.1; // > 1/20 of merge_any's: reported only
+        let mut w1k = cell("W1", "ksmplus", 1000, 1000, 1000);
+        w1k.ideal_pages = 1024; // < 99.9 %
+        let w1m = cell("W1", "merge_any", 1024, 1024, 1000);
+        let w5m = cell("W5", "merge_any", 1026, 1560, 1001);
+        let w5k = cell("W5", "ksmplus", 1024, 1024, 1000); // profit < merge_any's
+        let w6m = cell("W6", "merge_any", 25800, 103550, 1000);
+        let w6k = cell("W6", "ksmplus", 25600, 25600, 950); // >= 0.9x; rmap > 1/5 (reported)
+        let cells = vec![w2m, w2k, w1k, w1m, w5m, w5k, w6m, w6k];
+        let f = smoke_failures(&cells);
+        assert_eq!(f.len(), 3, "{f:?}");
+        assert!(f[0].contains("W2 ksmplus merges") && f[0].contains("601 rmap_items"));
+        assert!(f[1].contains("W1 ksmplus >= 99.9 %") && f[1].contains("1000 of 1024"));
+        assert!(f[2].contains("W5 profit") && f[2].contains("1000 B vs 1001 B"));
+        let text = targets_text(&targets(&cells));
+        assert!(text.contains("FAIL  W2 ksmd CPU"), "{text}");
+        assert!(text.contains("FAIL  W6 rmap_items"), "{text}");
+        assert!(text.contains("PASS* W6 profit"), "{text}");
+        assert!(text.contains("n/a * W3 ksmplus rmap_items = 0"), "{text}");
     }
 }
