@@ -7,6 +7,7 @@
 //! cell starts while the previous one's processes live or ksmd still holds more pages than
 //! before the run.
 
+mod agent_scale;
 mod approach;
 mod cell;
 mod desktop;
@@ -111,6 +112,11 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("desktop") {
         sys::install_signal_handlers();
         return desktop::main(std::env::args().skip(1).collect());
+    }
+    // `ksmplus-bench agent-scale ...`: status latency and agent cost vs tracked programs.
+    if std::env::args().nth(1).as_deref() == Some("agent-scale") {
+        sys::install_signal_handlers();
+        return agent_scale::main(std::env::args().skip(1).collect());
     }
     let cli = Cli::parse();
     sys::install_signal_handlers();
