@@ -236,6 +236,69 @@ pub struct Totals {
     pub covered_bytes: u64,
 }
 
+// ---------------------------------------------------------------------------------------------
+// ksmplusctl's own replies: the commands that talk to no agent print these with `--json`, under
+// the same contract (a `version`; `ok` is true exactly when the exit status is 0). A failure
+// before anything was done prints a [`SimpleReply::err`].
+
+/// `ksmplusctl wrap` / `unwrap`: what happened to each desktop-file id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesktopReply {
+    pub version: u32,
+    pub ok: bool,
+    pub entries: Vec<DesktopOutcome>,
+    /// `wrap`: the library the wrapped entries preload, as written into them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lib: Option<String>,
+    /// `wrap`: the programs the wrapped entries start (track them with `ksmplusctl add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<String>,
+}
+
+/// One desktop-file id in a [`DesktopReply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesktopOutcome {
+    pub id: String,
+    /// "wrapped", "already wrapped", "unwrapped (previous override restored)", "unwrapped
+    /// (override removed)", "not wrapped" or "refused".
+    pub result: String,
+    /// The override's path, or why it was refused.
+    pub detail: String,
+}
+
+/// `ksmplusctl wrapped`: the overrides `wrap` wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedReply {
+    pub version: u32,
+    pub ok: bool,
+    pub entries: Vec<WrappedEntry>,
+}
+
+/// One override in a [`WrappedReply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedEntry {
+    pub id: String,
+    pub path: String,
+    /// It replaced a user override of the user's own, which `unwrap` restores.
+    pub backup: bool,
+    /// Its `Exec` value.
+    #[serde(default)]
+    pub exec: String,
+}
+
+/// `ksmplusctl install-service`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceReply {
+    pub version: u32,
+    pub ok: bool,
+    /// "written", "replaced" or "unchanged".
+    pub result: String,
+    pub path: String,
+    pub agentd: String,
+    /// What to run next.
+    pub next: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The client side of the agent's control channel: one request, one reply, from an agent that
 //! must be this user's (or root's).
 
+use crate::output::shell_quote;
 use ksmplus_common::{read_message, write_message, Message};
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -10,7 +11,11 @@ use std::time::Duration;
 /// Why a control request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("ksmplus-agentd is not running: nothing listens on {0} (start it with `ksmplus-agentd &`, or pass --socket)")]
+    #[error(
+        "ksmplus-agentd is not running: nothing listens on {} (start it: \
+         `systemctl --user start ksmplus-agentd`, or `ksmplus-agentd &`; or pass --socket PATH)",
+        shell_quote(&.0.to_string_lossy())
+    )]
     NotRunning(PathBuf),
     #[error("{path} is served by uid {uid}, not by this user or root: refusing to talk to it")]
     ForeignPeer { path: PathBuf, uid: u32 },

@@ -146,49 +146,54 @@ pub fn install(dir: &Path, agentd: &Path) -> Result<Installed, String> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct InstallArgs {
     /// The agent binary [default: ksmplus-agentd next to ksmplusctl]
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub agentd: Option<PathBuf>,
     /// Print the unit instead of writing it
     #[arg(long)]
     pub print: bool,
+    #[command(flatten)]
+    pub out: crate::cli::JsonArg,
 }
 
 /// Runs `ksmplusctl install-service`.
-pub fn cli_install(args: &InstallArgs, json_out: bool) -> i32 {
-    let run = || -> Result<(Installed, PathBuf), String> {
-        let agentd = match &args.agentd {
-            Some(p) => std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))?,
-            None => agentd_next_to_self()?,
-        };
-        if args.print {
-            print!("{}", unit_text(&agentd));
-            std::process::exit(0);
-        }
-        Ok((install(&user_unit_dir()?, &agentd)?, agentd))
+pub fn cli_install(args: &InstallArgs) -> i32 {
+    let json_out = args.out.json;
+    let agentd = match &args.agentd {
+        Some(p) => std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display())),
+        None => agentd_next_to_self(),
     };
-    match run() {
-        Ok((r, agentd)) => {
-            let (what, path) = match &r {
-                Installed::Created(p) => ("written", p),
-                Installed::Replaced(p) => ("replaced", p),
-                Installed::Unchanged(p) => ("unchanged", p),
-            };
-            let next =
-                "systemctl --user daemon-reload && systemctl --user enable --now ksmplus-agentd";
-            if json_out {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": true, "result": what, "path": path,
-                                       "agentd": agentd, "next": next})
-                );
-            } else {
-                println!("{}: {what} (runs {})", path.display(), agentd.display());
-                println!("next: {next}");
-            }
-            0
-        }
-        Err(e) => crate::desktop::fail(&e, json_out),
+    let agentd = match agentd {
+        Ok(a) => a,
+        Err(e) => return crate::output::fail(&e, json_out),
+    };
+    if args.print {
+        print!("{}", unit_text(&agentd));
+        return crate::output::exit::OK;
     }
+    let r = match user_unit_dir().and_then(|d| install(&d, &agentd)) {
+        Ok(r) => r,
+        Err(e) => return crate::output::fail(&e, json_out),
+    };
+    let (what, path) = match &r {
+        Installed::Created(p) => ("written", p),
+        Installed::Replaced(p) => ("replaced", p),
+        Installed::Unchanged(p) => ("unchanged", p),
+    };
+    let next = "systemctl --user daemon-reload && systemctl --user enable --now ksmplus-agentd";
+    if json_out {
+        crate::output::print_json(&ksmplus_common::status::ServiceReply {
+            version: ksmplus_common::status::REPLY_VERSION,
+            ok: true,
+            result: what.into(),
+            path: path.display().to_string(),
+            agentd: agentd.display().to_string(),
+            next: next.into(),
+        });
+    } else {
+        println!("{}: {what} (runs {})", path.display(), agentd.display());
+        println!("next: {next}");
+    }
+    crate::output::exit::OK
 }
 
 #[cfg(test)]

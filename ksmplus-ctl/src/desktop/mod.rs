@@ -25,7 +25,11 @@ mod entry;
 
 use entry::{exec_program, get, is_true, is_wrapped, wrap_entry};
 
+use crate::output::{exit, fail, hint, print_json};
 use ksmplus_common::paths::XdgData;
+use ksmplus_common::status::{
+    DesktopOutcome, DesktopReply, WrappedEntry, WrappedReply, REPLY_VERSION,
+};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -312,8 +316,9 @@ pub fn wrapped(xdg: &Xdg) -> Vec<(String, PathBuf, bool)> {
 }
 
 /// `libksmplus.so` for `--lib`, else next to this executable (`../lib/`, same directory), else
-/// `/usr/local/lib/libksmplus.so`. Absolute; refused when LD_PRELOAD could not carry it.
-pub fn find_lib(arg: Option<&Path>) -> Result<PathBuf, String> {
+/// `/usr/local/lib/libksmplus.so`. Absolute; refused when LD_PRELOAD could not carry it. The
+/// second value is a warning to print, if any.
+pub fn find_lib(arg: Option<&Path>) -> Result<(PathBuf, Option<String>), String> {
     let mut tried = Vec::new();
     let cands: Vec<PathBuf> = match arg {
         Some(p) => vec![p.to_owned()],
@@ -345,7 +350,7 @@ pub fn find_lib(arg: Option<&Path>) -> Result<PathBuf, String> {
                      character); install libksmplus.so somewhere plainer and pass --lib"
                 ));
             }
-            return Ok(abs);
+            return Ok((abs, None));
         }
         tried.push(c.display().to_string());
     }
@@ -362,8 +367,10 @@ pub struct WrapArgs {
     /// Desktop-file id (`org.kde.okular[.desktop]`) or program name (every entry running it)
     pub app: String,
     /// The shim [default: next to ksmplusctl (../lib/ or same dir), else /usr/local/lib]
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub lib: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: crate::cli::JsonArg,
 }
 
 /// `ksmplusctl unwrap` options.
@@ -371,11 +378,13 @@ pub struct WrapArgs {
 pub struct UnwrapArgs {
     /// Desktop-file id or program name, as given to `wrap`
     pub app: String,
+    #[command(flatten)]
+    pub out: crate::cli::JsonArg,
 }
 
-fn print_outcomes(v: &[Outcome], json_out: bool) -> i32 {
-    let mut refused = 0;
-    let mut js = Vec::new();
+/// Prints what happened (text, or a [`DesktopReply`] with `--json`); the exit status: 1 when
+/// an entry was refused.
+fn print_outcomes(v: &[Outcome], mut reply: DesktopReply, json_out: bool) -> i32 {
     for o in v {
         let (what, id, detail) = match o {
             Outcome::Wrapped { id, path } => ("wrapped", id, path.display().to_string()),
@@ -391,36 +400,52 @@ fn print_outcomes(v: &[Outcome], json_out: bool) -> i32 {
                 path.display().to_string(),
             ),
             Outcome::NotWrapped { id } => ("not wrapped", id, String::new()),
-            Outcome::Refused { id, why } => {
-                refused += 1;
-                ("refused", id, why.clone())
-            }
+            Outcome::Refused { id, why } => ("refused", id, why.clone()),
         };
-        if json_out {
-            js.push(serde_json::json!({"id": id, "result": what, "detail": detail}));
-        } else if what == "refused" {
-            eprintln!("{id}: not wrapped: {detail}");
-        } else if detail.is_empty() {
-            println!("{id}: {what}");
-        } else {
-            println!("{id}: {what}: {detail}");
+        if !json_out {
+            if what == "refused" {
+                eprintln!("{id}: not wrapped: {detail}");
+            } else if detail.is_empty() {
+                println!("{id}: {what}");
+            } else {
+                println!("{id}: {what}: {detail}");
+            }
         }
+        reply.entries.push(DesktopOutcome {
+            id: id.clone(),
+            result: what.into(),
+            detail,
+        });
     }
+    reply.version = REPLY_VERSION;
+    reply.ok = !v.iter().any(|o| matches!(o, Outcome::Refused { .. }));
     if json_out {
-        println!("{}", serde_json::json!({"ok": refused == 0, "entries": js}));
+        print_json(&reply);
+    } else if !reply.programs.is_empty() {
+        let adds: Vec<String> = reply
+            .programs
+            .iter()
+            .map(|p| hint(&["ksmplusctl", "add", p]))
+            .collect();
+        println!(
+            "started from the menu, these now run under the shim; the agent merges them once \
+             tracked: {}",
+            adds.join(", ")
+        );
     }
-    if refused == 0 {
-        0
+    if reply.ok {
+        exit::OK
     } else {
-        1
+        exit::REFUSED
     }
 }
 
 /// Runs `ksmplusctl wrap`.
-pub fn cli_wrap(args: &WrapArgs, json_out: bool) -> i32 {
-    let run = || -> Result<Vec<Outcome>, String> {
+pub fn cli_wrap(args: &WrapArgs) -> i32 {
+    let json_out = args.out.json;
+    let run = || -> Result<(Vec<Outcome>, PathBuf, Option<String>), String> {
         let xdg = Xdg::from_env()?;
-        let lib = find_lib(args.lib.as_deref())?;
+        let (lib, warning) = find_lib(args.lib.as_deref())?;
         let found = resolve(&xdg, &args.app);
         if found.is_empty() {
             return Err(format!(
@@ -434,47 +459,44 @@ pub fn cli_wrap(args: &WrapArgs, json_out: bool) -> i32 {
                     .join(", ")
             ));
         }
-        found
+        let v = found
             .iter()
             .map(|f| wrap_one(&xdg, f, &lib.to_string_lossy()).map_err(|e| e.to_string()))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((v, lib, warning))
     };
-    match run() {
-        Ok(v) => {
-            let code = print_outcomes(&v, json_out);
-            // The programs the wrapped entries run, for the `ksmplusctl add` hint.
-            let mut progs: Vec<String> = v
-                .iter()
-                .filter_map(|o| match o {
-                    Outcome::Wrapped { path, .. } | Outcome::Unchanged { path, .. } => {
-                        std::fs::read_to_string(path).ok()
-                    }
-                    _ => None,
-                })
-                .filter_map(|t| get(&t, "Desktop Entry", "Exec"))
-                .filter_map(|e| exec_program(&e))
-                .collect();
-            progs.sort();
-            progs.dedup();
-            if !json_out && !progs.is_empty() {
-                println!(
-                    "started from the menu, these now run under the shim; the agent merges them once \
-                     tracked: {}",
-                    progs
-                        .iter()
-                        .map(|p| format!("`ksmplusctl add {p}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            code
-        }
-        Err(e) => fail(&e, json_out),
+    let (v, lib, warning) = match run() {
+        Ok(r) => r,
+        Err(e) => return fail(&e, json_out),
+    };
+    if let Some(w) = warning {
+        eprintln!("ksmplusctl: warning: {w}");
     }
+    // The programs the wrapped entries run, for the `ksmplusctl add` hint.
+    let mut programs: Vec<String> = v
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Wrapped { path, .. } | Outcome::Unchanged { path, .. } => {
+                std::fs::read_to_string(path).ok()
+            }
+            _ => None,
+        })
+        .filter_map(|t| get(&t, "Desktop Entry", "Exec"))
+        .filter_map(|e| exec_program(&e))
+        .collect();
+    programs.sort();
+    programs.dedup();
+    let reply = DesktopReply {
+        lib: Some(lib.to_string_lossy().into_owned()),
+        programs,
+        ..Default::default()
+    };
+    print_outcomes(&v, reply, json_out)
 }
 
 /// Runs `ksmplusctl unwrap`.
-pub fn cli_unwrap(args: &UnwrapArgs, json_out: bool) -> i32 {
+pub fn cli_unwrap(args: &UnwrapArgs) -> i32 {
+    let json_out = args.out.json;
     let run = || -> Result<Vec<Outcome>, String> {
         let xdg = Xdg::from_env()?;
         let found = resolve(&xdg, &args.app);
@@ -487,7 +509,7 @@ pub fn cli_unwrap(args: &UnwrapArgs, json_out: bool) -> i32 {
             .collect()
     };
     match run() {
-        Ok(v) => print_outcomes(&v, json_out),
+        Ok(v) => print_outcomes(&v, DesktopReply::default(), json_out),
         Err(e) => fail(&e, json_out),
     }
 }
@@ -498,44 +520,43 @@ pub fn cli_wrapped(json_out: bool) -> i32 {
         Ok(x) => x,
         Err(e) => return fail(&e, json_out),
     };
-    let v = wrapped(&xdg);
+    let entries: Vec<WrappedEntry> = wrapped(&xdg)
+        .into_iter()
+        .map(|(id, p, backup)| WrappedEntry {
+            exec: std::fs::read_to_string(&p)
+                .ok()
+                .and_then(|t| get(&t, "Desktop Entry", "Exec"))
+                .unwrap_or_default(),
+            id,
+            path: p.display().to_string(),
+            backup,
+        })
+        .collect();
     if json_out {
-        let js: Vec<_> = v
-            .iter()
-            .map(|(id, p, b)| serde_json::json!({"id": id, "path": p, "backup": b}))
-            .collect();
-        println!("{}", serde_json::json!({"ok": true, "entries": js}));
-    } else if v.is_empty() {
+        print_json(&WrappedReply {
+            version: REPLY_VERSION,
+            ok: true,
+            entries,
+        });
+    } else if entries.is_empty() {
         println!(
             "no wrapped desktop entries in {}",
             xdg.user_apps().display()
         );
     } else {
-        for (id, p, b) in &v {
-            let exec = std::fs::read_to_string(p)
-                .ok()
-                .and_then(|t| get(&t, "Desktop Entry", "Exec"))
-                .unwrap_or_default();
+        for e in &entries {
             println!(
-                "{id}\t{}\t{}\tExec={exec}",
-                p.display(),
-                if *b {
+                "{}\t{}\t{}\tExec={}",
+                e.id,
+                e.path,
+                if e.backup {
                     "replaces a previous user override (restored by unwrap)"
                 } else {
                     "over the system entry (removed by unwrap)"
-                }
+                },
+                e.exec
             );
         }
     }
-    0
-}
-
-/// Reports a failed ksmplusctl command (as JSON with `--json`) and returns its exit code, 2.
-pub(crate) fn fail(e: &str, json_out: bool) -> i32 {
-    if json_out {
-        println!("{}", serde_json::json!({"ok": false, "error": e}));
-    } else {
-        eprintln!("ksmplusctl: {e}");
-    }
-    2
+    exit::OK
 }

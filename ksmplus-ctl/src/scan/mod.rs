@@ -391,10 +391,13 @@ pub struct ScanArgs {
     /// How many of the most repeated contents to list
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    #[command(flatten)]
+    pub out: crate::cli::JsonArg,
 }
 
 /// Runs `ksmplusctl scan`; returns the exit code (0 ok, 1 nothing scanned, 2 usage).
-pub fn cli(args: &ScanArgs, json_out: bool) -> i32 {
+pub fn cli(args: &ScanArgs) -> i32 {
+    let json_out = args.out.json;
     let root = Path::new("/proc");
     let me = std::process::id();
     let mut pids: Vec<u32> = args.pids.clone();
@@ -409,8 +412,10 @@ pub fn cli(args: &ScanArgs, json_out: bool) -> i32 {
         pids.extend(all_pids(root));
     }
     if args.pids.is_empty() && args.comms.is_empty() && !args.all {
-        eprintln!("ksmplusctl scan: say what to scan: --pid N, --comm NAME or --all");
-        return 2;
+        return crate::output::fail(
+            "scan: say what to scan: --pid N, --comm NAME or --all",
+            json_out,
+        );
     }
     let mut seen = std::collections::HashSet::new();
     pids.retain(|p| *p != me && seen.insert(*p));

@@ -44,7 +44,9 @@ impl Scanner {
             })
             .collect();
         json!({
-            "ok": true,
+            "version": ksmplus_common::status::REPLY_VERSION,
+            // Nothing scanned is exit status 1.
+            "ok": !self.procs.is_empty(),
             "page_size": ps,
             "processes": procs,
             "skipped": self.skipped,
