@@ -7,7 +7,7 @@
 //! the subcommand; [`Args::resolve`] moves them onto the subcommand, and refuses them where the
 //! subcommand has no such option.
 use crate::{desktop, scan, service};
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{Args as ClapArgs, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 
 /// What the exit statuses mean (man page, `--help`).
@@ -105,6 +105,9 @@ pub enum Cmd {
     Wrapped(JsonArg),
     /// Write the systemd user unit for ksmplus-agentd (~/.config/systemd/user)
     InstallService(service::InstallArgs),
+    /// Write the man pages and shell completions (at build time; see the Makefile)
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 impl Cmd {
@@ -120,6 +123,7 @@ impl Cmd {
             Cmd::Unwrap(_) => "unwrap",
             Cmd::Wrapped(_) => "wrapped",
             Cmd::InstallService(_) => "install-service",
+            Cmd::Generate(_) => "generate",
         }
     }
 
@@ -142,6 +146,7 @@ impl Cmd {
             Cmd::Unwrap(a) => Some(&mut a.out),
             Cmd::Wrapped(a) => Some(a),
             Cmd::InstallService(a) => Some(&mut a.out),
+            Cmd::Generate(_) => None,
         }
     }
 }
@@ -174,10 +179,14 @@ impl Args {
     }
 }
 
+/// The whole command line, for the man pages and completions.
+pub fn command() -> clap::Command {
+    Args::command()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn parse(v: &[&str]) -> Result<Cmd, String> {
         Args::try_parse_from(v)
@@ -187,7 +196,7 @@ mod tests {
 
     #[test]
     fn definition_is_consistent() {
-        Args::command().debug_assert();
+        command().debug_assert();
     }
 
     #[test]
@@ -196,10 +205,11 @@ mod tests {
         let Cmd::Status(s) = c else { panic!() };
         assert!(s.out.json);
         assert_eq!(s.agent.socket.as_deref(), Some(std::path::Path::new("/s")));
-        // No --socket where no agent is involved.
+        // No --socket where no agent is involved, no --json on generate.
         assert!(parse(&["ksmplusctl", "wrap", "x", "--socket", "/s"]).is_err());
         assert!(parse(&["ksmplusctl", "scan", "--all", "--socket", "/s"]).is_err());
         assert!(parse(&["ksmplusctl", "scan", "--all", "--json"]).is_ok());
+        assert!(parse(&["ksmplusctl", "--json", "generate", "--man", "/m"]).is_err());
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `ksmplusctl`: asks a running ksmplus-agentd for its status, edits its policy, reloads it
 //! (`control`); and, without an agent, wraps desktop programs (`desktop`), scans for duplicate
-//! pages (`scan`) and writes the user unit (`service`). The command line is in `cli`; exit statuses and the JSON contract
+//! pages (`scan`), writes the user unit (`service`) and, at build time, its own man pages and
+//! completions (`generate`). The command line is in `cli`; exit statuses and the JSON contract
 //! in `output`.
 mod cli;
 mod client;
 mod control;
 mod desktop;
+mod generate;
 mod output;
 mod scan;
 mod service;
@@ -32,6 +34,7 @@ fn main() {
         Cmd::Unwrap(a) => desktop::cli_unwrap(a),
         Cmd::Wrapped(j) => desktop::cli_wrapped(j.json),
         Cmd::InstallService(a) => service::cli_install(a),
+        Cmd::Generate(a) => generate::cli(a),
     };
     std::process::exit(code);
 }
