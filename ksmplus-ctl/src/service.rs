@@ -30,23 +30,30 @@ pub fn unit_text(agentd: &Path) -> String {
 # ksmplus-agentd as a systemd user service: the per-user agent that finds duplicate pages in
 # programs started under libksmplus.so and marks them for ksmd.
 #
-# Install:  ksmplusctl install-service   (writes ~/.config/systemd/user/{UNIT_NAME})
-#   or copy this file there, then:
-#   systemctl --user daemon-reload && systemctl --user enable --now ksmplus-agentd
+# Installed by `make install` / the ksmplus package into $PREFIX/lib/systemd/user, or by
+#   ksmplusctl install-service   (writes ~/.config/systemd/user/{UNIT_NAME})
+# Start:    systemctl --user daemon-reload && systemctl --user enable --now ksmplus-agentd
 # Check:    systemctl --user status ksmplus-agentd; ksmplusctl status
+# Reload:   systemctl --user reload ksmplus-agentd   (re-reads the policy; so does ksmplusctl reload)
 # Logs:     journalctl --user -u ksmplus-agentd
 #
 # %t is $XDG_RUNTIME_DIR and %E is $XDG_CONFIG_HOME: the same socket and policy paths the shim
 # and ksmplusctl use by default.
 [Unit]
 Description=KSM+ agent: memory deduplication for programs run under libksmplus.so
-Documentation=https://github.com/ksmplus/ksmplus/blob/main/docs/DESKTOP.md
-After=default.target
+Documentation=man:ksmplus-agentd(1) man:ksmplusctl(1)
+Documentation=https://github.com/ksmplus/ksmplus/blob/main/docs/INSTALL.md
+# Nothing to do on a kernel without KSM.
+ConditionPathExists=/sys/kernel/mm/ksm
 
 [Service]
-Type=simple
+# The agent says READY=1 once its socket listens, RELOADING=1 ... READY=1 around a reload,
+# STOPPING=1 on the way out, and WATCHDOG=1 every WatchdogSec/2: a hung agent is restarted.
+Type=notify
+NotifyAccess=main
+WatchdogSec=30
 ExecStart={exec} --socket %t/ksmplus/agent.sock --policy %E/ksmplus/policy.toml
-# ksmplusctl reload (and add/remove) re-read the policy without a restart.
+ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2s
 # Stays out of the way of the programs it serves.
@@ -57,6 +64,8 @@ IOSchedulingClass=idle
 # Created before start (writable, owned by the user): the socket's directory and the policy's.
 RuntimeDirectory=ksmplus
 ConfigurationDirectory=ksmplus
+# The socket, the policy it rewrites and its state are the user's alone.
+UMask=0077
 
 # Hardening. Everything is read-only but the socket and policy directories.
 NoNewPrivileges=yes
@@ -219,6 +228,24 @@ mod tests {
         assert!(t.contains(
             "ExecStart=/usr/bin/ksmplus-agentd --socket %t/ksmplus/agent.sock --policy %E/ksmplus/policy.toml\n"
         ));
+    }
+
+    #[test]
+    fn unit_is_a_notify_service_with_watchdog_reload_and_umask() {
+        let t = unit_text(Path::new("/usr/bin/ksmplus-agentd"));
+        for line in [
+            "Type=notify",
+            "NotifyAccess=main",
+            "WatchdogSec=30",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "ConditionPathExists=/sys/kernel/mm/ksm",
+            "UMask=0077",
+            "WantedBy=default.target",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} missing:\n{t}");
+        }
+        // A user service ordered after default.target would delay, not order, anything.
+        assert!(!t.lines().any(|l| l.starts_with("After=")), "{t}");
     }
 
     #[test]
