@@ -108,11 +108,14 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// The lines of `wrapped` that differ from `base`, given the marker line is dropped.
+/// The lines of `wrapped` that differ from `base`, given the marker line is dropped (and the
+/// `TryExec=` line wrap adds after it when `base` has none).
 fn changed_lines(base: &str, wrapped: &str) -> Vec<(String, String)> {
+    let added_try_exec = !base.contains("\nTryExec=");
     let w: Vec<&str> = wrapped
         .split_inclusive('\n')
         .filter(|l| !l.starts_with("X-Ksmplus-Wrapped=true"))
+        .filter(|l| !(added_try_exec && l.starts_with("TryExec=")))
         .collect();
     let b: Vec<&str> = base.split_inclusive('\n').collect();
     assert_eq!(w.len(), b.len(), "line count changed:\n{wrapped}");
@@ -243,7 +246,7 @@ fn actions_env_prefix_preload_quotes_and_crlf() {
     let w = usr("org.example.Crlf.desktop");
     assert_eq!(
         w,
-        format!("[Desktop Entry]\r\nX-Ksmplus-Wrapped=true\r\nType=Application\r\nName=CRLF App\r\nExec=env LD_PRELOAD={lib} crlfapp %f")
+        format!("[Desktop Entry]\r\nX-Ksmplus-Wrapped=true\r\nTryExec=crlfapp\r\nType=Application\r\nName=CRLF App\r\nExec=env LD_PRELOAD={lib} crlfapp %f")
     );
 }
 

@@ -302,8 +302,32 @@ pub fn wrap_exec(raw: &str, lib: &str) -> Result<String, String> {
     Ok(format!("{}{ours} {}", &raw[..at], &raw[at..]))
 }
 
+/// The program word of a raw `Exec` value (after an `env` prefix), as a `TryExec` value
+/// (key-file escaped); `None` when there is no plain one (a `%` would be a field code).
+fn try_exec_value(raw: &str) -> Option<String> {
+    let words = split_exec(raw).ok()?;
+    let (i, _) = env_prefix(&words);
+    let w = &words.get(i)?.text;
+    if w.is_empty() || w.contains('%') {
+        return None;
+    }
+    let mut v = String::with_capacity(w.len());
+    for (n, c) in w.chars().enumerate() {
+        match c {
+            '\\' => v.push_str("\\\\"),
+            '\n' => v.push_str("\\n"),
+            '\t' => v.push_str("\\t"),
+            '\r' => v.push_str("\\r"),
+            ' ' if n == 0 => v.push_str("\\s"),
+            c => v.push(c),
+        }
+    }
+    Some(v)
+}
+
 /// The wrapped entry for `base`: every `Exec` of the entry and its actions wrapped, the marker
-/// added after the `[Desktop Entry]` header, everything else byte for byte.
+/// added after the `[Desktop Entry]` header, then `TryExec=` naming the program when the entry
+/// has none; everything else byte for byte.
 pub fn wrap_entry(base: &str, lib: &str) -> Result<String, String> {
     if is_true(get(base, "Desktop Entry", "DBusActivatable")) {
         return Err(
@@ -316,9 +340,13 @@ pub fn wrap_entry(base: &str, lib: &str) -> Result<String, String> {
     if is_true(get(base, "Desktop Entry", "Hidden")) {
         return Err("Hidden=true: the entry is deleted, nothing to wrap".into());
     }
-    if get(base, "Desktop Entry", "Exec").is_none() {
+    let Some(exec) = get(base, "Desktop Entry", "Exec") else {
         return Err("no Exec key in [Desktop Entry] (not an application?)".into());
-    }
+    };
+    let try_exec = match get(base, "Desktop Entry", "TryExec") {
+        Some(_) => None,
+        None => try_exec_value(&exec),
+    };
     let mut out = String::with_capacity(base.len() + 128);
     let mut marked = false;
     for l in lines(base) {
@@ -340,12 +368,18 @@ pub fn wrap_entry(base: &str, lib: &str) -> Result<String, String> {
             if !l.text.ends_with('\n') {
                 out.push('\n');
             }
-            out.push_str(MARKER_LINE);
-            out.push_str(if l.text.ends_with("\r\n") {
+            let eol = if l.text.ends_with("\r\n") {
                 "\r\n"
             } else {
                 "\n"
-            });
+            };
+            out.push_str(MARKER_LINE);
+            out.push_str(eol);
+            if let Some(t) = &try_exec {
+                out.push_str("TryExec=");
+                out.push_str(t);
+                out.push_str(eol);
+            }
             marked = true;
         }
     }
@@ -439,11 +473,39 @@ mod tests {
         let w = wrap_entry(base, LIB).unwrap();
         assert_eq!(
             w,
-            format!("[Desktop Entry]\r\nX-Ksmplus-Wrapped=true\r\nName=X\r\nExec = env LD_PRELOAD={LIB} x %f\r\n\r\n[Desktop Action new]\r\nExec=env LD_PRELOAD={LIB} x --new\r\n[Other]\r\nExec=keep\r\n")
+            format!("[Desktop Entry]\r\nX-Ksmplus-Wrapped=true\r\nTryExec=x\r\nName=X\r\nExec = env LD_PRELOAD={LIB} x %f\r\n\r\n[Desktop Action new]\r\nExec=env LD_PRELOAD={LIB} x --new\r\n[Other]\r\nExec=keep\r\n")
         );
         assert!(is_wrapped(&w));
         assert!(wrap_entry("[Desktop Entry]\nDBusActivatable=true\nExec=x\n", LIB).is_err());
         assert!(wrap_entry("[Desktop Entry]\nHidden=true\nExec=x\n", LIB).is_err());
         assert!(wrap_entry("[Desktop Entry]\nType=Link\nURL=http://x\n", LIB).is_err());
+    }
+
+    #[test]
+    fn try_exec_is_added_only_where_missing() {
+        // Kept as it was.
+        let w = wrap_entry("[Desktop Entry]\nTryExec=/opt/x\nExec=x\n", LIB).unwrap();
+        assert_eq!(w.matches("TryExec=").count(), 1);
+        assert!(w.contains("TryExec=/opt/x\n"));
+        // The program after an env prefix, unquoted, key-file escaped.
+        let w = wrap_entry(
+            "[Desktop Entry]\nExec=env A=1 \"/opt/My App/run\\\\x\" %U\n",
+            LIB,
+        )
+        .unwrap();
+        assert!(w.contains("\nTryExec=/opt/My App/run\\\\x\n"), "{w}");
+        assert_eq!(
+            get(&w, "Desktop Entry", "TryExec").unwrap(),
+            "/opt/My App/run\\\\x"
+        );
+        // A program word with a field code: no TryExec rather than a wrong one.
+        let w = wrap_entry("[Desktop Entry]\nExec=%k/run\n", LIB).unwrap();
+        assert!(!w.contains("TryExec"), "{w}");
+        // Wrapping the wrapped entry's base again gives the same bytes.
+        let base = "[Desktop Entry]\nExec=x %f\n";
+        assert_eq!(
+            wrap_entry(base, LIB).unwrap(),
+            wrap_entry(base, LIB).unwrap()
+        );
     }
 }

@@ -10,8 +10,12 @@
 //! - The override is the base entry byte for byte, except: the value of each `Exec` key in the
 //!   `[Desktop Entry]` and `[Desktop Action *]` groups gets our words *prepended* (the original
 //!   command text, its quoting and its field codes are kept verbatim; an existing `env` prefix is
-//!   merged into, an existing `LD_PRELOAD=` assignment gets our library appended), and one line
-//!   `X-Ksmplus-Wrapped=true` follows the `[Desktop Entry]` header.
+//!   merged into, an existing `LD_PRELOAD=` assignment gets our library appended), one line
+//!   `X-Ksmplus-Wrapped=true` follows the `[Desktop Entry]` header, and, when the entry has no
+//!   `TryExec`, a line `TryExec=<the program Exec runs>` follows the marker (so the override
+//!   hides itself once the program is uninstalled, as the system entry would have gone).
+//! - The library path is written as found or given, never canonicalised: an installed
+//!   `$PREFIX/lib/ksmplus/libksmplus.so` stays that path across upgrades ([`find_lib`]).
 //! - The base entry is the one the menu would use without us: an existing user override (moved to
 //!   `$XDG_DATA_HOME/ksmplus/backup/applications/<id>` by rename, so `unwrap` puts back exactly
 //!   that file), else the first entry with that id in `$XDG_DATA_DIRS`. Wrapping again rebuilds
@@ -23,7 +27,7 @@
 //! - `Hidden=true` means deleted (spec): such an entry is not wrapped.
 mod entry;
 
-use entry::{exec_program, get, is_true, is_wrapped, wrap_entry};
+use entry::{exec_program, get, is_true, is_wrapped, wrap_entry, MARKER_KEY};
 
 use crate::output::{exit, fail, hint, print_json};
 use ksmplus_common::paths::XdgData;
@@ -315,50 +319,83 @@ pub fn wrapped(xdg: &Xdg) -> Vec<(String, PathBuf, bool)> {
         .collect()
 }
 
-/// `libksmplus.so` for `--lib`, else next to this executable (`../lib/`, same directory), else
-/// `/usr/local/lib/libksmplus.so`. Absolute; refused when LD_PRELOAD could not carry it. The
-/// second value is a warning to print, if any.
-pub fn find_lib(arg: Option<&Path>) -> Result<(PathBuf, Option<String>), String> {
-    let mut tried = Vec::new();
-    let cands: Vec<PathBuf> = match arg {
-        Some(p) => vec![p.to_owned()],
-        None => {
-            let mut v = Vec::new();
-            if let Some(dir) = std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-            {
-                v.push(dir.join("../lib/libksmplus.so"));
-                v.push(dir.join("libksmplus.so"));
+/// Where `libksmplus.so` is looked for without `--lib`, most likely first: the installed layout
+/// of the prefix this executable is in (`$PREFIX/bin/ksmplusctl` → `$PREFIX/lib/ksmplus/`, also
+/// `lib64/` and the multiarch directory), the build tree (`target/release/` holds both), the
+/// layout before `make install` existed (`$PREFIX/lib/libksmplus.so`), then `/usr/local`, `/usr`.
+pub fn lib_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
+    const LIB: &str = "libksmplus.so";
+    let multiarch = format!("lib/{}-linux-gnu/ksmplus", std::env::consts::ARCH);
+    let mut v = Vec::new();
+    if let Some(dir) = exe.and_then(Path::parent) {
+        if let Some(prefix) = dir.parent() {
+            for sub in ["lib/ksmplus", "lib64/ksmplus", &multiarch] {
+                v.push(prefix.join(sub).join(LIB));
             }
-            v.push(PathBuf::from("/usr/local/lib/libksmplus.so"));
-            v
         }
-    };
-    for c in cands {
-        if c.is_file() {
-            let abs = c
-                .canonicalize()
-                .map_err(|e| format!("{}: {e}", c.display()))?;
-            let s = abs.to_string_lossy();
-            if !s
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._+-@,".contains(&b))
-            {
-                return Err(format!(
-                    "{s}: LD_PRELOAD cannot carry this path (space, ':' or another special \
-                     character); install libksmplus.so somewhere plainer and pass --lib"
-                ));
-            }
-            return Ok((abs, None));
+        v.push(dir.join(LIB));
+        if let Some(prefix) = dir.parent() {
+            v.push(prefix.join("lib").join(LIB));
         }
-        tried.push(c.display().to_string());
     }
-    Err(format!(
-        "libksmplus.so not found (tried {}); build it (`cargo build --release -p ksmplus-preload`) \
-         and pass --lib /path/to/libksmplus.so",
-        tried.join(", ")
-    ))
+    for p in [
+        "/usr/local/lib/ksmplus",
+        "/usr/lib/ksmplus",
+        "/usr/local/lib",
+    ] {
+        let p = Path::new(p).join(LIB);
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    v
+}
+
+/// The library `wrap` writes into `LD_PRELOAD=`: `arg` (`--lib`, made absolute, symbolic links
+/// kept), else the first of [`lib_candidates`] that exists. Never canonicalised: the path the
+/// user or the installation chose is the one that stays valid. Refused when `LD_PRELOAD` could
+/// not carry it. The second value is a warning to print, if any.
+pub fn find_lib(arg: Option<&Path>) -> Result<(PathBuf, Option<String>), String> {
+    let exe = std::env::current_exe().ok();
+    let cands = match arg {
+        Some(p) => vec![std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))?],
+        None => lib_candidates(exe.as_deref()),
+    };
+    let Some(lib) = cands.iter().find(|c| c.is_file()) else {
+        return Err(format!(
+            "libksmplus.so not found (tried {}); install it (`make install`, see docs/INSTALL.md) \
+             or pass --lib /path/to/libksmplus.so",
+            cands
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    let s = lib.to_string_lossy();
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._+-@,".contains(&b))
+    {
+        return Err(format!(
+            "{s}: LD_PRELOAD cannot carry this path (space, ':' or another special \
+             character); install libksmplus.so somewhere plainer and pass --lib"
+        ));
+    }
+    // Next to a ksmplusctl in target/<profile>/: a build tree, gone after `cargo clean`.
+    let in_build_tree = arg.is_none()
+        && exe
+            .as_deref()
+            .and_then(Path::parent)
+            .is_some_and(|d| lib.parent() == Some(d))
+        && lib.ancestors().any(|a| a.join("CACHEDIR.TAG").is_file());
+    let warning = in_build_tree.then(|| {
+        format!(
+            "{s} is in a cargo build tree: `cargo clean` would leave the wrapped entries without \
+             the shim; install ksmplus (`make install`) and wrap again"
+        )
+    });
+    Ok((lib.clone(), warning))
 }
 
 /// `ksmplusctl wrap` options.
@@ -366,7 +403,8 @@ pub fn find_lib(arg: Option<&Path>) -> Result<(PathBuf, Option<String>), String>
 pub struct WrapArgs {
     /// Desktop-file id (`org.kde.okular[.desktop]`) or program name (every entry running it)
     pub app: String,
-    /// The shim [default: next to ksmplusctl (../lib/ or same dir), else /usr/local/lib]
+    /// The shim, written as given [default: PREFIX/lib/ksmplus/libksmplus.so of the prefix
+    /// ksmplusctl is installed in, else /usr/local/lib/ksmplus, /usr/lib/ksmplus]
     #[arg(long, value_name = "PATH")]
     pub lib: Option<PathBuf>,
     #[command(flatten)]
@@ -377,7 +415,11 @@ pub struct WrapArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct UnwrapArgs {
     /// Desktop-file id or program name, as given to `wrap`
-    pub app: String,
+    #[arg(required_unless_present = "all")]
+    pub app: Option<String>,
+    /// Every override `wrap` wrote (see `ksmplusctl wrapped`)
+    #[arg(long, conflicts_with = "app")]
+    pub all: bool,
     #[command(flatten)]
     pub out: crate::cli::JsonArg,
 }
@@ -499,17 +541,35 @@ pub fn cli_unwrap(args: &UnwrapArgs) -> i32 {
     let json_out = args.out.json;
     let run = || -> Result<Vec<Outcome>, String> {
         let xdg = Xdg::from_env()?;
-        let found = resolve(&xdg, &args.app);
-        if found.is_empty() {
-            return Err(format!("no desktop entry matches {:?}", args.app));
-        }
+        let found: Vec<Found> = match &args.app {
+            Some(app) if !args.all => {
+                let f = resolve(&xdg, app);
+                if f.is_empty() {
+                    return Err(format!("no desktop entry matches {app:?}"));
+                }
+                f
+            }
+            // --all: every override carrying the marker.
+            _ => {
+                let all = all_entries(&xdg);
+                wrapped(&xdg)
+                    .into_iter()
+                    .filter_map(|(id, _, _)| all.get(&id).cloned())
+                    .collect()
+            }
+        };
         found
             .iter()
             .map(|f| unwrap_one(&xdg, f).map_err(|e| e.to_string()))
             .collect()
     };
     match run() {
-        Ok(v) => print_outcomes(&v, DesktopReply::default(), json_out),
+        Ok(v) => {
+            if v.is_empty() && !json_out {
+                println!("nothing to unwrap: no entry carries the {MARKER_KEY} marker");
+            }
+            print_outcomes(&v, DesktopReply::default(), json_out)
+        }
         Err(e) => fail(&e, json_out),
     }
 }
@@ -559,4 +619,52 @@ pub fn cli_wrapped(json_out: bool) -> i32 {
         }
     }
     exit::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_installed_layout_of_our_own_prefix_comes_first() {
+        let c = lib_candidates(Some(Path::new("/opt/ks/bin/ksmplusctl")));
+        assert_eq!(c[0], Path::new("/opt/ks/lib/ksmplus/libksmplus.so"));
+        assert_eq!(c[1], Path::new("/opt/ks/lib64/ksmplus/libksmplus.so"));
+        let build_tree = c
+            .iter()
+            .position(|p| p == Path::new("/opt/ks/bin/libksmplus.so"));
+        let system = c
+            .iter()
+            .position(|p| p == Path::new("/usr/lib/ksmplus/libksmplus.so"));
+        assert!(build_tree.unwrap() < system.unwrap(), "{c:?}");
+        // No duplicates when ksmplusctl itself is in /usr/local/bin.
+        let c = lib_candidates(Some(Path::new("/usr/local/bin/ksmplusctl")));
+        let mut d = c.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(c.len(), d.len(), "{c:?}");
+    }
+
+    #[test]
+    fn a_given_library_is_written_as_given_not_canonicalised() {
+        let dir = std::env::temp_dir().join(format!("ksmplusctl-lib-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        std::fs::write(dir.join("real/libksmplus.so.0.1.0"), b"x").unwrap();
+        std::os::unix::fs::symlink("libksmplus.so.0.1.0", dir.join("real/libksmplus.so")).unwrap();
+        std::os::unix::fs::symlink("real", dir.join("current")).unwrap();
+        let given = dir.join("current/libksmplus.so");
+        let (lib, warning) = find_lib(Some(&given)).unwrap();
+        assert_eq!(lib, given);
+        assert!(warning.is_none());
+        // Not there: the error names what was tried.
+        let e = find_lib(Some(&dir.join("nope/libksmplus.so"))).unwrap_err();
+        assert!(e.contains("nope/libksmplus.so"), "{e}");
+        // LD_PRELOAD splits on spaces and colons.
+        std::fs::create_dir_all(dir.join("a b")).unwrap();
+        std::fs::write(dir.join("a b/libksmplus.so"), b"x").unwrap();
+        let e = find_lib(Some(&dir.join("a b/libksmplus.so"))).unwrap_err();
+        assert!(e.contains("LD_PRELOAD cannot carry"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
