@@ -204,21 +204,29 @@ pub fn coverage_of(c: &Client, vmas: &[SmapsVma]) -> Coverage {
 }
 
 fn marking(c: &Client, inherited_merge_any: bool) -> (&'static str, String) {
+    let why = |e: i32| {
+        if e == 0 {
+            "it runs under a seccomp filter, which may kill it for an unexpected system call, so it is never advised".to_string()
+        } else {
+            format!("its sandbox refuses KSM advice (errno {e})")
+        }
+    };
     match c.sandbox {
         Sandbox::Refuses(e) if inherited_merge_any && !c.merge_any => (
             "merge-any",
             format!(
-                "its sandbox refuses KSM advice (errno {e}); merged as a whole (merge-any inherited from the fork server)"
+                "{}; merged as a whole (merge-any inherited from the fork server)",
+                why(e)
             ),
         ),
-        Sandbox::Refuses(e) if c.merge_any => (
-            "merge-any",
-            format!("its sandbox refuses KSM advice (errno {e}); merged as a whole"),
-        ),
+        Sandbox::Refuses(e) if c.merge_any => {
+            ("merge-any", format!("{}; merged as a whole", why(e)))
+        }
         Sandbox::Refuses(e) => (
             "refused",
             format!(
-                "its sandbox (seccomp) refuses KSM advice (errno {e}); children it forks next may get the kernel's merge-any fallback"
+                "{}; children it forks next may get the kernel's merge-any fallback",
+                why(e)
             ),
         ),
         _ if c.merge_any => (

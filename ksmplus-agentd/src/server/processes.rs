@@ -131,8 +131,9 @@ impl Agent {
         c.maps_read_ms = now;
         c.check_at_ms = now + crate::client::CHECK_MIN_MS;
         if c.seccomp != 0 {
-            // Does its sandbox let KSM advice through? Learn it before sampling pays nothing.
-            c.queue_op(Item::Probe);
+            // Under a seccomp filter: never advised (see `post_batches`); the fallback may
+            // apply to the process it was forked from.
+            c.queue_op(Item::Trim);
         }
         c.key = crate::learned::key_of(&self.root(), pid, &c.exe);
         if self.policy.sandbox_fallback == SandboxFallback::MergeAny

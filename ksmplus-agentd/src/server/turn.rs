@@ -175,7 +175,11 @@ impl Agent {
         c.sandbox = Sandbox::Refuses(errno);
         c.queue.retain(|(i, _)| !matches!(i, Item::Engine(_)));
         let (pid, ppid) = (c.pid(), c.ppid);
-        info!("pid {pid}: its sandbox refuses KSM advice (errno {errno})");
+        if errno == 0 {
+            info!("pid {pid}: under a seccomp filter: no KSM advice is sent to it");
+        } else {
+            info!("pid {pid}: its sandbox refuses KSM advice (errno {errno})");
+        }
         self.engine.remove_client(id);
         if self.policy.sandbox_fallback != SandboxFallback::MergeAny {
             return;
@@ -302,8 +306,24 @@ impl Agent {
     }
 
     pub(super) fn post_batches(&mut self, now: u64) {
+        let root = self.root();
         let mut gone = Vec::new();
+        let mut filtered = Vec::new();
         for (id, c) in self.clients.iter_mut() {
+            if c.posted.is_some() || c.queue.is_empty() {
+                continue;
+            }
+            // A seccomp filter may kill the process for a system call it does not expect
+            // (Firefox's utility processes trap MADV_MERGEABLE and die of SIGSYS), and there
+            // is no way to ask a filter what it would do. A process may install one at any
+            // time, so its state is read again right before each batch: under a filter,
+            // nothing but cache trims (munmap, which every allocator needs) is ever posted.
+            let seccomp = procfs::read_status(&root, c.pid()).map_or(1, |st| st.seccomp);
+            if seccomp != 0 {
+                c.seccomp = seccomp;
+                c.queue.retain(|(i, _)| matches!(i, Item::Trim));
+                filtered.push(*id);
+            }
             match c.post(now) {
                 Ok(true) => c.check_at_ms = c.check_at_ms.min(now + WAKE_AFTER_MS),
                 Ok(false) => {}
@@ -315,6 +335,9 @@ impl Agent {
         }
         for id in gone {
             self.remove_client(id, "channel unwritable");
+        }
+        for id in filtered {
+            self.sandbox_refuses(id, 0);
         }
     }
 

@@ -1,0 +1,52 @@
+//! A tracked program under a seccomp filter is never sent KSM advice: a filter may kill a
+//! process for a system call it does not expect (Firefox's utility processes die of SIGSYS on
+//! `madvise(MADV_MERGEABLE)`), and nothing can ask a filter what it would do. The program here
+//! installs such a filter (kill on MADV_MERGEABLE) after the shim's Hello, over a region of
+//! identical pages the agent would otherwise mark; it must live, and `status` must say why it
+//! is not advised, while a filter-free program beside it is marked as usual.
+mod agent_support;
+use agent_support::{find, Agent, FAST_POLICY};
+use ksmplus_tests::compile;
+use serde_json::Value;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_process_under_a_seccomp_filter_is_never_advised_and_lives() {
+    let policy = FAST_POLICY.replace(
+        "track = [\"agent_work\"]",
+        "track = [\"agent_work\", \"agent_seccomp\"]",
+    );
+    let agent = Agent::start(&policy);
+    // Under its own name, so its comm is exactly what the policy says.
+    let exe = agent.dir.path().join("agent_seccomp");
+    std::fs::copy(compile("agent_seccomp"), &exe).unwrap();
+    let (filtered, line) = agent.run_under_shim(&exe, &["8"]);
+    assert!(line.contains("filtered=1"), "{line}");
+    let (work, _) = agent.workload("agent_work", &["dense", "8"]);
+
+    // The filter-free program gets its duplicates marked: the agent is at work...
+    agent.wait("agent_work marked", T, |s| {
+        find(s, work.pid())
+            .filter(|p| u(&p["marked_bytes"]) >= 4 << 20)
+            .map(|_| ())
+    });
+    // ... and the filtered one is known as such, with the reason, and nothing marked.
+    let s = agent.wait("agent_seccomp known to be filtered", T, |s| {
+        find(s, filtered.pid())
+            .filter(|p| p["marking"] == "refused")
+            .cloned()
+    });
+    let note = s["marking_note"].as_str().unwrap_or_default();
+    assert!(note.contains("seccomp"), "{s}");
+    assert_eq!(u(&s["marked_bytes"]), 0, "{s}");
+    // Alive: the kill-on-MADV_MERGEABLE filter never fired.
+    let (st, _) = filtered.finish(T);
+    assert!(st.success(), "the filtered program ended with {st:?}");
+    assert!(work.finish(T).0.success());
+}
