@@ -384,7 +384,34 @@ fn status(agent: &mut Agent) -> StatusReply {
         },
         ksmd: ksmd(&root),
         page_size: 4096,
-        processes: procs,
+        processes: {
+            // Fork children of tracked families whose shim has not run since the fork (idle):
+            // known, not yet readable through a channel.
+            for f in agent.families.values() {
+                for &pid in f.pending.keys().chain(f.idle.iter()) {
+                    if procs.iter().any(|p| p.pid == pid) {
+                        continue;
+                    }
+                    let (comm, exe) = crate::procfs::comm_exe(&root, pid);
+                    if comm.is_empty() {
+                        continue; // gone
+                    }
+                    procs.push(ProcessStatus {
+                        pid,
+                        comm,
+                        exe,
+                        found: "fork".into(),
+                        marking: "pending".into(),
+                        marking_note: "forked from a tracked process; its shim has not run since \
+                                       the fork (the program is idle), so it is tracked from its \
+                                       first allocation or mapping on"
+                            .into(),
+                        ..Default::default()
+                    });
+                }
+            }
+            procs
+        },
         totals: tot,
         unreadable: agent
             .unreadable

@@ -132,6 +132,9 @@ pub struct Family {
     pub members: BTreeSet<ClientId>,
     /// Fork children whose channel was not initialised yet (no hook ran): pid → tries.
     pub pending: BTreeMap<u32, u32>,
+    /// Fork children still uninitialised after every try (idle since the fork): looked at
+    /// again only when the doorbell rings (their first hook rings it).
+    pub idle: BTreeSet<u32>,
 }
 
 /// Background figures of a client for `status`.

@@ -157,6 +157,7 @@ impl Agent {
                 walk_at: now + FAMILY_WALK_MS,
                 members: BTreeSet::new(),
                 pending: BTreeMap::new(),
+                idle: BTreeSet::new(),
             });
             f.members.insert(id);
             f.pending.remove(&pid);
@@ -267,6 +268,7 @@ impl Agent {
                 continue;
             };
             let mut walk = now >= f.walk_at || !f.pending.is_empty() && now >= f.doorbell_at;
+            let mut rang = false;
             if now >= f.doorbell_at {
                 let rings = f.members.iter().find_map(|m| {
                     let c = self.clients.get(m)?;
@@ -288,18 +290,19 @@ impl Agent {
                     if r != f.rings_seen {
                         f.rings_seen = r;
                         walk = true;
+                        rang = true;
                     }
                 }
             }
             if walk {
-                self.walk_family(key, now);
+                self.walk_family(key, now, rang);
             }
         }
     }
 
     /// Looks at every descendant of the family's members: a fork child with an initialised
     /// channel joins; an exec'd descendant with a shim is adopted through its anchor.
-    pub(super) fn walk_family(&mut self, key: u64, now: u64) {
+    pub(super) fn walk_family(&mut self, key: u64, now: u64, rang: bool) {
         let root = self.root();
         let Some(f) = self.families.get_mut(&key) else {
             return;
@@ -319,6 +322,7 @@ impl Agent {
             .collect();
         let mut seen: BTreeSet<u32> = frontier.iter().copied().collect();
         let mut pending = std::mem::take(&mut f.pending);
+        let mut idle = std::mem::take(&mut f.idle);
         while let Some(pid) = frontier.pop() {
             for child in procfs::children(&root, pid) {
                 if !seen.insert(child) {
@@ -328,6 +332,7 @@ impl Agent {
                 if self.by_pid.contains_key(&child)
                     || self.dormant.contains_key(&child)
                     || self.no_shim.contains(&child)
+                    || idle.contains(&child) && !rang
                 {
                     continue;
                 }
@@ -338,6 +343,7 @@ impl Agent {
                             && c.last.socket_hash == family_hash =>
                     {
                         pending.remove(&child);
+                        idle.remove(&child);
                         self.admit(c, &maps);
                     }
                     _ => {
@@ -348,7 +354,7 @@ impl Agent {
                             *tries += 1;
                             if *tries > 20 {
                                 pending.remove(&child);
-                                self.no_shim.insert(child);
+                                idle.insert(child);
                             }
                         }
                     }
@@ -357,7 +363,9 @@ impl Agent {
         }
         if let Some(f) = self.families.get_mut(&key) {
             pending.retain(|p, _| seen.contains(p));
+            idle.retain(|p| seen.contains(p));
             f.pending = pending;
+            f.idle = idle;
         }
     }
 }
