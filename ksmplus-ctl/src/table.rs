@@ -219,12 +219,9 @@ fn agent(out: &mut String, v: &StatusReply) {
             a.peers.untracked
         ),
     ];
-    if a.peers.control + a.peers.unidentified > 0 {
-        now.push(format!(
-            "{} connections open ({} ksmplusctl)",
-            a.peers.control + a.peers.unidentified,
-            a.peers.control
-        ));
+    // Connections that have not said what they are yet (this ksmplusctl is a control one).
+    if a.peers.unidentified > 0 {
+        now.push(format!("{} unidentified connections", a.peers.unidentified));
     }
     paragraph(out, "programs under the shim:", &now);
     let c = &a.connections;
