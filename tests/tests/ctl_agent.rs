@@ -5,6 +5,7 @@
 //!
 //! Needs the binaries of the same target dir (`cargo build --workspace`) and a C compiler.
 mod agent_support;
+mod ctl_support;
 
 use agent_support::{bin, Agent};
 use ksmplus_common::status::{SimpleReply, StatusReply};
@@ -53,10 +54,7 @@ fn status_text_shows_tracked_untracked_and_ignored_programs() {
     ] {
         assert!(text.contains(want), "{want:?} not in:\n{text}");
     }
-    let dir = agent.dir.path().to_string_lossy().into_owned();
-    for l in text.lines().filter(|l| !l.contains(&dir)) {
-        assert!(l.chars().count() <= 100, "over 100 columns: {l:?}");
-    }
+    ctl_support::assert_fits_100_columns(&text, agent.dir.path());
     // The typed reply agrees.
     let st: StatusReply = serde_json::from_slice(&agent.ctl(&["status", "--json"]).stdout).unwrap();
     assert!(st.ok);

@@ -5,6 +5,8 @@
 //! an installed ksmplusctl is written as installed; `--json` replies parse into their types.
 //!
 //! Needs the binaries of the same target dir: `cargo build -p ksmplus-ctl`.
+mod ctl_support;
+
 use ksmplus_common::status::{DesktopReply, SimpleReply, WrappedReply};
 use ksmplus_tests::target_bin as bin;
 use std::collections::BTreeMap;
@@ -30,30 +32,15 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Every `*.desktop` under `dir/applications`, by desktop-file id.
+/// Every `*.desktop` under `dir/applications`, by desktop-file id (found independently of
+/// ksmplusctl's own walk, which this checks).
 fn entries(dir: &Path) -> BTreeMap<String, PathBuf> {
     let apps = dir.join("applications");
-    let mut out = BTreeMap::new();
-    let mut stack = vec![apps.clone()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "desktop") {
-                let id = p
-                    .strip_prefix(&apps)
-                    .unwrap()
-                    .to_string_lossy()
-                    .replace('/', "-");
-                out.insert(id, p);
-            }
-        }
-    }
-    out
+    ctl_support::files_under(&apps)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "desktop"))
+        .map(|p| (p.to_string_lossy().replace('/', "-"), apps.join(p)))
+        .collect()
 }
 
 /// What `desktop-file-validate` says about `p`, with the file's own path taken out (so the
@@ -240,40 +227,33 @@ fn json_replies_keep_ok_and_the_exit_status_together() {
     let lib = tmp.path().join("libksmplus.so");
     std::fs::write(&lib, b"x").unwrap();
     let dirs = fixtures().to_string_lossy().into_owned();
-    let exe = bin("ksmplusctl");
     let lib = lib.to_string_lossy();
+    let wrap = |app: &str| {
+        let o = ctl(
+            &bin("ksmplusctl"),
+            &share,
+            &dirs,
+            &["wrap", app, "--lib", &lib, "--json"],
+        );
+        (o.status.code(), o.stdout)
+    };
     // Refused: exit 1, ok false, the reason in the entry.
-    let o = ctl(
-        &exe,
-        &share,
-        &dirs,
-        &["wrap", "org.example.DBus", "--lib", &lib, "--json"],
-    );
-    assert_eq!(o.status.code(), Some(1));
-    let r: DesktopReply = serde_json::from_slice(&o.stdout).unwrap();
+    let (code, out) = wrap("org.example.DBus");
+    assert_eq!(code, Some(1));
+    let r: DesktopReply = serde_json::from_slice(&out).unwrap();
     assert!(!r.ok);
     assert_eq!(r.entries[0].result, "refused");
     assert!(r.entries[0].detail.contains("DBusActivatable"));
     // Nothing matches: exit 2, a SimpleReply with the error.
-    let o = ctl(
-        &exe,
-        &share,
-        &dirs,
-        &["wrap", "no-such-app", "--lib", &lib, "--json"],
-    );
-    assert_eq!(o.status.code(), Some(2));
-    let r: SimpleReply = serde_json::from_slice(&o.stdout).unwrap();
+    let (code, out) = wrap("no-such-app");
+    assert_eq!(code, Some(2));
+    let r: SimpleReply = serde_json::from_slice(&out).unwrap();
     assert!(!r.ok && r.version >= 2);
     assert!(r.error.unwrap().contains("no desktop entry"));
     // Done: exit 0, ok true.
-    let o = ctl(
-        &exe,
-        &share,
-        &dirs,
-        &["wrap", "org.example.Plain", "--lib", &lib, "--json"],
-    );
-    assert_eq!(o.status.code(), Some(0));
-    let r: DesktopReply = serde_json::from_slice(&o.stdout).unwrap();
+    let (code, out) = wrap("org.example.Plain");
+    assert_eq!(code, Some(0));
+    let r: DesktopReply = serde_json::from_slice(&out).unwrap();
     assert!(r.ok);
     assert_eq!(r.entries[0].result, "wrapped");
 }

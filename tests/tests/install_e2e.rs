@@ -9,6 +9,9 @@
 //!
 //! Runs `make` in the workspace, which builds the release binaries (about a minute the first
 //! time). Needs make, python3, man-db, dpkg-deb; systemd-analyze where available.
+mod ctl_support;
+
+use ctl_support::{assert_fits_100_columns, assert_has_files, files_under};
 use ksmplus_common::status::{SimpleReply, StatusReply};
 use ksmplus_tests::poll_until;
 use std::io::{BufRead, BufReader};
@@ -52,24 +55,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Every file and symbolic link under `dir`, relative to it.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() && !p.is_symlink() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().to_owned());
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// An installed ksmplus under `prefix` (`prefix/bin`, `prefix/lib/ksmplus`, ...).
@@ -294,12 +279,7 @@ fn run_installed(inst: &Installed) {
             .any(|l| l.trim_start().starts_with(&format!("{pid} "))),
         "{out}"
     );
-    for l in out
-        .lines()
-        .filter(|l| !l.contains(&*tmp.path().to_string_lossy()))
-    {
-        assert!(l.chars().count() <= 100, "over 100 columns: {l:?}");
-    }
+    assert_fits_100_columns(&out, tmp.path());
     assert!(out.contains("1 tracked"), "{out}");
 
     // --watch: one JSON object per refresh.
@@ -362,25 +342,23 @@ fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
     listed.push("share/ksmplus/install-manifest".into());
     listed.sort();
     assert_eq!(files_under(&prefix), listed);
-    for want in [
-        "bin/ksmplus-agentd",
-        "bin/ksmplusctl",
-        "lib/ksmplus/libksmplus.so",
-        "lib/systemd/user/ksmplus-agentd.service",
-        "lib/tmpfiles.d/ksmplus.conf",
-        "share/ksmplus/policy.toml",
-        "share/man/man1/ksmplusctl.1",
-        "share/man/man1/ksmplusctl-status.1",
-        "share/man/man1/ksmplus-agentd.1",
-        "share/bash-completion/completions/ksmplusctl",
-        "share/zsh/site-functions/_ksmplusctl",
-        "share/fish/vendor_completions.d/ksmplusctl.fish",
-    ] {
-        assert!(
-            listed.contains(&PathBuf::from(want)),
-            "{want} not installed"
-        );
-    }
+    assert_has_files(
+        &listed,
+        &[
+            "bin/ksmplus-agentd",
+            "bin/ksmplusctl",
+            "lib/ksmplus/libksmplus.so",
+            "lib/systemd/user/ksmplus-agentd.service",
+            "lib/tmpfiles.d/ksmplus.conf",
+            "share/ksmplus/policy.toml",
+            "share/man/man1/ksmplusctl.1",
+            "share/man/man1/ksmplusctl-status.1",
+            "share/man/man1/ksmplus-agentd.1",
+            "share/bash-completion/completions/ksmplusctl",
+            "share/zsh/site-functions/_ksmplusctl",
+            "share/fish/vendor_completions.d/ksmplusctl.fish",
+        ],
+    );
     // Stripped: the shim is small (7 MB with debug info, under 1 MB without).
     let size = std::fs::metadata(inst.lib()).unwrap().len();
     assert!(
@@ -494,20 +472,18 @@ fn make_deb_unpacked_into_a_root_runs_end_to_end() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let files = files_under(root.path());
-    for want in [
-        "usr/bin/ksmplusctl",
-        "usr/lib/ksmplus/libksmplus.so",
-        "usr/lib/systemd/user/ksmplus-agentd.service",
-        "usr/lib/tmpfiles.d/ksmplus.conf",
-        "usr/share/man/man1/ksmplusctl.1.gz",
-        "usr/share/zsh/vendor-completions/_ksmplusctl",
-        "usr/share/doc/ksmplus/copyright",
-    ] {
-        assert!(
-            files.contains(&PathBuf::from(want)),
-            "{want} not in {files:?}"
-        );
-    }
+    assert_has_files(
+        &files,
+        &[
+            "usr/bin/ksmplusctl",
+            "usr/lib/ksmplus/libksmplus.so",
+            "usr/lib/systemd/user/ksmplus-agentd.service",
+            "usr/lib/tmpfiles.d/ksmplus.conf",
+            "usr/share/man/man1/ksmplusctl.1.gz",
+            "usr/share/zsh/vendor-completions/_ksmplusctl",
+            "usr/share/doc/ksmplus/copyright",
+        ],
+    );
     assert!(
         !files.iter().any(|f| f.ends_with("install-manifest")),
         "dpkg keeps its own file list"
