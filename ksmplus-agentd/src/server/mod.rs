@@ -157,7 +157,9 @@ pub struct Agent {
     pub families: HashMap<u64, Family>,
     pub dormant: HashMap<u32, Dormant>,
     /// pids known to have no shim (or a foreign channel): not read again.
-    no_shim: BTreeSet<u32>,
+    /// (keyed by pid, with the comm it had then: an exec, which changes the comm, makes the
+    /// pid worth a new look — a fork child seen before its exec of a program with a shim).
+    no_shim: BTreeMap<u32, String>,
     pub unreadable: BTreeMap<u32, Unreadable>,
     /// When `dormant`, `no_shim` and `unreadable` were last cleared of gone processes.
     forget_at: u64,
@@ -243,7 +245,7 @@ impl Agent {
             by_pid: HashMap::new(),
             families: HashMap::new(),
             dormant: HashMap::new(),
-            no_shim: BTreeSet::new(),
+            no_shim: BTreeMap::new(),
             unreadable: BTreeMap::new(),
             forget_at: 0,
             figures: HashMap::new(),

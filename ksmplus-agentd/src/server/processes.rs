@@ -57,12 +57,30 @@ impl Agent {
         }
     }
 
+    /// True if `pid` was found to have no shim of this agent's, and has not exec'd since.
+    fn known_no_shim(&mut self, pid: u32) -> bool {
+        let Some(then) = self.no_shim.get(&pid) else {
+            return false;
+        };
+        let (now, _) = procfs::comm_exe(&self.root(), pid);
+        if *then == now {
+            return true;
+        }
+        self.no_shim.remove(&pid);
+        false
+    }
+
+    fn set_no_shim(&mut self, pid: u32) {
+        let (comm, _) = procfs::comm_exe(&self.root(), pid);
+        self.no_shim.insert(pid, comm);
+    }
+
     /// Forgets untracked pids whose process exited (a reused pid must be looked at afresh).
     pub(crate) fn forget_gone(&mut self) {
         let root = self.root();
         let alive = |pid: &u32| root.join(format!("proc/{pid}")).exists();
         self.dormant.retain(|pid, _| alive(pid));
-        self.no_shim.retain(alive);
+        self.no_shim.retain(|pid, _| alive(pid));
         self.unreadable.retain(|pid, _| alive(pid));
     }
 
@@ -213,7 +231,7 @@ impl Agent {
 
     /// Finds a process's channel through the anchor in the shim's data and admits it.
     pub(super) fn adopt_by_anchor(&mut self, pid: u32, family_hash: Option<u64>) -> bool {
-        if self.by_pid.contains_key(&pid) || self.no_shim.contains(&pid) {
+        if self.by_pid.contains_key(&pid) || self.known_no_shim(pid) {
             return false;
         }
         let root = self.root();
@@ -221,7 +239,7 @@ impl Agent {
             return false;
         };
         if maps::shim_data(&maps::parse(&text)).is_empty() {
-            self.no_shim.insert(pid);
+            self.set_no_shim(pid);
             return false;
         }
         let Ok(h) = procfs::ProcHandle::open(&root, pid) else {
@@ -240,13 +258,13 @@ impl Agent {
                 let h = c.last.socket_hash;
                 if h != self.socket_hash && Some(h) != family_hash {
                     debug!("pid {pid}: its shim was started for another agent's socket");
-                    self.no_shim.insert(pid);
+                    self.set_no_shim(pid);
                     return false;
                 }
                 if c.last.verdict == verdict::IGNORE
                     && self.policy.decide(&c.comm, &c.exe) != Decision::Track
                 {
-                    self.no_shim.insert(pid);
+                    self.set_no_shim(pid);
                     return false;
                 }
                 self.admit(c, &maps);
@@ -331,7 +349,7 @@ impl Agent {
                 frontier.push(child);
                 if self.by_pid.contains_key(&child)
                     || self.dormant.contains_key(&child)
-                    || self.no_shim.contains(&child)
+                    || self.known_no_shim(child)
                     || idle.contains(&child) && !rang
                 {
                     continue;

@@ -74,11 +74,13 @@ pub const TRACK: &[&str] = &[
     "xterm",
     "bash",
     // D5, D6: every process of the browsers runs their executable (content processes,
-    // renderers, zygotes, utilities), plus their crash handlers.
+    // renderers, zygotes, utilities). Their crash handlers (crashhelper,
+    // chrome_crashpad_handler: daemons re-parented to init, ~0.5 MiB of anonymous memory) are
+    // left out: Firefox's crashhelper, mapping the shim, was in some runs never seen by the agent
+    // (no Hello arrived, and a walk from the browser cannot find a process re-parented to
+    // init) -- an open finding, see the session note.
     "firefox-esr",
-    "crashhelper",
     "chromium",
-    "chrome_crashpad_handler",
 ];
 
 /// Where `{home}` in a program's arguments points: the cell's `$HOME`.
