@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod cc;
 pub mod channel;
+pub mod desktop_smoke;
 pub mod ksmd;
 pub mod process;
 pub mod procfs;
