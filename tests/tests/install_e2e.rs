@@ -74,13 +74,25 @@ impl Installed {
 }
 
 /// The installed agent, stopped (SIGTERM) on drop.
-struct AgentProc(Child);
+struct AgentProc(Option<Child>);
+
+impl AgentProc {
+    fn pid(&self) -> i32 {
+        self.0.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends `sig` and waits for the exit.
+    fn stop(&mut self, sig: i32) -> Option<std::process::ExitStatus> {
+        let mut c = self.0.take()?;
+        // SAFETY: kill on our own child, not yet waited for (its pid cannot be reused).
+        unsafe { libc::kill(c.id() as i32, sig) };
+        c.wait().ok()
+    }
+}
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
+        self.stop(libc::SIGTERM);
     }
 }
 
@@ -133,7 +145,7 @@ fn run_installed(inst: &Installed) {
     assert!(!r.ok && r.error.unwrap().contains("not running"));
 
     let log = std::fs::File::create(tmp.path().join("agent.log")).unwrap();
-    let _agent = AgentProc(
+    let _agent = AgentProc(Some(
         Command::new(inst.prefix.join("bin/ksmplus-agentd"))
             .arg("--socket")
             .arg(&socket)
@@ -147,7 +159,7 @@ fn run_installed(inst: &Installed) {
             .stderr(log)
             .spawn()
             .expect("start the installed ksmplus-agentd"),
-    );
+    ));
     let agent_log = || std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default();
     poll_until(
         "the installed agent to answer",
@@ -300,6 +312,61 @@ fn run_installed(inst: &Installed) {
     assert!(lines.iter().all(|s| s.ok && s.version >= 2));
 }
 
+/// Reads notifications until one starts with `want` (each read waits at most 10 s).
+fn expect_notification(l: &std::os::unix::net::UnixDatagram, want: &str) {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match l.recv(&mut buf) {
+            Ok(n) => {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if m.starts_with(want) {
+                    return;
+                }
+                seen.push(m);
+            }
+            Err(e) => panic!("no {want:?} from the agent ({e}); got {seen:?}"),
+        }
+    }
+}
+
+/// The installed agent speaks the notification protocol its `Type=notify` unit with
+/// `WatchdogSec=` and `ExecReload=kill -HUP` relies on, to a stand-in for systemd's socket.
+fn notify_protocol(inst: &Installed) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notify.sock");
+    let l = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    l.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut agent = AgentProc(Some(
+        Command::new(inst.prefix.join("bin/ksmplus-agentd"))
+            .arg("--socket")
+            .arg(tmp.path().join("agent.sock"))
+            .arg("--policy")
+            .arg(tmp.path().join("policy.toml"))
+            .arg("--state")
+            .arg(tmp.path().join("learned"))
+            .env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "400000")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("LD_PRELOAD")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    expect_notification(&l, "READY=1");
+    expect_notification(&l, "WATCHDOG=1");
+    // SAFETY: kill on our own running child (what ExecReload= does).
+    unsafe { libc::kill(agent.pid(), libc::SIGHUP) };
+    expect_notification(&l, "RELOADING=1");
+    expect_notification(&l, "READY=1");
+    // What systemctl stop does.
+    let st = agent.stop(libc::SIGTERM).unwrap();
+    expect_notification(&l, "STOPPING=1");
+    assert!(st.success(), "the agent exited with {st}");
+}
+
 /// `man -l` renders the page without warnings; returns the text.
 fn man_page(path: &Path) -> String {
     let o = Command::new("man")
@@ -379,6 +446,7 @@ fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
     );
 
     run_installed(&inst);
+    notify_protocol(&inst);
 
     // Every page renders; `man ksmplusctl` finds the installed one through MANPATH.
     let pages = prefix.join("share/man/man1");
