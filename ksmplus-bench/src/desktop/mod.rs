@@ -577,18 +577,19 @@ fn smoke_assertions(cells: &[DeskCell], require_ksmplus: bool) -> Vec<String> {
             }
         } else {
             // The browser: issue 10 asks ≥ 0.9x merge_any's merging pages with ≤ 1/5 of its rmap
-            // items; both are printed as targets, neither holds reliably today (measured with
-            // two tabs: merging 0.88x–0.93x; rmap 0.20x–0.48x, the agent's merge-any fallback
-            // reaching some content processes, docs/DESKTOP-BENCH.md). What holds on every run:
+            // items; both are printed as targets, neither holds today (measured with two tabs:
+            // merging 0.88x–0.95x; rmap 0.20x–0.53x, the agent's merge-any fallback reaching
+            // some or all content processes, docs/DESKTOP-BENCH.md). What held on every run,
+            // with a margin:
             if k.merging_pages * 4 < m.merging_pages * 3 {
                 f.push(format!(
                     "{id}: ksmplus merging pages {} < 3/4 of merge_any's {}",
                     k.merging_pages, m.merging_pages
                 ));
             }
-            if k.rmap_items * 5 > m.rmap_items * 3 {
+            if k.rmap_items * 4 > m.rmap_items * 3 {
                 f.push(format!(
-                    "{id}: ksmplus rmap_items {} > 3/5 of merge_any's {}",
+                    "{id}: ksmplus rmap_items {} > 3/4 of merge_any's {}",
                     k.rmap_items, m.rmap_items
                 ));
             }
