@@ -17,6 +17,10 @@ use clap::Parser;
 use cli::Cmd;
 
 fn main() {
+    // Like every Unix filter: `ksmplusctl status | head` ends quietly when the reader goes
+    // away, instead of panicking on a broken pipe (Rust ignores SIGPIPE by default).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cmd = match cli::Args::parse().resolve() {
         Ok(c) => c,
         Err(e) => {
