@@ -184,10 +184,26 @@ impl Agent {
         if self.policy.sandbox_fallback != SandboxFallback::MergeAny {
             return;
         }
-        let Some(&pid_c) = self.by_pid.get(&ppid) else {
+        let root = self.root();
+        // The nearest tracked ancestor: Chromium's zygote, which forks the renderers, is itself
+        // an idle fork child of the tracked zygote host and often never adopted (no hook runs in
+        // it); the host then gets the fallback, and through the learned store its next zygote
+        // and every renderer inherit merge-any from the browser's next start on.
+        let mut up = ppid;
+        let mut found = None;
+        for _ in 0..3 {
+            if let Some(&id) = self.by_pid.get(&up) {
+                found = Some(id);
+                break;
+            }
+            match procfs::read_status(&root, up) {
+                Ok(st) if st.ppid > 1 => up = st.ppid,
+                _ => break,
+            }
+        }
+        let Some(pid_c) = found else {
             return;
         };
-        let root = self.root();
         let Some(parent) = self.clients.get_mut(&pid_c) else {
             return;
         };
