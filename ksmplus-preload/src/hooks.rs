@@ -5,7 +5,8 @@
 //!   (`table`), cache (`cache`) and channel (`chan`): no allocation through the hooked
 //!   allocator, no lock, no blocking I/O, no panic;
 //! - a request below `THRESHOLD` (everything, before init or once ignored) goes straight to
-//!   glibc after at most two loads for the agent's mailbox (`chan::poll`);
+//!   glibc after three loads for the agent's mailbox (`chan::pending`), with every slower path
+//!   out of line (`malloc_slow`, `free_slow`);
 //! - a pointer is looked up in the registry only when it is page-aligned, and one that is not
 //!   found there is glibc's and goes back to glibc;
 //! - every hook that maps or unmaps memory bumps the channel's `map_gen` after the kernel
@@ -267,12 +268,8 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         // follows the block, else copy into a cached piece that fits.
         if CACHE.take_at(addr + old_len, new_len - old_len) {
             if TABLE.resize(addr, new_len) {
-                if let Some(c) = chan::counters() {
-                    c.block_bytes.fetch_add((new_len - old_len) as u64, Relaxed);
-                }
-                chan::bump_map_gen();
                 chan::set_cache_bytes();
-                chan::touch();
+                grown_in_place(addr, old_len, new_len);
                 return p;
             }
             if !CACHE.put(addr + old_len, new_len - old_len) {
@@ -300,17 +297,7 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     if new_len > old_len && sys::mmap_anon_at(addr + old_len, new_len - old_len) {
         // Grown in place: nothing moves, nothing is copied.
         TABLE.resize(addr, new_len);
-        if let Some(c) = chan::counters() {
-            c.block_bytes.fetch_add((new_len - old_len) as u64, Relaxed);
-        }
-        if MADVISE_ALL.load(Relaxed) {
-            let e = sys::errno();
-            // SAFETY: KSM advice on the grown block we own.
-            let _ = unsafe { sys::madvise(addr, new_len, libc::MADV_MERGEABLE) };
-            sys::set_errno(e);
-        }
-        chan::bump_map_gen();
-        chan::touch();
+        grown_in_place(addr, old_len, new_len);
         return p;
     }
     // Unregister before the kernel can free the old address: once mremap moves the block,
@@ -349,6 +336,22 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, q as *mut u8, old_len) };
     release(addr, old_len);
     q
+}
+
+/// The bookkeeping of a block grown in place from `old_len` to `new_len` bytes (the registry
+/// already says `new_len`): counters, madvise-all, and the agent's view.
+fn grown_in_place(addr: usize, old_len: usize, new_len: usize) {
+    if let Some(c) = chan::counters() {
+        c.block_bytes.fetch_add((new_len - old_len) as u64, Relaxed);
+    }
+    if MADVISE_ALL.load(Relaxed) {
+        let e = sys::errno();
+        // SAFETY: KSM advice on the grown block we own; its contents stay as they are.
+        let _ = unsafe { sys::madvise(addr, new_len, libc::MADV_MERGEABLE) };
+        sys::set_errno(e);
+    }
+    chan::bump_map_gen();
+    chan::touch();
 }
 
 #[no_mangle]
