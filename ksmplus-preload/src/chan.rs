@@ -307,7 +307,8 @@ pub fn service(budget: usize, from_signal: bool) {
     if seq == ch.done_seq.load(Acquire) {
         return;
     }
-    if ch.busy.compare_exchange(0, 1, Acquire, Relaxed).is_err() {
+    // SeqCst: pairs with `seccomp::entering_filter` (flag, then `busy`; here `busy`, then flag).
+    if ch.busy.compare_exchange(0, 1, SeqCst, Relaxed).is_err() {
         return;
     }
     // A failed command must not leave its errno behind for the program.
@@ -355,6 +356,14 @@ fn execute(ch: &Channel, op: u32, start: u64, len: u64) -> i32 {
             && l.is_multiple_of(PAGE as u64)
             && s.checked_add(l).is_some()
     };
+    let advice_or_prctl = matches!(
+        op,
+        op::MERGEABLE | op::UNMERGEABLE | op::PROBE | op::MERGE_ANY_ON | op::MERGE_ANY_OFF
+    );
+    if advice_or_prctl && !crate::seccomp::may_advise() {
+        // A sandbox filter is in (or going in): it may kill the process for these calls.
+        return libc::EPERM;
+    }
     let res = match op {
         op::MERGEABLE | op::UNMERGEABLE => {
             if !aligned(start, len) {
@@ -391,6 +400,19 @@ fn execute(ch: &Channel, op: u32, start: u64, len: u64) -> i32 {
     match res {
         Ok(_) => 0,
         Err(e) => e,
+    }
+}
+
+/// Waits (bounded) until no thread is executing a batch: after `seccomp::entering_filter` set
+/// its flag, no command that started before can still be running when the filter goes in.
+pub fn wait_not_busy() {
+    let Some(ch) = channel() else { return };
+    // A batch is at most MAX_CMDS madvise calls: far below this many spins.
+    for _ in 0..50_000_000u32 {
+        if ch.busy.load(SeqCst) == 0 {
+            return;
+        }
+        core::hint::spin_loop();
     }
 }
 

@@ -93,13 +93,19 @@ fn block_added(addr: usize, len: usize) {
         c.block_bytes.fetch_add(len as u64, Relaxed);
     }
     chan::bump_map_gen();
-    if MADVISE_ALL.load(Relaxed) {
+    advise_all(addr, len);
+    chan::set_cache_bytes();
+}
+
+/// madvise-all mode (`KSMPLUS_MADVISE_ALL=1`): marks a mapping the program owns MERGEABLE at
+/// once — unless a sandbox filter is in, which may kill the process for it. errno is kept.
+fn advise_all(addr: usize, len: usize) {
+    if MADVISE_ALL.load(Relaxed) && crate::seccomp::may_advise() {
         let e = sys::errno();
-        // SAFETY: KSM advice on a mapping we own; the contents stay as they are.
+        // SAFETY: KSM advice on a mapping of the program's; the contents stay as they are.
         let _ = unsafe { sys::madvise(addr, len, libc::MADV_MERGEABLE) };
         sys::set_errno(e);
     }
-    chan::set_cache_bytes();
 }
 
 /// Gives a shim-owned mapping back: to the cache, else to the kernel.
@@ -311,11 +317,8 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
             c.block_bytes.fetch_sub(old_len as u64, Relaxed);
         }
         chan::record_move(addr, old_len, new, new_len);
-        if MADVISE_ALL.load(Relaxed) && new_len > old_len {
-            let e = sys::errno();
-            // SAFETY: KSM advice on the grown block we own.
-            let _ = unsafe { sys::madvise(new, new_len, libc::MADV_MERGEABLE) };
-            sys::set_errno(e);
+        if new_len > old_len {
+            advise_all(new, new_len);
         }
         chan::touch();
         return new as *mut c_void;
@@ -344,12 +347,7 @@ fn grown_in_place(addr: usize, old_len: usize, new_len: usize) {
     if let Some(c) = chan::counters() {
         c.block_bytes.fetch_add((new_len - old_len) as u64, Relaxed);
     }
-    if MADVISE_ALL.load(Relaxed) {
-        let e = sys::errno();
-        // SAFETY: KSM advice on the grown block we own; its contents stay as they are.
-        let _ = unsafe { sys::madvise(addr, new_len, libc::MADV_MERGEABLE) };
-        sys::set_errno(e);
-    }
+    advise_all(addr, new_len);
     chan::bump_map_gen();
     chan::touch();
 }
@@ -455,12 +453,8 @@ pub extern "C" fn mmap(
         Ok(a) => {
             chan::touch();
             chan::bump_map_gen();
-            if MADVISE_ALL.load(Relaxed) && registrable(len, prot, flags) {
-                let e = sys::errno();
-                let plen = page_round(len).unwrap_or(len);
-                // SAFETY: KSM advice on the mapping the program just made; contents unchanged.
-                let _ = unsafe { sys::madvise(a, plen, libc::MADV_MERGEABLE) };
-                sys::set_errno(e);
+            if registrable(len, prot, flags) {
+                advise_all(a, page_round(len).unwrap_or(len));
             }
             a as *mut c_void
         }

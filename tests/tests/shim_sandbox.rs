@@ -289,3 +289,59 @@ fn bubblewrap_sandbox_runs_the_same_under_the_shim() {
     );
     wait_hellos(&mut agent, &["bwrap", "sh", "unshare", "shim_hooks"]);
 }
+
+/// A batch of advice that waits for a process which then installs a seccomp filter (the way
+/// Firefox's sandboxed processes do, after the agent's last look at `/proc/PID/status`) is
+/// refused by the shim (`EPERM`) instead of run: the filter would kill the process for
+/// `madvise(MADV_MERGEABLE)`. Both doors glibc offers, `prctl(PR_SET_SECCOMP)` and
+/// `syscall(SYS_seccomp)`; without the shim's watch the program dies of SIGSYS here. Probes
+/// with a null filter (Firefox makes them at start) do not count as a filter.
+#[test]
+fn advice_waiting_when_a_filter_goes_in_is_refused_not_run() {
+    use ksmplus_common::channel::{op, Command};
+    use ksmplus_tests::shim::command;
+    use ksmplus_tests::{num_field, HarnessAgent, ShimChannel};
+    use std::os::unix::process::ExitStatusExt;
+    let prog = compile("shim_seccomp_late");
+    let agent = HarnessAgent::start();
+    let mode = ShimMode::On {
+        socket: agent.socket_path().to_owned(),
+    };
+    for how in ["prctl", "syscall"] {
+        let mut cmd = command(&prog, &mode);
+        cmd.args([how, "8"]);
+        let mut p = Interactive::spawn(&mut cmd);
+        let line = p.line(T);
+        let (a, size) = (num_field(&line, "a"), num_field(&line, "size"));
+        agent.wait_hello(p.pid(), T);
+        let ch = ShimChannel::wait(p.pid(), T);
+        // The block's whole pages (the shim page-aligns it; its tail page may hold more).
+        let mark = [Command {
+            op: op::MERGEABLE,
+            start: a,
+            len: size & !0xfff,
+        }];
+        // After the start-up probes (a null filter) advice still runs.
+        let seq = ch.post(&mark);
+        assert_eq!(
+            ch.wait_done(seq, T, true),
+            vec![0],
+            "{how}: after the probes"
+        );
+        let seq = ch.post(&mark);
+        let alive = p.cmd("go", T);
+        assert!(alive.starts_with("alive"), "{how}: {alive}");
+        let results = ch.wait_done(seq, T, false);
+        assert_eq!(
+            results,
+            vec![libc::EPERM],
+            "{how}: the advice must be refused"
+        );
+        let (status, _) = p.finish(T);
+        assert_eq!(
+            (status.code(), status.signal()),
+            (Some(0), None),
+            "{how}: {status}"
+        );
+    }
+}
