@@ -24,17 +24,16 @@ impl Engine {
         }
     }
 
-    /// Marked runs due for a check against smaps (`unmerge_after_full_scans` scans since marked
-    /// or last seen merging). The caller reads the client's smaps and calls [`Engine::feedback`].
+    /// Marked runs due for a check against smaps (their `wait` of full scans since marked or
+    /// last seen merging). The caller reads the client's smaps and calls [`Engine::feedback`].
     pub fn due_checks(&self) -> Vec<ClientId> {
-        let n = self.cfg.sampling.unmerge_after_full_scans.max(1);
         self.procs
             .iter()
             .filter(|(_, p)| {
                 p.regions.values().any(|r| {
                     r.runs.iter().any(|x| {
-                        matches!(x.state, RunState::Marked { checked_at: Some(c), .. }
-                            if self.full_scans > c + n)
+                        matches!(x.state, RunState::Marked { checked_at: Some(c), wait, .. }
+                            if self.full_scans > c + wait)
                     })
                 })
             })
@@ -57,11 +56,12 @@ impl Engine {
             for mut x in r.runs.drain(..) {
                 if let RunState::Marked {
                     checked_at: Some(c),
+                    wait,
                     ..
                 } = x.state
                 {
                     // The scan in progress when the run was marked does not count.
-                    if scans > c + n {
+                    if scans > c + wait {
                         let (a, b) = (s + x.lo * ps, s + x.hi * ps);
                         let over: Vec<_> = vmas.iter().filter(|v| v.0 < b && v.1 > a).collect();
                         let ksm: u64 = over.iter().map(|v| v.2).sum();
@@ -90,6 +90,7 @@ impl Engine {
                         x.state = RunState::Marked {
                             checked_at: Some(scans),
                             merged: true,
+                            wait: (wait * 2).min(n * CHECK_BACKOFF_MAX),
                         };
                     }
                 }

@@ -167,6 +167,12 @@ pub const ZERO_PAGE_MIN_ROUND: u64 = 3;
 /// Rounds at the floor coefficient (regions kept because something in them is marked) pause
 /// this many times `round_interval_ms`.
 pub const FLOOR_SLOWDOWN: u64 = 10;
+/// At most this many doublings of the floor pause for a region whose rounds find nothing new
+/// (10 s × 2⁴ = 160 s with the default one-second round interval).
+pub const FLOOR_BACKOFF_MAX_SHIFT: u32 = 4;
+/// A run confirmed merging again and again is checked at most every this many times
+/// `unmerge_after_full_scans` full scans.
+pub const CHECK_BACKOFF_MAX: u64 = 16;
 
 /// Engine tunables, taken from the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]

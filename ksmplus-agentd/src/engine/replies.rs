@@ -95,6 +95,7 @@ impl Engine {
                         continue;
                     }
                     p.stats.candidates += 1;
+                    r.found = true;
                     crate::debug!("client {id}: candidate page {idx} in region {region:#x}");
                     p.grows.push_back(Grow {
                         region,
@@ -313,6 +314,7 @@ impl Engine {
     }
 
     pub(super) fn madvise_reply(&mut self, id: ClientId, rid: u32, status: Status) {
+        let unmerge_after = self.cfg.sampling.unmerge_after_full_scans.max(1);
         let p = self.procs.get_mut(&id).unwrap();
         for r in p.regions.values_mut() {
             if let Some(i) = r
@@ -324,6 +326,7 @@ impl Engine {
                     r.runs[i].state = RunState::Marked {
                         checked_at: None,
                         merged: false,
+                        wait: unmerge_after,
                     };
                 } else {
                     p.stats.madvise_errors += 1;

@@ -7,10 +7,14 @@ pub(super) enum RunState {
     /// Madvise(MERGEABLE) sent, reply pending.
     Marking(u32),
     /// Marked; `checked_at` is the full_scans count first read after marking, or when last
-    /// confirmed merging (`None` until the I/O layer next reads the counter).
+    /// confirmed merging (`None` until the I/O layer next reads the counter). The next check
+    /// against smaps is due `wait` full scans later: `unmerge_after_full_scans` after marking,
+    /// doubled by each confirmation (up to [`CHECK_BACKOFF_MAX`] times that), so a run that
+    /// keeps merging costs fewer and fewer smaps reads.
     Marked {
         checked_at: Option<u64>,
         merged: bool,
+        wait: u64,
     },
 }
 
@@ -54,6 +58,11 @@ pub(super) struct Region {
     /// Runs unmarked for merging less than half their pages.
     pub(super) loosened: u32,
     pub(super) last_sampled_ms: u64,
+    /// A candidate was seeded in the current round.
+    pub(super) found: bool,
+    /// Consecutive rounds at the floor that found no candidate: each doubles the next pause
+    /// (up to [`FLOOR_BACKOFF_MAX_SHIFT`] doublings), so a settled region costs ever less.
+    pub(super) quiet_rounds: u32,
     /// Resident runs of the current piece of the round: `(first page, resident pages of the
     /// piece before it)`, in page order. Empty outside a round's piece.
     pub(super) piece: Vec<(u64, u64)>,
@@ -74,6 +83,8 @@ impl Region {
             rejected: Vec::new(),
             loosened: 0,
             last_sampled_ms: now,
+            found: false,
+            quiet_rounds: 0,
             piece: Vec::new(),
             piece_pages: 0,
         }
@@ -93,10 +104,17 @@ impl Region {
     /// The round is over: the next starts after a pause.
     pub(super) fn end_round(&mut self, cfg: &Config, now: u64) {
         // Past the schedule (kept for its marked runs) a region is only watched for new
-        // duplicates, at a tenth of the pace.
+        // duplicates, at a tenth of the pace, and half as often again after each round that
+        // found nothing new: the steady cost follows what changes, not what is tracked.
         // The second round comes sooner: a new region's duplicates need two samples.
         let pause = if self.coefficient <= cfg.sampling.floor {
-            cfg.sampling.round_interval_ms * FLOOR_SLOWDOWN
+            if std::mem::take(&mut self.found) {
+                self.quiet_rounds = 0;
+            } else {
+                self.quiet_rounds = self.quiet_rounds.saturating_add(1);
+            }
+            let shift = self.quiet_rounds.min(FLOOR_BACKOFF_MAX_SHIFT);
+            (cfg.sampling.round_interval_ms * FLOOR_SLOWDOWN) << shift
         } else if self.rounds == 1 {
             cfg.sampling
                 .first_recheck_ms
@@ -104,6 +122,7 @@ impl Region {
         } else {
             cfg.sampling.round_interval_ms
         };
+        self.found = false;
         self.phase = Phase::Waiting { at: now + pause };
         self.piece = Vec::new();
         self.piece_pages = 0;

@@ -660,3 +660,92 @@ fn replies_for_wrong_id_are_ignored() {
     );
     assert_eq!(s.eng.fingerprints(), 0);
 }
+
+#[test]
+fn floor_pause_doubles_while_rounds_find_nothing_and_resets_on_a_find() {
+    let c = cfg();
+    let base = c.sampling.round_interval_ms * FLOOR_SLOWDOWN;
+    let mut r = Region::new(256, 1, 0);
+    r.coefficient = c.sampling.floor;
+    r.rounds = 10;
+    let mut pauses = Vec::new();
+    for now in [0u64, 100_000, 200_000, 300_000, 400_000, 500_000, 600_000] {
+        r.end_round(&c, now);
+        let Phase::Waiting { at } = r.phase else {
+            panic!("{:?}", r.phase)
+        };
+        pauses.push(at - now);
+    }
+    let max = base << FLOOR_BACKOFF_MAX_SHIFT;
+    assert_eq!(
+        pauses,
+        vec![base * 2, base * 4, base * 8, max, max, max, max],
+        "quiet rounds double the pause up to the cap"
+    );
+    // A round that seeded a candidate: back to the base pace.
+    r.found = true;
+    r.end_round(&c, 700_000);
+    assert_eq!(r.phase, Phase::Waiting { at: 700_000 + base });
+    assert_eq!(r.quiet_rounds, 0);
+    // Above the floor the schedule is the thesis's, whatever was found.
+    r.coefficient = 50;
+    r.end_round(&c, 800_000);
+    assert_eq!(
+        r.phase,
+        Phase::Waiting {
+            at: 800_000 + c.sampling.round_interval_ms
+        }
+    );
+}
+
+#[test]
+fn a_settled_pair_of_processes_is_sampled_ever_less_often() {
+    let mut s = Sim::new(cfg());
+    let same: Vec<Option<u64>> = vec![Some(7); 256];
+    s.client(1, vec![(0x1000_0000, same.clone())]);
+    s.client(2, vec![(0x5000_0000, same)]);
+    let fingerprinted = |s: &Sim| s.eng.status(1).unwrap().counters.fingerprinted_pages;
+    // Converged (marked, at the floor: ten rounds of ~100 ms), then two windows of 10 s.
+    s.run(2_000);
+    assert_eq!(s.eng.marked(1).len(), 1);
+    let a = fingerprinted(&s);
+    s.run(10_000);
+    let early = fingerprinted(&s) - a;
+    s.run(90_000);
+    let b = fingerprinted(&s);
+    s.run(10_000);
+    let late = fingerprinted(&s) - b;
+    assert!(early > 0, "the floor rounds still sample");
+    assert!(
+        late * 2 <= early,
+        "10 s of sampling once settled ({late} pages) should be at most half of the 10 s \
+         after convergence ({early})"
+    );
+}
+
+#[test]
+fn a_run_that_keeps_merging_is_checked_ever_less_often() {
+    let mut s = Sim::new(cfg());
+    let same: Vec<Option<u64>> = vec![Some(7); 256];
+    s.client(1, vec![(0x1000_0000, same.clone())]);
+    s.client(2, vec![(0x5000_0000, same)]);
+    s.run(1_000);
+    assert_eq!(s.eng.marked(1).len(), 1);
+    let merged = [(0x1000_0000, 0x1000_0000 + 256 * PS, 1024)];
+    let n = s.eng.config().sampling.unmerge_after_full_scans;
+    s.eng.set_full_scans(2);
+    // (scans at which the check falls due, the wait before it)
+    let mut at = 2;
+    let mut wait = n;
+    for _ in 0..6 {
+        s.eng.set_full_scans(at + wait);
+        assert!(!s.eng.due_checks().contains(&1), "not due at {}", at + wait);
+        s.eng.set_full_scans(at + wait + 1);
+        assert!(s.eng.due_checks().contains(&1), "due at {}", at + wait + 1);
+        s.eng.feedback(1, &merged);
+        assert!(s.eng.take_output().is_empty(), "a merging run stays marked");
+        at += wait + 1;
+        wait = (wait * 2).min(n * CHECK_BACKOFF_MAX);
+    }
+    assert_eq!(wait, n * CHECK_BACKOFF_MAX, "the wait reaches its cap");
+}
