@@ -3,7 +3,7 @@
 //!
 //! Modules, from the edge inwards: `server` (event loop; `server::socket`,
 //! `server::tunables`, `server::control` (control requests)), `client` (one tracked process: maps,
-//! mailbox), `wake` (wake-up signals), `notify` (the service manager's sd_notify protocol), `learned` (fork servers remembered across runs),
+//! mailbox), `wake` (wake-up signals), `signals` (SIGHUP/SIGTERM into the loop), `notify` (the service manager's sd_notify protocol), `learned` (fork servers remembered across runs),
 //! `procfs` (reading a process from outside), `engine`
 //! (the pure KSM+ state machine).
 pub mod log;
@@ -14,4 +14,5 @@ pub mod learned;
 pub mod notify;
 pub mod procfs;
 pub mod server;
+pub mod signals;
 pub mod wake;

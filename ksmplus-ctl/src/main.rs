@@ -19,8 +19,10 @@ use cli::Cmd;
 fn main() {
     // Like every Unix filter: `ksmplusctl status | head` ends quietly when the reader goes
     // away, instead of panicking on a broken pipe (Rust ignores SIGPIPE by default).
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: restoring the default disposition of SIGPIPE (no handler of ours runs) before
+    // any thread exists.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
     let cmd = match cli::Args::parse().resolve() {
         Ok(c) => c,
         Err(e) => {
