@@ -1,7 +1,7 @@
 //! `ksmplus-agentd`: serves the shims of one user and runs the KSM+ engine.
 use clap::Parser;
 use ksmplus_agentd::server::{Agent, Options};
-use ksmplus_agentd::{error, info, log};
+use ksmplus_agentd::{error, info, logger};
 use ksmplus_common::policy::Policy;
 use std::path::PathBuf;
 
@@ -30,7 +30,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    log::init(args.verbose, std::env::var("KSMPLUS_LOG").ok().as_deref());
+    logger::init(args.verbose, std::env::var("KSMPLUS_LOG").ok().as_deref());
     let socket = ksmplus_common::paths::socket_path(args.socket.as_deref());
     let policy_path = ksmplus_common::paths::policy_path(args.policy.as_deref());
     let policy = match Policy::load(&policy_path) {
