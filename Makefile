@@ -52,13 +52,14 @@ $(BINARIES):
 	@command -v $(CARGO) >/dev/null || { echo "$(CARGO) not found: run \`make\` as yourself first, then \`sudo make install\`" >&2; exit 1; }
 	$(CARGO_BUILD)
 
-# Man pages and completions come from the CLI definition itself (ksmplusctl generate, hidden);
-# ksmplus-agentd.1 from the agent's --help.
+# Man pages and completions come from each program's clap definition itself (hidden:
+# `ksmplusctl generate`, `ksmplus-agentd --generate-man`).
 # deb/: the unit for /usr/bin, for `cargo deb` (make install writes its own, for BINDIR).
 define GENERATE
 	rm -rf $(GEN_DIR)
 	$(BUILD_DIR)/ksmplusctl generate --man $(GEN_DIR)/man \
-		--completions $(GEN_DIR)/completions --agentd $(BUILD_DIR)/ksmplus-agentd >/dev/null
+		--completions $(GEN_DIR)/completions >/dev/null
+	$(BUILD_DIR)/ksmplus-agentd --generate-man $(GEN_DIR)/man >/dev/null
 	mkdir -p $(GEN_DIR)/deb
 	$(BUILD_DIR)/ksmplusctl install-service --print --agentd /usr/bin/ksmplus-agentd \
 		>$(GEN_DIR)/deb/ksmplus-agentd.service

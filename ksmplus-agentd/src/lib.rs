@@ -1,7 +1,7 @@
 //! ksmplus-agentd: the per-user agent running the KSM+ heuristic for programs under the shim.
 //! (`ksmplusctl`, the control CLI, is the crate `ksmplus-ctl`.)
 //!
-//! Modules, from the edge inwards: `server` (event loop; `server::socket`,
+//! Modules, from the edge inwards: `cli` (the command line and its man page), `server` (event loop; `server::socket`,
 //! `server::tunables`, `server::control` (control requests)), `client` (one tracked process:
 //! maps, mailbox), `wake` (wake-up signals), `signals` (SIGHUP/SIGTERM into the loop), `notify`
 //! (the service manager's sd_notify protocol), `logger` (the `log` backend: journald
@@ -12,6 +12,7 @@ pub mod logger;
 /// `log` facade's own; [`logger`] is the backend.
 pub use log::{debug, error, info, warn};
 
+pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod learned;

@@ -3,8 +3,8 @@
 //! the build tree: the installed ksmplus-agentd on a private socket, the installed ksmplusctl
 //! adds a program and wraps a desktop entry (without --lib: it must find the installed shim),
 //! the wrapped command runs under the installed libksmplus.so, and `ksmplusctl status --json`
-//! tracks it. Also: `man -l` renders every installed page without warnings, `man` finds the
-//! pages under the prefix, `systemd-analyze verify` accepts the installed unit, and
+//! tracks it. Also: `man -l` renders every installed page without warnings (ksmplus-agentd's
+//! too, with its options and signals), `man` finds the pages under the prefix, `systemd-analyze verify` accepts the installed unit, and
 //! `make uninstall` leaves nothing behind.
 //!
 //! Runs `make` in the workspace, which builds the release binaries (about a minute the first
@@ -462,17 +462,37 @@ fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
     ] {
         assert!(main.contains(s), "{s} not in ksmplusctl(1):\n{main}");
     }
-    let o = Command::new("man")
-        .args(["-w", "ksmplusctl"])
-        .env("MANPATH", prefix.join("share/man"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        pages.join("ksmplusctl.1").display().to_string(),
-        "{}",
-        text(&o)
-    );
+    // The agent's page, from its clap definition: every option and the sections clap does
+    // not know.
+    let agentd = man_page(&pages.join("ksmplus-agentd.1"));
+    for s in [
+        "SYNOPSIS",
+        "--check-policy",
+        "--state",
+        "SIGNALS",
+        "SIGHUP",
+        "JOURNAL_STREAM",
+        "ksmplusctl(1)",
+    ] {
+        assert!(
+            agentd.contains(s),
+            "{s} not in ksmplus-agentd(1):\n{agentd}"
+        );
+    }
+    assert!(!agentd.contains("generate"), "hidden options:\n{agentd}");
+    for name in ["ksmplusctl", "ksmplus-agentd"] {
+        let o = Command::new("man")
+            .args(["-w", name])
+            .env("MANPATH", prefix.join("share/man"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            pages.join(format!("{name}.1")).display().to_string(),
+            "{}",
+            text(&o)
+        );
+    }
 
     // The installed unit: ExecStart names the installed agent; systemd's own parser agrees,
     // its man pages included (Documentation=man:...).
@@ -548,6 +568,7 @@ fn make_deb_unpacked_into_a_root_runs_end_to_end() {
             "usr/lib/systemd/user/ksmplus-agentd.service",
             "usr/lib/tmpfiles.d/ksmplus.conf",
             "usr/share/man/man1/ksmplusctl.1.gz",
+            "usr/share/man/man1/ksmplus-agentd.1.gz",
             "usr/share/zsh/vendor-completions/_ksmplusctl",
             "usr/share/doc/ksmplus/copyright",
         ],
@@ -563,6 +584,8 @@ fn make_deb_unpacked_into_a_root_runs_end_to_end() {
     .unwrap();
     assert!(unit.contains("\nExecStart=/usr/bin/ksmplus-agentd --socket"));
     man_page(&root.path().join("usr/share/man/man1/ksmplusctl.1.gz"));
+    let agentd = man_page(&root.path().join("usr/share/man/man1/ksmplus-agentd.1.gz"));
+    assert!(agentd.contains("SIGNALS"), "{agentd}");
     run_installed(&Installed {
         prefix: root.path().join("usr"),
     });
