@@ -53,13 +53,15 @@ $(BINARIES):
 	$(CARGO_BUILD)
 
 # Man pages and completions come from each program's clap definition itself (hidden:
-# `ksmplusctl generate`, `ksmplus-agentd --generate-man`).
+# `ksmplusctl generate`, `ksmplus-agentd --generate-man`); ksmplus.conf (tmpfiles.d: ksmd on at
+# boot) from the example policy's [ksmd] table.
 # deb/: the unit for /usr/bin, for `cargo deb` (make install writes its own, for BINDIR).
 define GENERATE
 	rm -rf $(GEN_DIR)
 	$(BUILD_DIR)/ksmplusctl generate --man $(GEN_DIR)/man \
 		--completions $(GEN_DIR)/completions >/dev/null
 	$(BUILD_DIR)/ksmplus-agentd --generate-man $(GEN_DIR)/man >/dev/null
+	$(BUILD_DIR)/ksmplusctl tmpfiles --policy examples/policy.toml >$(GEN_DIR)/ksmplus.conf
 	mkdir -p $(GEN_DIR)/deb
 	$(BUILD_DIR)/ksmplusctl install-service --print --agentd /usr/bin/ksmplus-agentd \
 		>$(GEN_DIR)/deb/ksmplus-agentd.service
@@ -85,7 +87,7 @@ install: $(INSTALL_FROM)
 		echo "755 $(BUILD_DIR)/ksmplusctl $(BINDIR)/ksmplusctl"; \
 		echo "644 $(BUILD_DIR)/libksmplus.so $(LIBDIR)/ksmplus/libksmplus.so"; \
 		echo "644 $$tmp/ksmplus-agentd.service $(SYSTEMD_USER_UNITDIR)/ksmplus-agentd.service"; \
-		echo "644 dist/ksmplus-tmpfiles.conf $(TMPFILESDIR)/ksmplus.conf"; \
+		echo "644 $(GEN_DIR)/ksmplus.conf $(TMPFILESDIR)/ksmplus.conf"; \
 		echo "644 examples/policy.toml $(DATADIR)/ksmplus/policy.toml"; \
 		for f in $(GEN_DIR)/man/*.1; do echo "644 $$f $(MANDIR)/man1/$${f##*/}"; done; \
 		echo "644 $(GEN_DIR)/completions/bash/ksmplusctl $(BASHCOMPDIR)/ksmplusctl"; \
