@@ -1,6 +1,7 @@
 # ksmplus: build, install and package. See docs/INSTALL.md.
 #
-#   make                      build (release) and generate the man pages and completions
+#   make                      build (release) and generate the man pages, the completions and
+#                             the tmpfiles.d file (ksmd on at boot, the example policy's tunables)
 #   sudo make install         install under PREFIX (default /usr/local); runs `make` first
 #                             where cargo is on PATH, else installs what `make` built before
 #                             (sudo's PATH often has no cargo)

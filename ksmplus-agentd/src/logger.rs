@@ -60,8 +60,11 @@ pub fn format(journal: bool, level: Level, msg: &str) -> String {
     if journal {
         let p = priority(level);
         let mut s = String::with_capacity(msg.len() + 4);
-        for line in msg.split('\n') {
+        for line in msg.lines() {
             s.push_str(&format!("<{p}>{line}\n"));
+        }
+        if s.is_empty() {
+            s = format!("<{p}>\n");
         }
         s
     } else {
@@ -124,6 +127,8 @@ mod tests {
         assert_eq!(format(true, Level::Trace, "t"), "<7>t\n");
         // Every line of a multi-line message is an entry of its own, at the same priority.
         assert_eq!(format(true, Level::Warn, "a\nb"), "<4>a\n<4>b\n");
+        assert_eq!(format(true, Level::Warn, "a\n"), "<4>a\n", "no empty entry");
+        assert_eq!(format(true, Level::Info, ""), "<6>\n");
     }
 
     #[test]
