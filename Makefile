@@ -1,6 +1,7 @@
 # ksmplus: build, install and package. See docs/INSTALL.md.
 #
-#   make                      build (release) and generate the man pages and completions
+#   make                      build (release) and generate the man pages, the completions and
+#                             the tmpfiles.d file (ksmd on at boot, the example policy's tunables)
 #   sudo make install         install under PREFIX (default /usr/local); runs `make` first
 #                             where cargo is on PATH, else installs what `make` built before
 #                             (sudo's PATH often has no cargo)
@@ -52,13 +53,16 @@ $(BINARIES):
 	@command -v $(CARGO) >/dev/null || { echo "$(CARGO) not found: run \`make\` as yourself first, then \`sudo make install\`" >&2; exit 1; }
 	$(CARGO_BUILD)
 
-# Man pages and completions come from the CLI definition itself (ksmplusctl generate, hidden);
-# ksmplus-agentd.1 from the agent's --help.
+# Man pages and completions come from each program's clap definition itself (hidden:
+# `ksmplusctl generate`, `ksmplus-agentd --generate-man`); ksmplus.conf (tmpfiles.d: ksmd on at
+# boot) from the example policy's [ksmd] table.
 # deb/: the unit for /usr/bin, for `cargo deb` (make install writes its own, for BINDIR).
 define GENERATE
 	rm -rf $(GEN_DIR)
 	$(BUILD_DIR)/ksmplusctl generate --man $(GEN_DIR)/man \
-		--completions $(GEN_DIR)/completions --agentd $(BUILD_DIR)/ksmplus-agentd >/dev/null
+		--completions $(GEN_DIR)/completions >/dev/null
+	$(BUILD_DIR)/ksmplus-agentd --generate-man $(GEN_DIR)/man >/dev/null
+	$(BUILD_DIR)/ksmplusctl tmpfiles --policy examples/policy.toml >$(GEN_DIR)/ksmplus.conf
 	mkdir -p $(GEN_DIR)/deb
 	$(BUILD_DIR)/ksmplusctl install-service --print --agentd /usr/bin/ksmplus-agentd \
 		>$(GEN_DIR)/deb/ksmplus-agentd.service
@@ -84,7 +88,7 @@ install: $(INSTALL_FROM)
 		echo "755 $(BUILD_DIR)/ksmplusctl $(BINDIR)/ksmplusctl"; \
 		echo "644 $(BUILD_DIR)/libksmplus.so $(LIBDIR)/ksmplus/libksmplus.so"; \
 		echo "644 $$tmp/ksmplus-agentd.service $(SYSTEMD_USER_UNITDIR)/ksmplus-agentd.service"; \
-		echo "644 dist/ksmplus-tmpfiles.conf $(TMPFILESDIR)/ksmplus.conf"; \
+		echo "644 $(GEN_DIR)/ksmplus.conf $(TMPFILESDIR)/ksmplus.conf"; \
 		echo "644 examples/policy.toml $(DATADIR)/ksmplus/policy.toml"; \
 		for f in $(GEN_DIR)/man/*.1; do echo "644 $$f $(MANDIR)/man1/$${f##*/}"; done; \
 		echo "644 $(GEN_DIR)/completions/bash/ksmplusctl $(BASHCOMPDIR)/ksmplusctl"; \

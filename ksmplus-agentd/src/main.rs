@@ -1,36 +1,29 @@
 //! `ksmplus-agentd`: serves the shims of one user and runs the KSM+ engine.
 use clap::Parser;
+use ksmplus_agentd::cli::Args;
 use ksmplus_agentd::server::{Agent, Options};
-use ksmplus_agentd::{error, info, log};
+use ksmplus_agentd::{error, info, logger};
 use ksmplus_common::policy::Policy;
 use std::path::PathBuf;
 
-#[derive(Parser)]
-#[command(
-    version,
-    about = "KSM+ agent: finds duplicate pages in programs run under libksmplus.so and marks them for ksmd"
-)]
-struct Args {
-    /// Socket to listen on [default: $KSMPLUS_SOCKET, else $XDG_RUNTIME_DIR/ksmplus/agent.sock]
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Policy file [default: $XDG_CONFIG_HOME/ksmplus/policy.toml]; a missing file means defaults
-    #[arg(long)]
-    policy: Option<PathBuf>,
-    /// More log output (-v info, -vv debug); also KSMPLUS_LOG=info|debug
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-    /// Check the policy file, print the effective policy and exit
-    #[arg(long)]
-    check_policy: bool,
-    /// What the agent learns and keeps across runs [default: $XDG_STATE_HOME/ksmplus/learned]
-    #[arg(long)]
-    state: Option<PathBuf>,
-}
-
 fn main() {
     let args = Args::parse();
-    log::init(args.verbose, std::env::var("KSMPLUS_LOG").ok().as_deref());
+    if let Some(dir) = &args.generate_man {
+        match ksmplus_agentd::cli::write_man_page(dir) {
+            Ok(p) => {
+                println!("{}", p.display());
+                return;
+            }
+            Err(e) => {
+                eprintln!(
+                    "ksmplus-agentd: cannot write the man page into {}: {e}",
+                    dir.display()
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    logger::init(args.verbose, std::env::var("KSMPLUS_LOG").ok().as_deref());
     let socket = ksmplus_common::paths::socket_path(args.socket.as_deref());
     let policy_path = ksmplus_common::paths::policy_path(args.policy.as_deref());
     let policy = match Policy::load(&policy_path) {

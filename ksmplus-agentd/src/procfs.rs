@@ -19,7 +19,7 @@ use ksmplus_common::channel::{Snapshot, CHANNEL_BYTES};
 use ksmplus_common::page_hash;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -55,14 +55,12 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 
 /// True once the process behind `pidfd` has exited (its pidfd polls readable).
 pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no waiting.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut pfd, PollTimeout::ZERO), Ok(n) if n > 0)
+        && pfd[0].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+        })
 }
 
 /// Open descriptors on one process.
@@ -511,8 +509,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<u32>();
         let t = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+            let tid = nix::unistd::gettid().as_raw() as u32;
             ready_tx.send(tid).unwrap();
             let _ = rx.recv();
         });
@@ -553,17 +550,19 @@ mod tests {
         let h = ProcHandle::open(Path::new("/"), std::process::id()).unwrap();
         let ps = 4096u64;
         let n = 64usize;
+        use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+        let len = std::num::NonZeroUsize::new(n * ps as usize).unwrap();
         // SAFETY: a fresh private anonymous mapping owned by this test.
-        let a = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                n * ps as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
+        let map = unsafe {
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
             )
-        } as u64;
+        }
+        .unwrap();
+        let a = map.as_ptr() as u64;
         for i in (0..n).step_by(4) {
             // SAFETY: inside the mapping above.
             unsafe { *((a + i as u64 * ps) as *mut u8) = i as u8 + 1 };
@@ -586,7 +585,7 @@ mod tests {
         assert!(matches!(hs[4], PageHash::Hash(_)));
         let (_, runs) = h.residency(a + ps, ps, 10).unwrap();
         assert!(runs.is_empty(), "reading hashes faulted nothing in");
-        // SAFETY: unmapping the test mapping.
-        unsafe { libc::munmap(a as *mut _, n * ps as usize) };
+        // SAFETY: unmapping the test mapping, which nothing refers to any more.
+        unsafe { munmap(map, len.get()) }.unwrap();
     }
 }

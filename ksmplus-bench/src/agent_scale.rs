@@ -424,20 +424,6 @@ fn cpu_secs(pid: u32) -> f64 {
     ns as f64 / 1e9
 }
 
-fn raise_nofile() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid rlimit pointers.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 /// Polls the agent's status until `f` says done; `Err` naming `what` after the deadline.
 fn wait_status(
     kit: &Kit,
@@ -565,7 +551,10 @@ fn table(rows: &[Row]) -> String {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, String> {
-    raise_nofile();
+    // A descriptor or two per simulated program.
+    if let Err(e) = ksmplus_common::sys::raise_nofile() {
+        eprintln!("ksmplus-bench agent-scale: cannot raise the open-file limit: {e}");
+    }
     let kit = Kit::new(cli)?;
     let load0 = session::loadavg();
     eprintln!(

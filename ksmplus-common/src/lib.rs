@@ -7,7 +7,8 @@
 //!   peer credentials;
 //! - [`maps`]: the one `/proc/PID/maps` parser and what of it ksmplus covers;
 //! - [`ksm`]: KSM's sysfs and procfs files; [`policy`] (feature `policy`): the policy file;
-//!   [`status`] (feature `policy`): the control channel's typed requests and replies.
+//!   [`status`] (feature `policy`): the control channel's typed requests and replies;
+//! - [`sys`] (feature `sys`): system calls the agent, ksmplusctl and the bench share, over nix.
 pub mod channel;
 pub mod fsutil;
 pub mod ksm;
@@ -19,6 +20,8 @@ pub mod policy;
 pub mod protocol;
 #[cfg(feature = "policy")]
 pub mod status;
+#[cfg(feature = "sys")]
+pub mod sys;
 
 pub use protocol::{
     decode_frame, page_hash, DecodeError, FrameReader, Hello, Message, MAX_FRAME, PROTOCOL_VERSION,

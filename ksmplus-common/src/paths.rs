@@ -24,6 +24,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// The socket: `arg` (`--socket`), else `$KSMPLUS_SOCKET`, else [`default_socket_path`].
+#[cfg(feature = "sys")]
 pub fn socket_path(arg: Option<&Path>) -> PathBuf {
     if let Some(p) = arg {
         return p.to_owned();
@@ -31,8 +32,7 @@ pub fn socket_path(arg: Option<&Path>) -> PathBuf {
     if let Some(p) = std::env::var_os("KSMPLUS_SOCKET").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = nix::unistd::getuid().as_raw();
     default_socket_path(env("XDG_RUNTIME_DIR").as_deref(), uid)
 }
 
@@ -102,24 +102,10 @@ impl XdgData {
 }
 
 /// `(pid, uid)` of a connected unix socket's peer (`SO_PEERCRED`).
-pub fn peer_cred(fd: i32) -> Option<(u32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (rc == 0).then_some((cred.pid as u32, cred.uid))
+#[cfg(feature = "sys")]
+pub fn peer_cred(sock: impl std::os::fd::AsFd) -> nix::Result<(u32, u32)> {
+    let c = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok((c.pid() as u32, c.uid()))
 }
 
 #[cfg(test)]
@@ -151,13 +137,12 @@ mod tests {
         assert_eq!(default_state_path(None, None), None);
     }
 
+    #[cfg(feature = "sys")]
     #[test]
     fn peer_of_a_socketpair_is_this_process() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        use std::os::fd::AsRawFd;
-        let (pid, uid) = peer_cred(a.as_raw_fd()).unwrap();
+        let (pid, uid) = peer_cred(&a).unwrap();
         assert_eq!(pid, std::process::id());
-        // SAFETY: getuid has no preconditions.
-        assert_eq!(uid, unsafe { libc::getuid() });
+        assert_eq!(uid, nix::unistd::getuid().as_raw());
     }
 }

@@ -394,11 +394,16 @@ pages_to_scan = 1000
     }
 
     #[test]
-    fn example_file_is_the_defaults_plus_okular() {
+    fn example_file_is_the_defaults_plus_okular_and_boot_time_tunables() {
         let text = include_str!("../../examples/policy.toml");
         let p = p(text).unwrap();
         let want = Policy {
             track: vec!["okular".into()],
+            ksmd: Ksmd {
+                pages_to_scan: Some(1000),
+                sleep_millisecs: Some(20),
+                ..Ksmd::default()
+            },
             ..Policy::default()
         };
         assert_eq!(p, want);

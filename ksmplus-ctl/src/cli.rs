@@ -23,7 +23,7 @@ Exit status: 0 done; 1 the agent or a desktop entry refused (the reason is print
     long_about = "Control the KSM+ agent (ksmplus-agentd), the per-user daemon that finds duplicate \
 pages in programs started under libksmplus.so and marks them for the kernel's same-page merging \
 (ksmd). `status`, `add`, `remove` and `reload` talk to the agent; `wrap`, `unwrap`, `wrapped`, \
-`scan` and `install-service` work without it.",
+`scan`, `install-service` and `tmpfiles` work without it.",
     after_help = EXIT_STATUS
 )]
 pub struct Args {
@@ -105,6 +105,8 @@ pub enum Cmd {
     Wrapped(JsonArg),
     /// Write the systemd user unit for ksmplus-agentd (~/.config/systemd/user)
     InstallService(service::InstallArgs),
+    /// Print the tmpfiles.d file that switches ksmd on at boot with the policy's [ksmd] settings
+    Tmpfiles(crate::tmpfiles::TmpfilesArgs),
     /// Write the man pages and shell completions (at build time; see the Makefile)
     #[command(hide = true)]
     Generate(crate::generate::GenerateArgs),
@@ -123,6 +125,7 @@ impl Cmd {
             Cmd::Unwrap(_) => "unwrap",
             Cmd::Wrapped(_) => "wrapped",
             Cmd::InstallService(_) => "install-service",
+            Cmd::Tmpfiles(_) => "tmpfiles",
             Cmd::Generate(_) => "generate",
         }
     }
@@ -146,7 +149,7 @@ impl Cmd {
             Cmd::Unwrap(a) => Some(&mut a.out),
             Cmd::Wrapped(a) => Some(a),
             Cmd::InstallService(a) => Some(&mut a.out),
-            Cmd::Generate(_) => None,
+            Cmd::Tmpfiles(_) | Cmd::Generate(_) => None,
         }
     }
 }

@@ -48,18 +48,16 @@ pub fn control_request(socket: &Path, json: &str) -> Result<String, CtlError> {
     // Whoever listens there must be this user's agent (or root's): another user who took over
     // the socket's place must not get our commands or feed us answers.
     {
-        use std::os::fd::AsRawFd;
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        match ksmplus_common::paths::peer_cred(s.as_raw_fd()) {
-            Some((_, uid)) if uid == me || uid == 0 => {}
-            Some((_, uid)) => {
+        let me = nix::unistd::geteuid().as_raw();
+        match ksmplus_common::paths::peer_cred(&s) {
+            Ok((_, uid)) if uid == me || uid == 0 => {}
+            Ok((_, uid)) => {
                 return Err(CtlError::ForeignPeer {
                     path: socket.to_owned(),
                     uid,
                 })
             }
-            None => return Err(io_err(io::Error::last_os_error())),
+            Err(e) => return Err(io_err(e.into())),
         }
     }
     s.set_read_timeout(Some(Duration::from_secs(30)))

@@ -3,9 +3,9 @@
 //! it. A subcommand of the CLI rather than an xtask crate: nothing more to build, and a packager
 //! without make runs the same command.
 //!
-//! Pages: `ksmplusctl.1`, one `ksmplusctl-SUBCOMMAND.1` per visible subcommand (clap_mangen),
-//! and `ksmplus-agentd.1`, built from `ksmplus-agentd --help` (ksmplusctl does not link the
-//! agent, so its options are taken from the binary being installed) and fixed sections.
+//! Pages: `ksmplusctl.1` and one `ksmplusctl-SUBCOMMAND.1` per visible subcommand (clap_mangen).
+//! `ksmplus-agentd.1` is the agent's own (`ksmplus-agentd --generate-man DIR`, from its clap
+//! definition), run by the same `make` step.
 //! Completions (clap_complete): `bash/ksmplusctl`, `zsh/_ksmplusctl`, `fish/ksmplusctl.fish`.
 use crate::cli;
 use clap_complete::Shell;
@@ -21,9 +21,6 @@ pub struct GenerateArgs {
     /// Write bash/, zsh/ and fish/ completion files into DIR
     #[arg(long, value_name = "DIR")]
     pub completions: Option<PathBuf>,
-    /// The agent whose `--help` its man page shows [default: ksmplus-agentd next to ksmplusctl]
-    #[arg(long, value_name = "PATH")]
-    pub agentd: Option<PathBuf>,
 }
 
 /// Why generating failed.
@@ -35,8 +32,6 @@ pub enum GenerateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}: cannot run it for its --help: {1}")]
-    Agent(PathBuf, String),
     #[error("say what to generate: --man DIR and/or --completions DIR")]
     Nothing,
 }
@@ -173,72 +168,6 @@ fn sub_page(sub: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
     Ok(out)
 }
 
-/// `ksmplus-agentd.1` from the agent's `--help` text.
-fn agentd_page(help: &str) -> String {
-    let about = help.lines().next().unwrap_or("the ksmplus agent").trim();
-    let about = about.strip_prefix("KSM+ agent: ").unwrap_or(about);
-    let options = help
-        .split_once("Options:")
-        .map_or(help, |(_, o)| o)
-        .trim_matches('\n');
-    let mut s = format!(
-        ".TH KSMPLUS-AGENTD 1 \"\" \"{SOURCE}\" \"{MANUAL}\"\n\
-         .SH NAME\nksmplus\\-agentd \\- {}\n\
-         .SH SYNOPSIS\n\\fBksmplus\\-agentd\\fR [\\fIOPTIONS\\fR]\n\
-         .SH DESCRIPTION\n\
-         The per\\-user agent of ksmplus. Programs started under the LD_PRELOAD shim \
-         libksmplus.so say Hello on its socket; for those its policy names, it samples their \
-         memory (the KSM+ heuristic), asks the shim to mark only the page runs that have \
-         duplicates for the kernel's same\\-page merging (ksmd), and takes marks back that do \
-         not pay. It is controlled with \\fBksmplusctl\\fR(1).\n\
-         .PP\nAs a systemd user service: \\fBsystemctl \\-\\-user enable \\-\\-now \
-         ksmplus\\-agentd\\fR (the unit is ksmplus\\-agentd.service). ksmd itself must run: \
-         the tmpfiles.d file ksmplus.conf switches it on at boot.\n\
-         .SH OPTIONS\n.nf\n{}\n.fi\n",
-        roff_text(about),
-        options
-            .lines()
-            .map(roff_text)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    s += &items(
-        "SIGNALS",
-        &[
-            (
-                "SIGHUP",
-                "Re-read the policy file (systemctl --user reload ksmplus-agentd; ksmplusctl \
-                 reload). A bad file is logged and the previous policy stays in force.",
-            ),
-            (
-                "SIGTERM, SIGINT",
-                "Exit: the socket is removed and the ksmd tunables the agent changed are \
-                 restored. What was marked stays marked in the running programs.",
-            ),
-        ],
-    );
-    s += &items(
-        "ENVIRONMENT",
-        &[
-            ENVIRONMENT[0],
-            ENVIRONMENT[1],
-            ENVIRONMENT[2],
-            (
-                "XDG_STATE_HOME",
-                "What the agent learns across runs is kept in $XDG_STATE_HOME/ksmplus/learned.",
-            ),
-            ("KSMPLUS_LOG", "Log level: info or debug (as -v, -vv)."),
-        ],
-    );
-    s += &see_also(&[
-        "ksmplusctl(1)",
-        "systemctl(1)",
-        "systemd-tmpfiles(8)",
-        "madvise(2)",
-    ]);
-    s
-}
-
 /// `cmd` without its hidden options and subcommands (clap_complete would offer them).
 fn visible(cmd: &clap::Command) -> clap::Command {
     let mut c = clap::Command::new("ksmplusctl")
@@ -280,25 +209,6 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<PathBuf>, GenerateError> {
             write(&p, &sub_page(sub).map_err(io_at(&p))?)?;
             written.push(p);
         }
-        let agentd = match &args.agentd {
-            Some(a) => a.clone(),
-            None => crate::service::agentd_next_to_self()
-                .map_err(|e| GenerateError::Agent("ksmplus-agentd".into(), e))?,
-        };
-        let out = std::process::Command::new(&agentd)
-            .arg("--help")
-            .env_remove("LD_PRELOAD")
-            .output()
-            .map_err(|e| GenerateError::Agent(agentd.clone(), e.to_string()))?;
-        if !out.status.success() {
-            return Err(GenerateError::Agent(agentd, out.status.to_string()));
-        }
-        let p = dir.join("ksmplus-agentd.1");
-        write(
-            &p,
-            agentd_page(&String::from_utf8_lossy(&out.stdout)).as_bytes(),
-        )?;
-        written.push(p);
     }
     if let Some(dir) = &args.completions {
         let mut cmd = visible(&cmd);
@@ -337,18 +247,9 @@ mod tests {
     #[test]
     fn pages_and_completions_cover_every_visible_subcommand() {
         let dir = tempfile_dir("gen");
-        let agentd = dir.join("fake-agentd");
-        write(
-            &agentd,
-            b"#!/bin/sh\nprintf 'KSM+ agent: finds pages\\n\\nUsage: x\\n\\nOptions:\\n  --socket <S>  .dot -dash\\n'\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&agentd, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
         let files = generate(&GenerateArgs {
             man: Some(dir.join("man")),
             completions: Some(dir.join("comp")),
-            agentd: Some(agentd),
         })
         .unwrap();
         let names: Vec<String> = files
@@ -360,7 +261,6 @@ mod tests {
             "ksmplusctl-status.1",
             "ksmplusctl-wrap.1",
             "ksmplusctl-unwrap.1",
-            "ksmplus-agentd.1",
             "ksmplusctl",
             "_ksmplusctl",
             "ksmplusctl.fish",
@@ -371,13 +271,6 @@ mod tests {
         let main = std::fs::read_to_string(dir.join("man/ksmplusctl.1")).unwrap();
         assert!(main.contains(".SH \"EXIT STATUS\""), "{main}");
         assert!(main.contains("not running"), "{main}");
-        let agent = std::fs::read_to_string(dir.join("man/ksmplus-agentd.1")).unwrap();
-        assert!(
-            agent.contains("ksmplus\\-agentd \\- finds pages"),
-            "{agent}"
-        );
-        // A help line starting with a dot would be a roff request: protected.
-        assert!(agent.contains("\\-\\-socket <S>  .dot \\-dash"), "{agent}");
         let bash = std::fs::read_to_string(dir.join("comp/bash/ksmplusctl")).unwrap();
         assert!(bash.contains("install-service"), "{bash}");
         for hidden in ["generate", "--socket --json status"] {

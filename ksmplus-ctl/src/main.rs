@@ -1,7 +1,7 @@
 //! `ksmplusctl`: asks a running ksmplus-agentd for its status, edits its policy, reloads it
 //! (`control`); and, without an agent, wraps desktop programs (`desktop`), scans for duplicate
-//! pages (`scan`), writes the user unit (`service`) and, at build time, its own man pages and
-//! completions (`generate`). The command line is in `cli`; exit statuses and the JSON contract
+//! pages (`scan`), writes the user unit (`service`) and the boot-time ksmd file (`tmpfiles`)
+//! and, at build time, its own man pages and completions (`generate`). The command line is in `cli`; exit statuses and the JSON contract
 //! in `output`.
 mod cli;
 mod client;
@@ -12,6 +12,7 @@ mod output;
 mod scan;
 mod service;
 mod table;
+mod tmpfiles;
 
 use clap::Parser;
 use cli::Cmd;
@@ -19,8 +20,10 @@ use cli::Cmd;
 fn main() {
     // Like every Unix filter: `ksmplusctl status | head` ends quietly when the reader goes
     // away, instead of panicking on a broken pipe (Rust ignores SIGPIPE by default).
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: restoring the default disposition of SIGPIPE (no handler of ours runs) before
+    // any thread exists.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
     let cmd = match cli::Args::parse().resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -38,6 +41,7 @@ fn main() {
         Cmd::Unwrap(a) => desktop::cli_unwrap(a),
         Cmd::Wrapped(j) => desktop::cli_wrapped(j.json),
         Cmd::InstallService(a) => service::cli_install(a),
+        Cmd::Tmpfiles(a) => tmpfiles::cli(a),
         Cmd::Generate(a) => generate::cli(a),
     };
     std::process::exit(code);

@@ -93,9 +93,8 @@ impl HarnessAgent {
                 let _ = s.set_nonblocking(false);
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 let peer = {
-                    use std::os::fd::AsRawFd;
                     let (pid, uid) =
-                        ksmplus_agentd::server::socket::peer_cred(s.as_raw_fd()).unwrap_or((0, 0));
+                        ksmplus_agentd::server::socket::peer_cred(&s).unwrap_or((0, 0));
                     PeerCred { pid, uid }
                 };
                 let (lock, cv) = &*st;

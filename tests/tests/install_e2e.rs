@@ -3,8 +3,9 @@
 //! the build tree: the installed ksmplus-agentd on a private socket, the installed ksmplusctl
 //! adds a program and wraps a desktop entry (without --lib: it must find the installed shim),
 //! the wrapped command runs under the installed libksmplus.so, and `ksmplusctl status --json`
-//! tracks it. Also: `man -l` renders every installed page without warnings, `man` finds the
-//! pages under the prefix, `systemd-analyze verify` accepts the installed unit, and
+//! tracks it. Also: the tmpfiles.d file carries the example policy's ksmd tunables and
+//! systemd-tmpfiles applies it (to a stand-in sysfs); `man -l` renders every installed page without warnings (ksmplus-agentd's
+//! too, with its options and signals), `man` finds the pages under the prefix, `systemd-analyze verify` accepts the installed unit, and
 //! `make uninstall` leaves nothing behind.
 //!
 //! Runs `make` in the workspace, which builds the release binaries (about a minute the first
@@ -367,6 +368,46 @@ fn notify_protocol(inst: &Installed) {
     assert!(st.success(), "the agent exited with {st}");
 }
 
+/// The installed tmpfiles.d file carries the example policy's [ksmd] tunables, switches ksmd on
+/// last, and systemd-tmpfiles applies it as written (to a stand-in sysfs under `--root`).
+fn tmpfiles_apply_the_example_policy(conf: &Path) {
+    let conf_text = std::fs::read_to_string(conf).unwrap();
+    let lines: Vec<&str> = conf_text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        lines,
+        [
+            "w /sys/kernel/mm/ksm/pages_to_scan - - - - 1000",
+            "w /sys/kernel/mm/ksm/sleep_millisecs - - - - 20",
+            "w /sys/kernel/mm/ksm/run - - - - 1",
+        ],
+        "{conf_text}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let ksm = root.path().join("sys/kernel/mm/ksm");
+    std::fs::create_dir_all(&ksm).unwrap();
+    for f in ["run", "pages_to_scan", "sleep_millisecs", "use_zero_pages"] {
+        std::fs::write(ksm.join(f), "0\n").unwrap();
+    }
+    match Command::new("systemd-tmpfiles")
+        .arg(format!("--root={}", root.path().display()))
+        .arg("--create")
+        .arg(conf)
+        .output()
+    {
+        Ok(o) => {
+            assert!(o.status.success(), "systemd-tmpfiles: {}", text(&o));
+            let read = |f: &str| std::fs::read_to_string(ksm.join(f)).unwrap();
+            assert_eq!(read("pages_to_scan").trim(), "1000");
+            assert_eq!(read("sleep_millisecs").trim(), "20");
+            assert_eq!(read("run").trim(), "1");
+            assert_eq!(read("use_zero_pages").trim(), "0", "unset: left alone");
+        }
+        Err(e) => ksmplus_tests::ksmd::skip_or_fail(&format!(
+            "systemd-tmpfiles (package systemd) cannot run ({e})"
+        )),
+    }
+}
+
 /// `man -l` renders the page without warnings; returns the text.
 fn man_page(path: &Path) -> String {
     let o = Command::new("man")
@@ -432,10 +473,7 @@ fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
         size < 2 << 20,
         "libksmplus.so is {size} bytes: not stripped?"
     );
-    let tmpfiles = std::fs::read_to_string(prefix.join("lib/tmpfiles.d/ksmplus.conf")).unwrap();
-    assert!(tmpfiles
-        .lines()
-        .any(|l| l == "w /sys/kernel/mm/ksm/run - - - - 1"));
+    tmpfiles_apply_the_example_policy(&prefix.join("lib/tmpfiles.d/ksmplus.conf"));
 
     // --version names the program.
     let o = inst.ctl().arg("--version").output().unwrap();
@@ -462,17 +500,37 @@ fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
     ] {
         assert!(main.contains(s), "{s} not in ksmplusctl(1):\n{main}");
     }
-    let o = Command::new("man")
-        .args(["-w", "ksmplusctl"])
-        .env("MANPATH", prefix.join("share/man"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        pages.join("ksmplusctl.1").display().to_string(),
-        "{}",
-        text(&o)
-    );
+    // The agent's page, from its clap definition: every option and the sections clap does
+    // not know.
+    let agentd = man_page(&pages.join("ksmplus-agentd.1"));
+    for s in [
+        "SYNOPSIS",
+        "--check-policy",
+        "--state",
+        "SIGNALS",
+        "SIGHUP",
+        "JOURNAL_STREAM",
+        "ksmplusctl(1)",
+    ] {
+        assert!(
+            agentd.contains(s),
+            "{s} not in ksmplus-agentd(1):\n{agentd}"
+        );
+    }
+    assert!(!agentd.contains("generate"), "hidden options:\n{agentd}");
+    for name in ["ksmplusctl", "ksmplus-agentd"] {
+        let o = Command::new("man")
+            .args(["-w", name])
+            .env("MANPATH", prefix.join("share/man"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            pages.join(format!("{name}.1")).display().to_string(),
+            "{}",
+            text(&o)
+        );
+    }
 
     // The installed unit: ExecStart names the installed agent; systemd's own parser agrees,
     // its man pages included (Documentation=man:...).
@@ -548,6 +606,7 @@ fn make_deb_unpacked_into_a_root_runs_end_to_end() {
             "usr/lib/systemd/user/ksmplus-agentd.service",
             "usr/lib/tmpfiles.d/ksmplus.conf",
             "usr/share/man/man1/ksmplusctl.1.gz",
+            "usr/share/man/man1/ksmplus-agentd.1.gz",
             "usr/share/zsh/vendor-completions/_ksmplusctl",
             "usr/share/doc/ksmplus/copyright",
         ],
@@ -563,6 +622,9 @@ fn make_deb_unpacked_into_a_root_runs_end_to_end() {
     .unwrap();
     assert!(unit.contains("\nExecStart=/usr/bin/ksmplus-agentd --socket"));
     man_page(&root.path().join("usr/share/man/man1/ksmplusctl.1.gz"));
+    tmpfiles_apply_the_example_policy(&root.path().join("usr/lib/tmpfiles.d/ksmplus.conf"));
+    let agentd = man_page(&root.path().join("usr/share/man/man1/ksmplus-agentd.1.gz"));
+    assert!(agentd.contains("SIGNALS"), "{agentd}");
     run_installed(&Installed {
         prefix: root.path().join("usr"),
     });

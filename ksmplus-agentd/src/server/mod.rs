@@ -166,7 +166,7 @@ pub struct Agent {
     pub figures: HashMap<ClientId, Figures>,
     next_id: ClientId,
     tunables: tunables::Tunables,
-    sig_fd: i32,
+    signals: Option<crate::signals::SignalPipe>,
     shutdown: bool,
     feedback_at: u64,
     coverage_at: u64,
@@ -183,34 +183,6 @@ pub struct Agent {
     watchdog_at: u64,
 }
 
-static SIG_WRITE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    let fd = SIG_WRITE_FD.load(std::sync::atomic::Ordering::Relaxed);
-    if fd >= 0 {
-        let b = sig as u8;
-        // SAFETY: write(2) is async-signal-safe; the pipe is non-blocking.
-        unsafe {
-            libc::write(fd, &b as *const u8 as *const libc::c_void, 1);
-        }
-    }
-}
-
-/// Raises the soft fd limit to the hard one: three descriptors per tracked process.
-fn raise_nofile() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: r is a valid rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max.min(1 << 20);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 fn grid(t: u64) -> u64 {
     t.div_ceil(GRID_MS) * GRID_MS
 }
@@ -222,13 +194,15 @@ fn refused(errno: i32) -> bool {
 impl Agent {
     /// Binds the socket. `policy` is the already-loaded policy.
     pub fn new(opts: Options, policy: Policy) -> Result<Agent, socket::SocketError> {
-        raise_nofile();
+        // Three descriptors per tracked process.
+        if let Err(e) = ksmplus_common::sys::raise_nofile() {
+            warn!("cannot raise the open-file limit: {e}");
+        }
         let poll = Poll::new().map_err(|source| socket::SocketError::Io {
             path: "epoll".into(),
             source,
         })?;
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
+        let uid = nix::unistd::geteuid().as_raw();
         let peers = Peers::bind(&opts.socket, poll.registry(), LISTENER, FIRST_PEER, uid)?;
         let engine = Engine::new(Config::from_policy(&policy), opts.seed, 0);
         let mut a = Agent {
@@ -250,7 +224,7 @@ impl Agent {
             forget_at: 0,
             figures: HashMap::new(),
             next_id: 1,
-            sig_fd: -1,
+            signals: None,
             shutdown: false,
             feedback_at: 0,
             coverage_at: 0,
@@ -272,25 +246,18 @@ impl Agent {
 
     /// Routes SIGHUP (reload) and SIGTERM/SIGINT (clean exit) into the event loop.
     pub fn install_signals(&mut self) -> io::Result<()> {
-        let mut fds = [0i32; 2];
-        // SAFETY: fds has room for two descriptors.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.sig_fd = fds[0];
-        SIG_WRITE_FD.store(fds[1], std::sync::atomic::Ordering::Relaxed);
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&fds[0]), SIGNALS, Interest::READABLE)?;
-        for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
-            // SAFETY: on_signal only calls write(2).
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as *const () as usize;
-                sa.sa_flags = libc::SA_RESTART;
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
-        }
+        use nix::sys::signal::Signal;
+        let pipe = crate::signals::SignalPipe::install(&[
+            Signal::SIGHUP,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+        ])?;
+        self.poll.registry().register(
+            &mut SourceFd(&pipe.raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
+        self.signals = Some(pipe);
         Ok(())
     }
 
@@ -425,24 +392,17 @@ impl Agent {
     }
 
     fn drain_signals(&mut self) {
-        let mut buf = [0u8; 64];
-        loop {
-            // SAFETY: buf is valid for 64 bytes.
-            let n = unsafe { libc::read(self.sig_fd, buf.as_mut_ptr() as *mut libc::c_void, 64) };
-            if n <= 0 {
-                break;
-            }
-            for &s in &buf[..n as usize] {
-                match s as i32 {
-                    libc::SIGHUP => {
-                        self.notify.reloading();
-                        if let Err(e) = self.reload() {
-                            warn!("reload refused, old policy kept: {e}");
-                        }
-                        self.notify.ready("policy reloaded");
+        let got = self.signals.as_ref().map(|p| p.drain()).unwrap_or_default();
+        for sig in got {
+            match sig {
+                nix::sys::signal::Signal::SIGHUP => {
+                    self.notify.reloading();
+                    if let Err(e) = self.reload() {
+                        warn!("reload refused, old policy kept: {e}");
                     }
-                    _ => self.shutdown = true,
+                    self.notify.ready("policy reloaded");
                 }
+                _ => self.shutdown = true,
             }
         }
     }

@@ -19,7 +19,6 @@ use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -64,8 +63,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SocketError + '_ {
 /// Makes sure the socket's directory is this user's and private, and removes a stale socket
 /// (one nobody answers on).
 pub fn prepare_socket_path(path: &Path) -> Result<(), SocketError> {
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         match std::fs::symlink_metadata(dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -216,7 +214,7 @@ impl Peers {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     self.stats.accepted += 1;
-                    let Some((pid, uid)) = peer_cred(stream.as_raw_fd()) else {
+                    let Ok((pid, uid)) = peer_cred(&stream) else {
                         continue;
                     };
                     if uid != self.uid && uid != 0 {
@@ -475,8 +473,7 @@ mod tests {
             Err(SocketError::SymlinkDir(_))
         ));
         // Another user's directory is refused (needs root to make one).
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if nix::unistd::geteuid().is_root() {
             let d = base.join("foreign");
             std::fs::create_dir(&d).unwrap();
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();

@@ -129,11 +129,9 @@ pub struct Totals {
 
 impl Scanner {
     pub fn new(proc_root: &Path) -> Scanner {
-        // SAFETY: sysconf has no preconditions.
-        let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         Scanner {
             map: HashMap::new(),
-            page_size: if ps > 0 { ps as usize } else { 4096 },
+            page_size: procfs::page_size(),
             zero_pfn: zero_page_pfn(),
             procs: Vec::new(),
             skipped: Vec::new(),

@@ -46,31 +46,33 @@ pub(super) fn open_reason(e: &io::Error) -> String {
 /// The PFN of the kernel's shared zero page, learnt by read-faulting one page of our own; `None`
 /// when pagemap hides PFNs (not root).
 pub(super) fn zero_page_pfn() -> Option<u64> {
-    // SAFETY: a fresh private anonymous mapping, read once, then unmapped.
-    unsafe {
-        let ps = libc::sysconf(libc::_SC_PAGESIZE) as usize;
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            ps,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        std::ptr::read_volatile(p as *const u8);
-        let mut e = [0u8; 8];
-        let r = File::open("/proc/self/pagemap")
-            .and_then(|f| f.read_at(&mut e, (p as u64) / ps as u64 * 8));
-        libc::munmap(p, ps);
-        let e = u64::from_le_bytes(e);
-        match r {
-            Ok(8) if e & PM_PRESENT != 0 && e & PM_PFN_MASK != 0 => Some(e & PM_PFN_MASK),
-            _ => None,
-        }
+    use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    let ps = page_size();
+    let len = std::num::NonZeroUsize::new(ps)?;
+    // SAFETY: a fresh private anonymous mapping nothing else refers to.
+    let p =
+        unsafe { mmap_anonymous(None, len, ProtFlags::PROT_READ, MapFlags::MAP_PRIVATE) }.ok()?;
+    // SAFETY: the first byte of the readable page just mapped.
+    unsafe { std::ptr::read_volatile(p.as_ptr() as *const u8) };
+    let mut e = [0u8; 8];
+    let r = File::open("/proc/self/pagemap")
+        .and_then(|f| f.read_at(&mut e, (p.as_ptr() as u64) / ps as u64 * 8));
+    // SAFETY: unmapping that page, which nothing refers to any more.
+    let _ = unsafe { munmap(p, ps) };
+    let e = u64::from_le_bytes(e);
+    match r {
+        Ok(8) if e & PM_PRESENT != 0 && e & PM_PFN_MASK != 0 => Some(e & PM_PFN_MASK),
+        _ => None,
     }
+}
+
+/// The page size (4096 where sysconf does not say).
+pub(super) fn page_size() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .filter(|&p| p > 0)
+        .map_or(4096, |p| p as usize)
 }
 
 /// Worth scanning: private and readable, anonymous or a private file mapping (whose COW copies
