@@ -364,10 +364,20 @@ impl Agent {
             return;
         };
         self.engine.set_full_scans(scans.max(0) as u64);
+        let now = self.now_ms();
         for id in self.engine.due_checks() {
             let Some(c) = self.clients.get(&id) else {
                 continue;
             };
+            // The last smaps read of this process (feedback or coverage) is recent: the check
+            // waits for the next feedback turn past the interval.
+            let last = self
+                .figures
+                .get(&id)
+                .and_then(|f| f.coverage.as_ref().map(|c| c.1));
+            if last.is_some_and(|t| now < t + FEEDBACK_MIN_INTERVAL_MS) {
+                continue;
+            }
             match ksm::read_smaps(&root, c.pid()) {
                 Ok(_) if !c.proc.alive() => {
                     debug!("pid {}: exited while its smaps were read", c.pid())
@@ -377,7 +387,7 @@ impl Agent {
                         vmas.iter().map(|v| (v.start, v.end, v.ksm_kib)).collect();
                     self.engine.feedback(id, &v);
                     let cov = control::coverage_of(c, &vmas);
-                    self.figures.entry(id).or_default().coverage = Some((cov, self.now_ms()));
+                    self.figures.entry(id).or_default().coverage = Some((cov, now));
                 }
                 Err(e) => debug!("pid {}: {e}", c.pid()),
             }
