@@ -257,3 +257,41 @@ fn json_replies_keep_ok_and_the_exit_status_together() {
     assert!(r.ok);
     assert_eq!(r.entries[0].result, "wrapped");
 }
+
+/// `wrap`'s closing hint names `ksmplusctl add PROGRAM` only while the user's policy does not
+/// track the program yet.
+#[test]
+fn wrap_hints_at_add_only_for_untracked_programs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let share = tmp.path().join("share");
+    let config = tmp.path().join("config");
+    let lib = tmp.path().join("libksmplus.so");
+    std::fs::write(&lib, b"x").unwrap();
+    let dirs = fixtures().to_string_lossy().into_owned();
+    let exe = bin("ksmplusctl");
+    let wrap = |args: &[&str]| {
+        let o = Command::new(&exe)
+            .env("XDG_DATA_HOME", &share)
+            .env("XDG_DATA_DIRS", &dirs)
+            .env("XDG_CONFIG_HOME", &config)
+            .env_remove("LD_PRELOAD")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        stdout(&o)
+    };
+    let lib = lib.to_string_lossy().into_owned();
+    let out = wrap(&["wrap", "plainviewer", "--lib", &lib]);
+    assert!(out.contains("ksmplusctl add plainviewer"), "{out}");
+    wrap(&["unwrap", "plainviewer"]);
+    std::fs::create_dir_all(config.join("ksmplus")).unwrap();
+    std::fs::write(
+        config.join("ksmplus/policy.toml"),
+        "track = [\"plainviewer\"]\n",
+    )
+    .unwrap();
+    let out = wrap(&["wrap", "plainviewer", "--lib", &lib]);
+    assert!(!out.contains("ksmplusctl add"), "{out}");
+    assert!(out.contains("the policy tracks them"), "{out}");
+}

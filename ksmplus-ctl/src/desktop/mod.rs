@@ -464,16 +464,31 @@ fn print_outcomes(v: &[Outcome], mut reply: DesktopReply, json_out: bool) -> i32
     if json_out {
         print_json(&reply);
     } else if !reply.programs.is_empty() {
+        // The hint names only what the user's policy does not track yet (best effort: an
+        // unreadable policy hints at every program).
+        let policy =
+            ksmplus_common::policy::Policy::load(&ksmplus_common::paths::policy_path(None));
         let adds: Vec<String> = reply
             .programs
             .iter()
+            .filter(|p| {
+                policy.as_ref().map_or(true, |pol| {
+                    pol.decide(p, p) != ksmplus_common::policy::Decision::Track
+                })
+            })
             .map(|p| hint(&["ksmplusctl", "add", p]))
             .collect();
-        println!(
-            "started from the menu, these now run under the shim; the agent merges them once \
-             tracked: {}",
-            adds.join(", ")
-        );
+        if adds.is_empty() {
+            println!(
+                "started from the menu, these now run under the shim, and the policy tracks them"
+            );
+        } else {
+            println!(
+                "started from the menu, these now run under the shim; the agent merges them once \
+                 tracked: {}",
+                adds.join(", ")
+            );
+        }
     }
     if reply.ok {
         exit::OK
