@@ -92,7 +92,9 @@ pub struct Client {
     pub hello: bool,
     pub page_size: u64,
     pub ppid: u32,
+    /// `Seccomp:` and `Seccomp_filters:` of its status, as last read.
     pub seccomp: u32,
+    pub seccomp_filters: u32,
     pub sandbox: Sandbox,
     /// `PR_SET_MEMORY_MERGE` set by the agent's fallback.
     pub merge_any: bool,
@@ -131,6 +133,16 @@ pub const CHECK_MAX_MS: u64 = 2000;
 pub const MAPS_MAX_AGE_MS: u64 = 10_000;
 
 impl Client {
+    /// Under a seccomp filter that may kill it for KSM advice: one it installed itself, or
+    /// any but those it was exec'd with ([`ksmplus_common::channel::advice_allowed`]).
+    pub fn filtered(&self) -> bool {
+        !ksmplus_common::channel::advice_allowed(
+            self.seccomp,
+            self.seccomp_filters,
+            self.last.flags,
+        )
+    }
+
     /// Opens `pid`, reads its channel at `addr` and checks it is an initialised channel of this
     /// layout (and, when given, has nonce `nonce`).
     pub fn adopt(
@@ -175,6 +187,7 @@ impl Client {
                 page_size,
                 ppid: st.ppid,
                 seccomp: st.seccomp,
+                seccomp_filters: st.seccomp_filters,
                 sandbox: Sandbox::Unknown,
                 merge_any: false,
                 ranges: Vec::new(),

@@ -349,6 +349,8 @@ pub struct Status {
     pub uid: u32,
     /// `Seccomp:` 0 none, 1 strict, 2 filter.
     pub seccomp: u32,
+    /// `Seccomp_filters:` how many filters are attached.
+    pub seccomp_filters: u32,
     /// Caught signals (bit n-1 for signal n).
     pub sig_cgt: u64,
     pub sig_blk: u64,
@@ -377,6 +379,7 @@ pub fn parse_status(text: &str) -> Status {
                     .unwrap_or(0)
             }
             "Seccomp" => s.seccomp = v.parse().unwrap_or(0),
+            "Seccomp_filters" => s.seccomp_filters = v.parse().unwrap_or(0),
             "SigCgt" => s.sig_cgt = hex(v),
             "SigBlk" => s.sig_blk = hex(v),
             "SigIgn" => s.sig_ign = hex(v),
@@ -493,12 +496,13 @@ mod tests {
 
     #[test]
     fn status_parses_the_fields_the_agent_uses() {
-        let t = "Name:\tx\nThreads:\t3\nPPid:\t7\nUid:\t1001\t1001\t1001\t1001\nNSpid:\t9584\t14\t1\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000400000\nSeccomp:\t2\n";
+        let t = "Name:\tx\nThreads:\t3\nPPid:\t7\nUid:\t1001\t1001\t1001\t1001\nNSpid:\t9584\t14\t1\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000400000\nSeccomp:\t2\nSeccomp_filters:\t3\n";
         let s = parse_status(t);
         assert_eq!(s.ppid, 7);
         assert_eq!(s.threads, 3);
         assert_eq!(s.uid, 1001);
         assert_eq!(s.seccomp, 2);
+        assert_eq!(s.seccomp_filters, 3);
         assert_eq!(s.nspid, vec![9584, 14, 1]);
         assert_eq!(s.sig_cgt, 1 << 22, "SIGURG (23) is bit 22");
         assert_eq!(s.sig_ign, 1 << 12);

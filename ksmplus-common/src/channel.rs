@@ -87,6 +87,31 @@ pub mod flag {
     pub const FORK_CHILD: u32 = 4;
     /// The shim is dormant (verdict IGNORE seen, or excluded by name in madvise-all mode).
     pub const DORMANT: u32 = 8;
+    /// The process was exec'd under a seccomp filter (bubblewrap, flatpak, systemd's
+    /// `SystemCallFilter=`); how many filters it had then is in the bits from
+    /// [`INHERITED_SHIFT`].
+    pub const FILTER_INHERITED: u32 = 16;
+    /// The program installed a seccomp filter of its own (seen by the shim's `prctl`/`syscall`
+    /// hooks): the shim refuses KSM advice from then on.
+    pub const FILTER_OWN: u32 = 32;
+    /// `flags >> INHERITED_SHIFT`: the number of seccomp filters the process was exec'd with.
+    pub const INHERITED_SHIFT: u32 = 24;
+}
+
+/// May the agent send KSM advice to a process whose `/proc/PID/status` says `Seccomp:
+/// seccomp` and `Seccomp_filters: filters`, and whose channel says `flags`? Yes without a
+/// filter; under one only if every filter it has was inherited at exec (a launcher's: they
+/// filter system calls by number and allow `madvise`, which every allocator uses) and it
+/// installed none itself (browsers' own filters may kill a process for MADV_MERGEABLE).
+pub fn advice_allowed(seccomp: u32, filters: u32, flags: u32) -> bool {
+    if seccomp == 0 {
+        return true;
+    }
+    seccomp == 2
+        && flags & flag::FILTER_INHERITED != 0
+        && flags & flag::FILTER_OWN == 0
+        && filters != 0
+        && filters == flags >> flag::INHERITED_SHIFT
 }
 
 /// One command of a batch.
@@ -209,6 +234,7 @@ pub struct Anchor {
 pub mod offsets {
     use super::*;
     pub const MAGIC: usize = offset_of!(Channel, magic);
+    pub const FLAGS: usize = offset_of!(Channel, flags);
     pub const VERDICT: usize = offset_of!(Channel, verdict);
     pub const AGENT_PID: usize = offset_of!(Channel, agent_pid);
     pub const CMD_SEQ: usize = offset_of!(Channel, cmd_seq);
@@ -392,6 +418,30 @@ pub fn find_anchor(data: &[u8]) -> Option<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn advice_under_a_filter_only_when_every_filter_was_inherited() {
+        let inherited = |n: u32| flag::FILTER_INHERITED | (n << flag::INHERITED_SHIFT);
+        assert!(advice_allowed(0, 0, 0), "no filter");
+        assert!(
+            advice_allowed(2, 1, inherited(1)),
+            "the launcher's one filter"
+        );
+        assert!(
+            !advice_allowed(2, 2, inherited(1)),
+            "one added since: the program's own"
+        );
+        assert!(
+            !advice_allowed(2, 1, inherited(1) | flag::FILTER_OWN),
+            "the shim saw the program install one"
+        );
+        assert!(
+            !advice_allowed(2, 1, 0),
+            "a filter the shim did not see at start"
+        );
+        assert!(!advice_allowed(1, 0, 0), "strict mode");
+        assert!(!advice_allowed(2, 0, inherited(0)), "no count: unknown");
+    }
     use super::*;
     use core::sync::atomic::Ordering::Relaxed;
 

@@ -137,6 +137,7 @@ fn fill(
     if fork_child {
         f |= flag::FORK_CHILD;
     }
+    f |= crate::seccomp::channel_flags();
     ch.flags.fetch_or(f, Relaxed);
     ch.magic.store(CHANNEL_MAGIC, Release);
 }
@@ -400,6 +401,13 @@ fn execute(ch: &Channel, op: u32, start: u64, len: u64) -> i32 {
     match res {
         Ok(_) => 0,
         Err(e) => e,
+    }
+}
+
+/// Sets `f` in the channel's flags (for the agent to read).
+pub fn add_flags(f: u32) {
+    if let Some(ch) = channel() {
+        ch.flags.fetch_or(f, Release);
     }
 }
 

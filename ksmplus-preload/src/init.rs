@@ -92,6 +92,11 @@ pub fn init() {
     let exe = std::fs::read_link("/proc/self/exe")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // A seccomp filter this process was exec'd with is a launcher's (bubblewrap, flatpak,
+    // systemd): the agent may advise under it, unless the program adds one of its own.
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        crate::seccomp::note_inherited(crate::seccomp::inherited_filters(&status));
+    }
     let madvise_all = flag_set(c"KSMPLUS_MADVISE_ALL");
     // SAFETY: dlsym with a static name; RTLD_NEXT finds glibc's definition behind ours.
     let real = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };

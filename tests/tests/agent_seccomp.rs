@@ -50,3 +50,33 @@ fn a_process_under_a_seccomp_filter_is_never_advised_and_lives() {
     assert!(st.success(), "the filtered program ended with {st:?}");
     assert!(work.finish(T).0.success());
 }
+
+/// A filter the process was exec'd with — a launcher's, as bubblewrap installs for WebKit's web
+/// processes — does not stop the agent: the shim reads `Seccomp_filters` at start, and while the
+/// process adds no filter of its own its duplicates are marked as anywhere else.
+#[test]
+fn a_filter_inherited_at_exec_does_not_stop_marking() {
+    let policy = FAST_POLICY.replace("track = [\"agent_work\"]", "track = [\"agent_seccomp\"]");
+    let agent = Agent::start(&policy);
+    let exe = agent.dir.path().join("agent_seccomp");
+    std::fs::copy(compile("agent_seccomp"), &exe).unwrap();
+    let (p, line) = agent.run_under_shim(&exe, &["launch", "8"]);
+    assert!(line.contains("inherited=1"), "{line}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+    assert!(
+        status.contains("Seccomp:\t2") && status.contains("Seccomp_filters:\t1"),
+        "{status}"
+    );
+    let s = agent.wait(
+        "the exec'd program marked under its inherited filter",
+        T,
+        |s| {
+            find(s, p.pid())
+                .filter(|q| u(&q["marked_bytes"]) >= 4 << 20)
+                .cloned()
+        },
+    );
+    assert_eq!(s["marking"], "marks", "{s}");
+    let (st, _) = p.finish(T);
+    assert!(st.success(), "{st:?}");
+}

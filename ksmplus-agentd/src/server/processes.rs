@@ -148,7 +148,7 @@ impl Agent {
         }
         c.maps_read_ms = now;
         c.check_at_ms = now + crate::client::CHECK_MIN_MS;
-        if c.seccomp != 0 {
+        if c.filtered() {
             // Under a seccomp filter: never advised (see `post_batches`); the fallback may
             // apply to the process it was forked from.
             c.queue_op(Item::Trim);

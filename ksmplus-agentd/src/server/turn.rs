@@ -334,9 +334,20 @@ impl Agent {
             // is no way to ask a filter what it would do. A process may install one at any
             // time, so its state is read again right before each batch: under a filter,
             // nothing but cache trims (munmap, which every allocator needs) is ever posted.
-            let seccomp = procfs::read_status(&root, c.pid()).map_or(1, |st| st.seccomp);
-            if seccomp != 0 {
-                c.seccomp = seccomp;
+            // A filter the process was exec'd with (a launcher's: bubblewrap, flatpak) is the
+            // exception, as long as the process adds none (its shim says so in the flags).
+            match procfs::read_status(&root, c.pid()) {
+                Ok(st) => (c.seccomp, c.seccomp_filters) = (st.seccomp, st.seccomp_filters),
+                Err(_) => c.seccomp = 1,
+            }
+            let mut flags = [0u8; 4];
+            if c.proc
+                .read(c.channel + channel::offsets::FLAGS as u64, &mut flags)
+                .is_ok()
+            {
+                c.last.flags = u32::from_ne_bytes(flags);
+            }
+            if c.filtered() {
                 c.queue.retain(|(i, _)| matches!(i, Item::Trim));
                 filtered.push(*id);
             }
