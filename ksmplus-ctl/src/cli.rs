@@ -6,6 +6,7 @@
 //! For scripts written before that, `--socket` and `--json` are still accepted (hidden) *before*
 //! the subcommand; [`Args::resolve`] moves them onto the subcommand, and refuses them where the
 //! subcommand has no such option.
+use crate::output::JsonArg;
 use crate::{desktop, scan, service};
 use clap::{Args as ClapArgs, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
@@ -45,14 +46,6 @@ pub struct AgentArgs {
     pub socket: Option<PathBuf>,
 }
 
-/// `--json`.
-#[derive(ClapArgs, Debug, Clone, Copy, Default)]
-pub struct JsonArg {
-    /// Print the reply as JSON (one object; with --watch, one per line)
-    #[arg(long)]
-    pub json: bool,
-}
-
 #[derive(ClapArgs, Debug, Clone)]
 pub struct StatusArgs {
     /// Refresh every SECONDS (default 2) until interrupted
@@ -85,6 +78,20 @@ pub struct ReloadArgs {
     pub out: JsonArg,
 }
 
+/// `ksmplusctl generate` options.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Write the man pages (section 1) into DIR
+    #[arg(long, value_name = "DIR")]
+    pub man: Option<PathBuf>,
+    /// Write bash/, zsh/ and fish/ completion files into DIR
+    #[arg(long, value_name = "DIR")]
+    pub completions: Option<PathBuf>,
+    /// The agent whose `--help` its man page shows [default: ksmplus-agentd next to ksmplusctl]
+    #[arg(long, value_name = "PATH")]
+    pub agentd: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum Cmd {
     /// Tracked processes, what is marked and merged, and ksmd's state
@@ -107,7 +114,7 @@ pub enum Cmd {
     InstallService(service::InstallArgs),
     /// Write the man pages and shell completions (at build time; see the Makefile)
     #[command(hide = true)]
-    Generate(crate::generate::GenerateArgs),
+    Generate(GenerateArgs),
 }
 
 impl Cmd {

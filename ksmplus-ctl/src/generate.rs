@@ -7,24 +7,10 @@
 //! and `ksmplus-agentd.1`, built from `ksmplus-agentd --help` (ksmplusctl does not link the
 //! agent, so its options are taken from the binary being installed) and fixed sections.
 //! Completions (clap_complete): `bash/ksmplusctl`, `zsh/_ksmplusctl`, `fish/ksmplusctl.fish`.
-use crate::cli;
+use crate::cli::{self, GenerateArgs};
 use clap_complete::Shell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// `ksmplusctl generate` options.
-#[derive(clap::Args, Debug, Clone)]
-pub struct GenerateArgs {
-    /// Write the man pages (section 1) into DIR
-    #[arg(long, value_name = "DIR")]
-    pub man: Option<PathBuf>,
-    /// Write bash/, zsh/ and fish/ completion files into DIR
-    #[arg(long, value_name = "DIR")]
-    pub completions: Option<PathBuf>,
-    /// The agent whose `--help` its man page shows [default: ksmplus-agentd next to ksmplusctl]
-    #[arg(long, value_name = "PATH")]
-    pub agentd: Option<PathBuf>,
-}
 
 /// Why generating failed.
 #[derive(Debug, thiserror::Error)]

@@ -161,7 +161,7 @@ pub struct InstallArgs {
     #[arg(long)]
     pub print: bool,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// Runs `ksmplusctl install-service`.

@@ -408,7 +408,7 @@ pub struct WrapArgs {
     #[arg(long, value_name = "PATH")]
     pub lib: Option<PathBuf>,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// `ksmplusctl unwrap` options.
@@ -421,7 +421,7 @@ pub struct UnwrapArgs {
     #[arg(long, conflicts_with = "app")]
     pub all: bool,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// Prints what happened (text, or a [`DesktopReply`] with `--json`); the exit status: 1 when

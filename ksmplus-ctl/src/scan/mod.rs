@@ -392,7 +392,7 @@ pub struct ScanArgs {
     #[arg(long, default_value_t = 10)]
     pub top: usize,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// Runs `ksmplusctl scan`; returns the exit code (0 ok, 1 nothing scanned, 2 usage).
