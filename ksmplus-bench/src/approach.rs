@@ -57,13 +57,14 @@ impl Approach {
 pub struct Tools {
     pub preload: Option<PathBuf>,
     pub agent: Option<PathBuf>,
-    /// Policy file text; `{comm}` is replaced by the workload's comm.
-    pub policy_template: String,
+    /// The agent's policy file text.
+    pub policy: String,
     /// Extra arguments for the agent, after `--socket S --policy P`.
     pub agent_args: Vec<String>,
 }
 
-/// The default policy plus the workload tracked (keys of `ksmplus-common/src/policy.rs`).
+/// The default policy plus the workload tracked (keys of `ksmplus-common/src/policy.rs`);
+/// `{comm}` stands for the workload's comm.
 pub const DEFAULT_POLICY: &str =
     "# written by ksmplus-bench: the default policy, the workload tracked\ntrack = [\"{comm}\"]\n";
 
@@ -113,6 +114,33 @@ impl Agent {
         let text = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+
+    /// Waits up to 5 s for the agent's `socket`; the agent, or why it is not listening
+    /// (through `fail`, which names the agent).
+    pub fn listening(
+        mut self,
+        socket: &Path,
+        fail: impl Fn(String) -> Unavailable,
+    ) -> Result<Agent, Unavailable> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(fail(format!(
+                    "exited ({st}) before creating its socket:\n{}",
+                    self.log_tail()
+                )));
+            }
+            if Instant::now() >= deadline || sys::stop_requested() {
+                return Err(fail(format!(
+                    "no socket at {} after 5 s:\n{}",
+                    socket.display(),
+                    self.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(self)
     }
 
     pub fn stop(&mut self) {
@@ -198,13 +226,8 @@ fn start_agent(bin: &Path, tools: &Tools, tmp: &Path, cell: &str) -> Result<Agen
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
     let policy = dir.join("policy.toml");
     let socket = dir.join("agent.sock");
-    std::fs::write(
-        &policy,
-        tools
-            .policy_template
-            .replace("{comm}", crate::workload::COMM),
-    )
-    .map_err(|e| fail(format!("{}: {e}", policy.display())))?;
+    std::fs::write(&policy, &tools.policy)
+        .map_err(|e| fail(format!("{}: {e}", policy.display())))?;
     let log = File::create(dir.join("agent.log")).map_err(|e| fail(e.to_string()))?;
     let log2 = log.try_clone().map_err(|e| fail(e.to_string()))?;
     let child = Command::new(bin)
@@ -218,25 +241,7 @@ fn start_agent(bin: &Path, tools: &Tools, tmp: &Path, cell: &str) -> Result<Agen
         .stderr(log2)
         .spawn()
         .map_err(|e| fail(format!("cannot start {}: {e}", bin.display())))?;
-    let mut agent = Agent { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !socket.exists() {
-        if let Ok(Some(st)) = agent.child.try_wait() {
-            return Err(fail(format!(
-                "exited ({st}) before creating its socket:\n{}",
-                agent.log_tail()
-            )));
-        }
-        if Instant::now() >= deadline || sys::stop_requested() {
-            return Err(fail(format!(
-                "no socket at {} after 5 s:\n{}",
-                socket.display(),
-                agent.log_tail()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(agent)
+    Agent { child, dir }.listening(&socket, fail)
 }
 
 /// The first existing file among the candidates.

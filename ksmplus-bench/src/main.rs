@@ -154,14 +154,15 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 30.0 } else { 90.0 }),
         sample_ms: cli.sample_ms.max(10),
     };
-    let policy_template = match &cli.agent_policy {
+    let policy = match &cli.agent_policy {
         Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => approach::DEFAULT_POLICY.to_owned(),
-    };
+    }
+    .replace("{comm}", workload::COMM);
     let tools = Tools {
         preload: approach::find_tool(cli.preload.clone(), "libksmplus.so"),
         agent: approach::find_tool(cli.agent.clone(), "ksmplus-agentd"),
-        policy_template,
+        policy,
         agent_args: cli.agent_args.clone(),
     };
 

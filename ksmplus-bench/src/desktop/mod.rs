@@ -12,9 +12,13 @@
 //! generated locally (`ksmplus-bench/desktop/gen_inputs.py`, `pages.rs`), nothing is downloaded.
 
 mod cell;
+mod ctx;
+mod observe;
 mod pages;
 mod procs;
 mod report;
+mod results;
+mod running;
 mod scenario;
 mod user;
 mod x11;
@@ -22,8 +26,9 @@ mod x11;
 use crate::approach::{self, Approach, Tools};
 use crate::session::{self, Session};
 use crate::sys;
-use cell::{Ctx, DeskCell};
 use clap::Parser;
+use ctx::Ctx;
+use results::DeskCell;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -263,7 +268,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     let tools = Tools {
         preload: shim.as_ref().map(|s| s.so.clone()).or(preload.clone()),
         agent: agent.clone(),
-        policy_template: policy(cli.agent_min_region),
+        policy: policy(cli.agent_min_region),
         // Root's agents learn into the run's directory, not into root's home.
         agent_args: vec![
             "--state".into(),
@@ -426,7 +431,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             cells.push(c);
         }
     }
-    let _ = cell::wait_clean(&ctx, Duration::from_secs(30));
+    let _ = ctx::wait_clean(&ctx, Duration::from_secs(30));
     drop(ctx);
     if let Some(u) = &user_side {
         let _ = std::fs::copy(&u.state, results.join("learned"));

@@ -2,7 +2,7 @@
 //! rows (start-up, merging, profit, responsiveness), per-process rows of the browsers under
 //! ksmplus, the `scan` summaries and the targets of issues 7 and 10.
 
-use super::cell::DeskCell;
+use super::results::DeskCell;
 use super::scenario::Scenario;
 use std::fmt::Write as _;
 
