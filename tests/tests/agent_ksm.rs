@@ -6,7 +6,7 @@
 //! are printed as `FIGURE ...` lines (`cargo test -p ksmplus-tests --test agent_ksm -- --nocapture`).
 mod agent_support;
 use agent_support::{cpu_ms, figure, full_scans, ksmd_pid, Agent, FAST_POLICY};
-use ksmplus_tests::{num_field, page_size, procfs, require_ksm, KsmdGuard};
+use ksmplus_tests::{num_field, page_size, procfs, require_ksm, Interactive, KsmdGuard};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,30 @@ struct Usage {
     agent0: u64,
 }
 
+/// ksmd for this test alone, an agent with the fast policy, and their usage measured from now;
+/// `None` (the test skips) without KSM.
+fn measured_agent() -> Option<(KsmdGuard, Agent, Usage)> {
+    if !require_ksm() {
+        return None;
+    }
+    let ksmd = KsmdGuard::acquire();
+    let agent = Agent::start(FAST_POLICY);
+    let usage = Usage::start(&agent);
+    Some((ksmd, agent, usage))
+}
+
 impl Usage {
+    /// The end of a case: its figures reported, `status --json` checked against the kernel for
+    /// the first of `procs` (case 7), then every one of them ended, each with success.
+    fn finish(&self, case: &str, agent: &Agent, procs: Vec<Interactive>) {
+        let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
+        self.report(case, agent, &pids);
+        assert_status_matches_ksm_stat(agent, pids[0]);
+        for p in procs {
+            assert!(p.finish(LINE).0.success());
+        }
+    }
+
     fn start(agent: &Agent) -> Usage {
         Usage {
             t0: Instant::now(),
@@ -97,12 +120,9 @@ impl Usage {
 
 #[test]
 fn table_5_2_two_regions_merge_512_pages_with_few_rmap_items() {
-    if !require_ksm() {
+    let Some((_ksmd, agent, usage)) = measured_agent() else {
         return;
-    }
-    let _ksmd = KsmdGuard::acquire();
-    let agent = Agent::start(FAST_POLICY);
-    let usage = Usage::start(&agent);
+    };
     let (p, line) = agent.workload("agent_work", &["table52"]);
     let pid = p.pid();
     let ps = page_size();
@@ -148,21 +168,14 @@ fn table_5_2_two_regions_merge_512_pages_with_few_rmap_items() {
     assert!(k.rmap_items <= 1027, "{k:?}");
     let st = agent.process(pid).unwrap();
     assert_eq!(u(&st["marked_bytes"]), 2 * 256 * ps, "{st}");
-    usage.report("table 5-2", &agent, &[pid]);
-    // Case 7: status --json agrees with the kernel.
-    assert_status_matches_ksm_stat(&agent, pid);
-    let (st, _) = p.finish(LINE);
-    assert!(st.success());
+    usage.finish("table 5-2", &agent, vec![p]);
 }
 
 #[test]
 fn unique_pages_end_with_no_rmap_items_and_no_fingerprints() {
-    if !require_ksm() {
+    let Some((_ksmd, agent, usage)) = measured_agent() else {
         return;
-    }
-    let _ksmd = KsmdGuard::acquire();
-    let agent = Agent::start(FAST_POLICY);
-    let usage = Usage::start(&agent);
+    };
     let (p, line) = agent.workload("agent_work", &["unique", "200"]);
     let pid = p.pid();
     let (a, size) = (num_field(&line, "a"), num_field(&line, "size"));
@@ -193,20 +206,14 @@ fn unique_pages_end_with_no_rmap_items_and_no_fingerprints() {
     let s = agent.status();
     assert_eq!(u(&s["engine"]["fingerprints"]), 0, "{s}");
     assert_eq!(u(&s["engine"]["distinct_hashes"]), 0, "{s}");
-    usage.report("no duplicates (200 MiB)", &agent, &[pid]);
-    assert_status_matches_ksm_stat(&agent, pid);
-    let (st, _) = p.finish(LINE);
-    assert!(st.success());
+    usage.finish("no duplicates (200 MiB)", &agent, vec![p]);
 }
 
 #[test]
 fn dense_thesis_program_in_two_processes_merges_99_percent() {
-    if !require_ksm() {
+    let Some((_ksmd, agent, usage)) = measured_agent() else {
         return;
-    }
-    let _ksmd = KsmdGuard::acquire();
-    let agent = Agent::start(FAST_POLICY);
-    let usage = Usage::start(&agent);
+    };
     let (p1, l1) = agent.workload("agent_work", &["dense", "20"]);
     let (p2, l2) = agent.workload("agent_work", &["dense", "20"]);
     let ps = page_size();
@@ -225,10 +232,7 @@ fn dense_thesis_program_in_two_processes_merges_99_percent() {
                 .then_some(())
         },
     );
-    usage.report("dense 2 x 20 MiB", &agent, &[a, b]);
-    assert_status_matches_ksm_stat(&agent, a);
-    assert!(p1.finish(LINE).0.success());
-    assert!(p2.finish(LINE).0.success());
+    usage.finish("dense 2 x 20 MiB", &agent, vec![p1, p2]);
 }
 
 fn ksmd_value(name: &str) -> String {

@@ -254,9 +254,7 @@ fn slow_peers_are_timed_out_and_their_memory_given_back() {
 
 #[test]
 fn a_peer_of_another_uid_is_refused() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        ksmplus_tests::ksmd::skip_or_fail("needs root to setuid a child to nobody");
+    if !ksmplus_tests::ksmd::require_root("needs root to setuid a child to nobody") {
         return;
     }
     let agent = Agent::start(FAST_POLICY);
@@ -344,9 +342,7 @@ fn a_peer_of_another_uid_is_refused() {
 /// serves.
 #[test]
 fn socket_takeover_is_refused_by_agent_and_ctl() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        ksmplus_tests::ksmd::skip_or_fail("needs root to make a directory owned by nobody");
+    if !ksmplus_tests::ksmd::require_root("needs root to make a directory owned by nobody") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
