@@ -2,6 +2,7 @@
 //! (environment, a pre-exec `prctl`, an agent) and what to check once it runs.
 
 use crate::sys;
+use ksmplus_common::ksm;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,29 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Approach {
+    /// Checks that the launcher did what it claims in the process `pid` (`who` names it in the
+    /// error): it maps the shim where one must be mapped, and the kernel's merge-everything
+    /// mode is on exactly under merge_any and smart_scan.
+    pub fn check_launched(self, launch: &Launch, pid: u32, who: &str) -> Result<(), String> {
+        if let Some(so) = &launch.must_map {
+            if !sys::maps_contain(pid, so) {
+                return Err(format!("{who} does not map {so}: the shim is not loaded"));
+            }
+        }
+        let st = ksm::read_ksm_stat(Path::new("/"), pid).map_err(|e| e.to_string())?;
+        let want = matches!(self, Approach::MergeAny | Approach::SmartScan);
+        if st.merge_any != want {
+            return Err(format!(
+                "{who}: ksm_merge_any is {} but {} needs {want}",
+                st.merge_any,
+                self.name()
+            ));
+        }
+        Ok(())
     }
 }
 

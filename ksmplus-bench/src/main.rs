@@ -14,6 +14,7 @@ mod desktop;
 mod report;
 mod session;
 mod sys;
+mod table;
 mod workload;
 
 use approach::{Approach, Tools};

@@ -95,22 +95,7 @@ pub fn observe(
     let tree = procs_now();
     // The launcher must have done what it claims.
     for p in &r.programs {
-        if let Some(so) = &launch.must_map {
-            if !sys::maps_contain(p.pid, so) {
-                return Err(format!("{} (pid {}) does not map {so}", p.label, p.pid));
-            }
-        }
-        let st = ksm::read_ksm_stat(root(), p.pid).map_err(|e| e.to_string())?;
-        let want = matches!(ap, Approach::MergeAny | Approach::SmartScan);
-        if st.merge_any != want {
-            return Err(format!(
-                "{} (pid {}): ksm_merge_any is {} but {} needs {want}",
-                p.label,
-                p.pid,
-                st.merge_any,
-                ap.name()
-            ));
-        }
+        ap.check_launched(launch, p.pid, &format!("{} (pid {})", p.label, p.pid))?;
     }
     let mut procs_r: BTreeMap<u32, ProcResult> = BTreeMap::new();
     for (&pid, &i) in &tree {
@@ -356,10 +341,14 @@ fn agent_status(
         Some(u) => u.ctl()?,
         None => Command::new(ctx.ctl.as_ref()?),
     };
+    cmd.arg("--socket").arg(socket).args(["--json", "status"]);
+    json_out(&mut cmd, "ksmplusctl status: unparsable reply", notes)
+}
+
+/// What `cmd` prints on stdout, as JSON; `None` when it cannot run, or with a note (`what:
+/// error`) when its output is not JSON.
+fn json_out(cmd: &mut Command, what: &str, notes: &mut Vec<String>) -> Option<Value> {
     let out = cmd
-        .arg("--socket")
-        .arg(socket)
-        .args(["--json", "status"])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
@@ -367,7 +356,7 @@ fn agent_status(
     match serde_json::from_slice::<Value>(&out.stdout) {
         Ok(v) => Some(v),
         Err(e) => {
-            notes.push(format!("ksmplusctl status: unparsable reply: {e}"));
+            notes.push(format!("{what}: {e}"));
             None
         }
     }
@@ -399,16 +388,5 @@ fn scan(ctx: &Ctx, pids: &[u32], notes: &mut Vec<String>) -> Option<Value> {
     for p in pids {
         cmd.arg("--pid").arg(p.to_string());
     }
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    match serde_json::from_slice::<Value>(&out.stdout) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            notes.push(format!("scan: unparsable output: {e}"));
-            None
-        }
-    }
+    json_out(&mut cmd, "scan: unparsable output", notes)
 }
