@@ -2,7 +2,7 @@
 //! hand-written SVG (two panels, no plotting dependency).
 
 use crate::cell::CellResult;
-use crate::table::{conv, not_ran, opt, MIB};
+use crate::table::{conv, not_ran, opt, verdict, MIB};
 use std::fmt::Write as _;
 
 fn find<'a>(cells: &'a [CellResult], wl: &str, ap: &str) -> Option<&'a CellResult> {
@@ -258,11 +258,7 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
 pub fn targets_text(ts: &[Target]) -> String {
     let mut s = String::from("targets (issue 4; * = the smoke run fails when it does):\n");
     for t in ts {
-        let v = match t.verdict {
-            Some(true) => "PASS",
-            Some(false) => "FAIL",
-            None => "n/a ",
-        };
+        let v = verdict(t.verdict, ["PASS", "FAIL", "n/a "]);
         let mark = if t.smoke { '*' } else { ' ' };
         let _ = writeln!(s, "  {v}{mark} {:<55} {}", t.name, t.detail);
     }

@@ -20,6 +20,16 @@ pub fn conv(converged: bool, converge_secs: f64, observed_secs: f64) -> String {
     }
 }
 
+/// A target's verdict in a list of targets: `words` for met, missed, and not measured (its
+/// cells did not run).
+pub fn verdict(v: Option<bool>, words: [&'static str; 3]) -> &'static str {
+    match v {
+        Some(true) => words[0],
+        Some(false) => words[1],
+        None => words[2],
+    }
+}
+
 /// The row of a cell that did not run: `head` (its first columns), then the first word of its
 /// `status` and the number of the footnote `name: status` added to `notes`.
 pub fn not_ran(s: &mut String, notes: &mut Vec<String>, head: &str, name: &str, status: &str) {
@@ -42,6 +52,9 @@ mod tests {
         assert_eq!(opt(None, 2), "-");
         assert_eq!(conv(true, 2.26, 90.0), "2.3");
         assert_eq!(conv(false, 2.25, 90.4), ">90");
+        let words = ["PASS", "FAIL", "n/a "];
+        assert_eq!(verdict(Some(false), words), "FAIL");
+        assert_eq!(verdict(None, words), "n/a ");
         let (mut s, mut notes) = (String::new(), vec!["earlier".to_owned()]);
         not_ran(
             &mut s,

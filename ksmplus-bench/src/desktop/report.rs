@@ -4,7 +4,7 @@
 
 use super::results::DeskCell;
 use super::scenario::Scenario;
-use crate::table::{conv, not_ran, opt, MIB};
+use crate::table::{conv, not_ran, opt, verdict, MIB};
 use std::fmt::Write as _;
 
 fn find<'a>(cells: &'a [DeskCell], sc: &str, ap: &str) -> Option<&'a DeskCell> {
@@ -535,11 +535,7 @@ fn browser_targets(cells: &[DeskCell], scenarios: &[Scenario], out: &mut Vec<Tar
 pub fn targets_text(ts: &[Target]) -> String {
     let mut s = String::from("targets (issues 7 and 10):\n");
     for t in ts {
-        let v = match t.verdict {
-            Some(true) => "MET ",
-            Some(false) => "MISS",
-            None => "n/a ",
-        };
+        let v = verdict(t.verdict, ["MET ", "MISS", "n/a "]);
         let _ = writeln!(s, "  [{v}] {}: {}", t.name, t.detail);
     }
     s
