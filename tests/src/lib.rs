@@ -52,6 +52,24 @@ pub fn num_field(line: &str, key: &str) -> u64 {
     parse_num(field(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}")))
 }
 
+/// Panics naming the first of `want` that `text` (`what`) does not contain.
+pub fn assert_contains_all(text: &str, want: &[&str], what: &str) {
+    for w in want {
+        assert!(text.contains(w), "{w:?} not in {what}:\n{text}");
+    }
+}
+
+/// Panics, with what it printed, when the command `what` that gave `o` failed.
+pub fn assert_success(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// The first `prog` on `$PATH`, as a shell finds it.
 pub fn which(prog: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?

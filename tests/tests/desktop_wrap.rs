@@ -94,13 +94,7 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "ksmplusctl failed ({}): {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    ksmplus_tests::assert_success(o, "ksmplusctl");
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 

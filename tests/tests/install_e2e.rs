@@ -39,13 +39,7 @@ fn make(args: &[&str]) -> Output {
         .env_remove("DESTDIR")
         .output()
         .expect("run make (package make)");
-    assert!(
-        o.status.success(),
-        "make {args:?} failed ({}):\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    ksmplus_tests::assert_success(&o, &format!("make {args:?}"));
     o
 }
 
@@ -454,14 +448,16 @@ fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
         assert!(!man_page(&p.path()).trim().is_empty());
     }
     let main = man_page(&pages.join("ksmplusctl.1"));
-    for s in [
-        "SYNOPSIS",
-        "EXIT STATUS",
-        "not running",
-        "ksmplusctl-status(1)",
-    ] {
-        assert!(main.contains(s), "{s} not in ksmplusctl(1):\n{main}");
-    }
+    ksmplus_tests::assert_contains_all(
+        &main,
+        &[
+            "SYNOPSIS",
+            "EXIT STATUS",
+            "not running",
+            "ksmplusctl-status(1)",
+        ],
+        "ksmplusctl(1)",
+    );
     let o = Command::new("man")
         .args(["-w", "ksmplusctl"])
         .env("MANPATH", prefix.join("share/man"))

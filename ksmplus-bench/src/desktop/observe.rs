@@ -244,16 +244,8 @@ pub fn observe(
             }
             p.tracked = Some(p.tracked.unwrap_or(true) && ok);
         }
-        p.processes += 1;
-        p.mem_t0 += pr.mem_t0;
-        p.merging_pages += pr.merging_pages;
-        p.rmap_items += pr.rmap_items;
-        p.profit += pr.profit;
-        r.mem_t0 += pr.mem_t0;
-        r.merging_pages += pr.merging_pages;
-        r.rmap_items += pr.rmap_items;
-        r.zero_pages += pr.zero_pages;
-        r.process_profit += pr.profit;
+        p.add(pr);
+        r.add(pr);
     }
     let pids: Vec<u32> = r_pids(&procs_r);
     match procs::ksm_pages(&pids) {

@@ -120,7 +120,27 @@ pub struct DeskCell {
     pub series: Vec<Sample>,
 }
 
+impl ProgResult {
+    /// Counts one of the program's processes in its figures.
+    pub fn add(&mut self, pr: &ProcResult) {
+        self.processes += 1;
+        self.mem_t0 += pr.mem_t0;
+        self.merging_pages += pr.merging_pages;
+        self.rmap_items += pr.rmap_items;
+        self.profit += pr.profit;
+    }
+}
+
 impl DeskCell {
+    /// Counts one of the programs' processes in the cell's sums.
+    pub fn add(&mut self, pr: &ProcResult) {
+        self.mem_t0 += pr.mem_t0;
+        self.merging_pages += pr.merging_pages;
+        self.rmap_items += pr.rmap_items;
+        self.zero_pages += pr.zero_pages;
+        self.process_profit += pr.profit;
+    }
+
     pub fn ran(&self) -> bool {
         self.status == "ok" || self.status == "deadline"
     }
