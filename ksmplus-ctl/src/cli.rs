@@ -206,12 +206,18 @@ mod tests {
         command().debug_assert();
     }
 
-    #[test]
-    fn options_live_on_the_subcommands_that_use_them() {
-        let c = parse(&["ksmplusctl", "status", "--json", "--socket", "/s"]).unwrap();
-        let Cmd::Status(s) = c else { panic!() };
+    /// `status` with `--json` and `--socket /s`, wherever they were given.
+    fn assert_status_json_on_s(v: &[&str]) {
+        let Cmd::Status(s) = parse(v).unwrap() else {
+            panic!("{v:?}")
+        };
         assert!(s.out.json);
         assert_eq!(s.agent.socket.as_deref(), Some(std::path::Path::new("/s")));
+    }
+
+    #[test]
+    fn options_live_on_the_subcommands_that_use_them() {
+        assert_status_json_on_s(&["ksmplusctl", "status", "--json", "--socket", "/s"]);
         // No --socket where no agent is involved, no --json on generate.
         assert!(parse(&["ksmplusctl", "wrap", "x", "--socket", "/s"]).is_err());
         assert!(parse(&["ksmplusctl", "scan", "--all", "--socket", "/s"]).is_err());
@@ -221,10 +227,7 @@ mod tests {
 
     #[test]
     fn the_old_leading_position_still_works_where_it_means_something() {
-        let c = parse(&["ksmplusctl", "--socket", "/s", "--json", "status"]).unwrap();
-        let Cmd::Status(s) = c else { panic!() };
-        assert!(s.out.json);
-        assert_eq!(s.agent.socket.as_deref(), Some(std::path::Path::new("/s")));
+        assert_status_json_on_s(&["ksmplusctl", "--socket", "/s", "--json", "status"]);
         // The subcommand's own value wins.
         let c = parse(&["ksmplusctl", "--socket", "/a", "add", "x", "--socket", "/b"]).unwrap();
         let Cmd::Add(a) = c else { panic!() };

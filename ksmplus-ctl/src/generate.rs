@@ -341,18 +341,21 @@ mod tests {
             .iter()
             .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        for want in [
-            "ksmplusctl.1",
-            "ksmplusctl-status.1",
-            "ksmplusctl-wrap.1",
-            "ksmplusctl-unwrap.1",
-            "ksmplus-agentd.1",
-            "ksmplusctl",
-            "_ksmplusctl",
-            "ksmplusctl.fish",
-        ] {
-            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
-        }
+        let have: Vec<&str> = names.iter().map(String::as_str).collect();
+        crate::test_util::assert_has_each(
+            &have,
+            &[
+                "ksmplusctl.1",
+                "ksmplusctl-status.1",
+                "ksmplusctl-wrap.1",
+                "ksmplusctl-unwrap.1",
+                "ksmplus-agentd.1",
+                "ksmplusctl",
+                "_ksmplusctl",
+                "ksmplusctl.fish",
+            ],
+            &format!("{names:?}"),
+        );
         assert!(!names.iter().any(|n| n.contains("generate")), "{names:?}");
         let main = std::fs::read_to_string(dir.join("man/ksmplusctl.1")).unwrap();
         assert!(main.contains(".SH \"EXIT STATUS\""), "{main}");

@@ -454,10 +454,7 @@ pub fn cli(args: &ScanArgs) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn page_of(pattern: &[u8]) -> Vec<u8> {
-        pattern.iter().copied().cycle().take(4096).collect()
-    }
+    use crate::test_util::page_of;
 
     #[test]
     fn counts_per_process_and_across() {
