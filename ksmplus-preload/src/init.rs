@@ -223,29 +223,13 @@ fn say_hello(path: &str, hello: &Hello) -> Result<i32, String> {
     if r != 0 {
         return Err(last_error());
     }
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.0,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
+    let Some((peer_pid, peer_uid)) = ksmplus_common::paths::peer_cred(fd.0) else {
+        return Err(last_error());
     };
     // SAFETY: getuid has no preconditions.
     let me = unsafe { libc::getuid() };
-    if r != 0 {
-        return Err(last_error());
-    }
-    if cred.uid != me && cred.uid != 0 {
-        return Err(format!("refusing a socket served by uid {}", cred.uid));
+    if peer_uid != me && peer_uid != 0 {
+        return Err(format!("refusing a socket served by uid {peer_uid}"));
     }
     let frame = Message::Hello(hello.clone()).to_frame();
     // SAFETY: send reads frame.len() bytes from a live buffer.
@@ -265,5 +249,5 @@ fn say_hello(path: &str, hello: &Hello) -> Result<i32, String> {
         });
     }
     log(&format!("said Hello to the agent at {path}"));
-    Ok(cred.pid)
+    Ok(peer_pid as i32)
 }
