@@ -64,19 +64,13 @@ impl Env {
     }
     /// Every file under the temp dir, with its bytes.
     fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
-        let mut m = BTreeMap::new();
-        let mut stack = vec![self.dir.path().to_owned()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).unwrap().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    m.insert(p.clone(), std::fs::read(&p).unwrap());
-                }
-            }
-        }
-        m
+        ksmplus_common::fsutil::files_under(self.dir.path(), true)
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect()
     }
 }
 
