@@ -70,6 +70,15 @@ pub fn assert_success(o: &std::process::Output, what: &str) {
     );
 }
 
+/// A temporary directory named `prefix...` (so a leftover says which test made it), removed on
+/// drop.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap_or_else(|e| panic!("temporary directory {prefix}...: {e}"))
+}
+
 /// The first `prog` on `$PATH`, as a shell finds it.
 pub fn which(prog: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?

@@ -124,10 +124,7 @@ fn status(inst: &Installed, socket: &Path) -> (Option<i32>, String) {
 
 /// The end-to-end run against the files under `inst.prefix`.
 fn run_installed(inst: &Installed) {
-    let tmp = tempfile::Builder::new()
-        .prefix("ksmplus-install-run")
-        .tempdir()
-        .unwrap();
+    let tmp = ksmplus_tests::temp_dir("ksmplus-install-run");
     let socket = tmp.path().join("run/agent.sock");
     let policy = tmp.path().join("config/ksmplus/policy.toml");
     std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
@@ -382,10 +379,7 @@ fn man_page(path: &Path) -> String {
 #[test]
 fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
     let _one = MAKE.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::Builder::new()
-        .prefix("ksmplus-install")
-        .tempdir()
-        .unwrap();
+    let tmp = ksmplus_tests::temp_dir("ksmplus-install");
     let prefix = tmp.path().join("prefix");
     let arg = |k: &str, v: &Path| format!("{k}={}", v.display());
     make(&["install", &arg("PREFIX", &prefix)]);
@@ -524,10 +518,7 @@ fn make_deb_unpacked_into_a_root_runs_end_to_end() {
     ] {
         assert!(info.contains(field), "{field} not in:\n{info}");
     }
-    let root = tempfile::Builder::new()
-        .prefix("ksmplus-deb-root")
-        .tempdir()
-        .unwrap();
+    let root = ksmplus_tests::temp_dir("ksmplus-deb-root");
     let o = Command::new("dpkg-deb")
         .arg("-x")
         .arg(&deb)

@@ -63,10 +63,7 @@ struct Kit {
 
 impl Kit {
     fn new(programs: &[(&str, &Path)]) -> Kit {
-        let dir = tempfile::Builder::new()
-            .prefix("ksmplus-sandbox")
-            .tempdir()
-            .unwrap();
+        let dir = ksmplus_tests::temp_dir("ksmplus-sandbox");
         let put = |name: &str, from: &Path, mode: u32| {
             let to = dir.path().join(name);
             std::fs::copy(from, &to)

@@ -46,10 +46,7 @@ impl Agent {
     /// kernel's checks for an ordinary user (the other tests run everything as root). Its uid
     /// has no other processes, so even a `track_all` policy meets only the test's programs.
     pub fn start_as(policy: &str, uid: Option<u32>) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix("ksmplus-agent-test")
-            .tempdir()
-            .unwrap();
+        let dir = ksmplus_tests::temp_dir("ksmplus-agent-test");
         let socket = dir.path().join("run/agent.sock");
         let policy_path = dir.path().join("config/policy.toml");
         std::fs::create_dir_all(policy_path.parent().unwrap()).unwrap();
