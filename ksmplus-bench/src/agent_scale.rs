@@ -13,6 +13,7 @@
 //! runs (its `/proc` reads pass the checks an ordinary user's do), with nothing else of that
 //! uid on the machine.
 
+use crate::args::ToolArgs;
 use crate::{approach, session, sys, workload};
 use clap::Parser;
 use serde::Serialize;
@@ -52,12 +53,8 @@ struct Cli {
     /// Give up waiting for the agent to track every program, or to go idle, after this long.
     #[arg(long, default_value_t = 180.0)]
     deadline_secs: f64,
-    /// The shim [default: libksmplus.so next to this binary, as for the head-to-head run].
-    #[arg(long)]
-    preload: Option<PathBuf>,
-    /// The agent [default: ksmplus-agentd, searched like --preload].
-    #[arg(long)]
-    agent: Option<PathBuf>,
+    #[command(flatten)]
+    tools: ToolArgs,
     /// ksmplusctl [default: searched like --preload].
     #[arg(long)]
     ctl: Option<PathBuf>,
@@ -148,8 +145,8 @@ impl Kit {
                 format!("{name} not found: build with `cargo build --release -p ksmplus-preload -p ksmplus-agentd -p ksmplus-bench`, or pass its path")
             })
         };
-        let lib = need(cli.preload.clone(), "libksmplus.so")?;
-        let agent = need(cli.agent.clone(), "ksmplus-agentd")?;
+        let lib = need(cli.tools.preload.clone(), "libksmplus.so")?;
+        let agent = need(cli.tools.agent.clone(), "ksmplus-agentd")?;
         let ctl = need(cli.ctl.clone(), "ksmplusctl")?;
         // SAFETY: geteuid has no preconditions.
         let uid = (unsafe { libc::geteuid() } == 0).then_some(cli.uid);

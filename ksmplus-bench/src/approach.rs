@@ -2,6 +2,7 @@
 //! (environment, a pre-exec `prctl`, an agent) and what to check once it runs.
 
 use crate::sys;
+use ksmplus_common::ksm;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -57,13 +58,14 @@ impl Approach {
 pub struct Tools {
     pub preload: Option<PathBuf>,
     pub agent: Option<PathBuf>,
-    /// Policy file text; `{comm}` is replaced by the workload's comm.
-    pub policy_template: String,
+    /// The agent's policy file text.
+    pub policy: String,
     /// Extra arguments for the agent, after `--socket S --policy P`.
     pub agent_args: Vec<String>,
 }
 
-/// The default policy plus the workload tracked (keys of `ksmplus-common/src/policy.rs`).
+/// The default policy plus the workload tracked (keys of `ksmplus-common/src/policy.rs`);
+/// `{comm}` stands for the workload's comm.
 pub const DEFAULT_POLICY: &str =
     "# written by ksmplus-bench: the default policy, the workload tracked\ntrack = [\"{comm}\"]\n";
 
@@ -115,6 +117,33 @@ impl Agent {
         lines[lines.len().saturating_sub(8)..].join("\n")
     }
 
+    /// Waits up to 5 s for the agent's `socket`; the agent, or why it is not listening
+    /// (through `fail`, which names the agent).
+    pub fn listening(
+        mut self,
+        socket: &Path,
+        fail: impl Fn(String) -> Unavailable,
+    ) -> Result<Agent, Unavailable> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(fail(format!(
+                    "exited ({st}) before creating its socket:\n{}",
+                    self.log_tail()
+                )));
+            }
+            if Instant::now() >= deadline || sys::stop_requested() {
+                return Err(fail(format!(
+                    "no socket at {} after 5 s:\n{}",
+                    socket.display(),
+                    self.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(self)
+    }
+
     pub fn stop(&mut self) {
         sys::kill(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -133,6 +162,29 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Approach {
+    /// Checks that the launcher did what it claims in the process `pid` (`who` names it in the
+    /// error): it maps the shim where one must be mapped, and the kernel's merge-everything
+    /// mode is on exactly under merge_any and smart_scan.
+    pub fn check_launched(self, launch: &Launch, pid: u32, who: &str) -> Result<(), String> {
+        if let Some(so) = &launch.must_map {
+            if !sys::maps_contain(pid, so) {
+                return Err(format!("{who} does not map {so}: the shim is not loaded"));
+            }
+        }
+        let st = ksm::read_ksm_stat(Path::new("/"), pid).map_err(|e| e.to_string())?;
+        let want = matches!(self, Approach::MergeAny | Approach::SmartScan);
+        if st.merge_any != want {
+            return Err(format!(
+                "{who}: ksm_merge_any is {} but {} needs {want}",
+                st.merge_any,
+                self.name()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -198,13 +250,8 @@ fn start_agent(bin: &Path, tools: &Tools, tmp: &Path, cell: &str) -> Result<Agen
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
     let policy = dir.join("policy.toml");
     let socket = dir.join("agent.sock");
-    std::fs::write(
-        &policy,
-        tools
-            .policy_template
-            .replace("{comm}", crate::workload::COMM),
-    )
-    .map_err(|e| fail(format!("{}: {e}", policy.display())))?;
+    std::fs::write(&policy, &tools.policy)
+        .map_err(|e| fail(format!("{}: {e}", policy.display())))?;
     let log = File::create(dir.join("agent.log")).map_err(|e| fail(e.to_string()))?;
     let log2 = log.try_clone().map_err(|e| fail(e.to_string()))?;
     let child = Command::new(bin)
@@ -218,25 +265,7 @@ fn start_agent(bin: &Path, tools: &Tools, tmp: &Path, cell: &str) -> Result<Agen
         .stderr(log2)
         .spawn()
         .map_err(|e| fail(format!("cannot start {}: {e}", bin.display())))?;
-    let mut agent = Agent { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !socket.exists() {
-        if let Ok(Some(st)) = agent.child.try_wait() {
-            return Err(fail(format!(
-                "exited ({st}) before creating its socket:\n{}",
-                agent.log_tail()
-            )));
-        }
-        if Instant::now() >= deadline || sys::stop_requested() {
-            return Err(fail(format!(
-                "no socket at {} after 5 s:\n{}",
-                socket.display(),
-                agent.log_tail()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(agent)
+    Agent { child, dir }.listening(&socket, fail)
 }
 
 /// The first existing file among the candidates.

@@ -265,25 +265,7 @@ fn observe(
     let procs = workload::start(&ctx.bin, wl, p.div, launch, Duration::from_secs(60))?;
     // Check the launcher did what it claims before trusting any figure.
     for pr in &procs {
-        if let Some(so) = &launch.must_map {
-            if !sys::maps_contain(pr.pid, so) {
-                return Err(format!(
-                    "pid {} does not map {so}: the shim is not loaded",
-                    pr.pid
-                ));
-            }
-        }
-        let st = ksm::read_ksm_stat(root(), pr.pid).map_err(|e| e.to_string())?;
-        let want_any = matches!(ap, Approach::MergeAny | Approach::SmartScan);
-        if st.merge_any != want_any {
-            return Err(format!(
-                "pid {}: ksm_merge_any is {} but {} needs {}",
-                pr.pid,
-                st.merge_any,
-                ap.name(),
-                want_any
-            ));
-        }
+        ap.check_launched(launch, pr.pid, &format!("pid {}", pr.pid))?;
     }
     r.ideal_pages = workload::verify(&procs)?;
     let (lo, hi) = wl.designed_ideal(p.div);

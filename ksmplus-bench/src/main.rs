@@ -9,11 +9,13 @@
 
 mod agent_scale;
 mod approach;
+mod args;
 mod cell;
 mod desktop;
 mod report;
 mod session;
 mod sys;
+mod table;
 mod workload;
 
 use approach::{Approach, Tools};
@@ -45,15 +47,8 @@ struct Cli {
     /// none in smoke mode].
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
-    /// ksmd pages_to_scan during every cell.
-    #[arg(long, default_value_t = 5000)]
-    pages_to_scan: u32,
-    /// ksmd sleep_millisecs during every cell.
-    #[arg(long, default_value_t = 10)]
-    sleep_millisecs: u32,
-    /// ksmd use_zero_pages during every cell.
-    #[arg(long, default_value_t = 0)]
-    use_zero_pages: u32,
+    #[command(flatten)]
+    ksmd: args::KsmdArgs,
     /// ksmd max_page_sharing during every cell (only changeable while no page is shared).
     #[arg(long, default_value_t = 256)]
     max_page_sharing: u32,
@@ -78,12 +73,8 @@ struct Cli {
     /// Sampling period of /proc/PID/ksm_stat, milliseconds.
     #[arg(long, default_value_t = 100)]
     sample_ms: u64,
-    /// The shim [default: libksmplus.so next to this binary, in $CARGO_TARGET_DIR/release or target/release].
-    #[arg(long)]
-    preload: Option<PathBuf>,
-    /// The agent [default: ksmplus-agentd, searched like --preload].
-    #[arg(long)]
-    agent: Option<PathBuf>,
+    #[command(flatten)]
+    tools: args::ToolArgs,
     /// A policy file for the agent; `{comm}` in it becomes the workload's comm.
     #[arg(long)]
     agent_policy: Option<PathBuf>,
@@ -154,14 +145,15 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 30.0 } else { 90.0 }),
         sample_ms: cli.sample_ms.max(10),
     };
-    let policy_template = match &cli.agent_policy {
+    let policy = match &cli.agent_policy {
         Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => approach::DEFAULT_POLICY.to_owned(),
-    };
+    }
+    .replace("{comm}", workload::COMM);
     let tools = Tools {
-        preload: approach::find_tool(cli.preload.clone(), "libksmplus.so"),
-        agent: approach::find_tool(cli.agent.clone(), "ksmplus-agentd"),
-        policy_template,
+        preload: approach::find_tool(cli.tools.preload.clone(), "libksmplus.so"),
+        agent: approach::find_tool(cli.tools.agent.clone(), "ksmplus-agentd"),
+        policy,
         agent_args: cli.agent_args.clone(),
     };
 
@@ -177,7 +169,11 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     })?;
     let bin = workload::compile(session.tmp())?;
 
-    session.tune(cli.pages_to_scan, cli.sleep_millisecs, cli.use_zero_pages)?;
+    session.tune(
+        cli.ksmd.pages_to_scan,
+        cli.ksmd.sleep_millisecs,
+        cli.ksmd.use_zero_pages,
+    )?;
     // Let ksmd drop what exited processes left (run=1) before the baseline is taken.
     let baseline = cell::settle()?;
     let mps = sys::ksm_get("max_page_sharing");
@@ -296,8 +292,8 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         let title = format!(
             "W2 (thesis 5.2.3): merged MiB and rmap_items vs time — Linux {}, pages_to_scan={}, sleep_millisecs={}",
             session::kernel(),
-            cli.pages_to_scan,
-            cli.sleep_millisecs
+            cli.ksmd.pages_to_scan,
+            cli.ksmd.sleep_millisecs
         );
         let tmp_path = p.with_extension("svg.tmp");
         std::fs::write(&tmp_path, report::svg(&cells, "W2", &title))

@@ -2,19 +2,13 @@
 //! hand-written SVG (two panels, no plotting dependency).
 
 use crate::cell::CellResult;
+use crate::table::{conv, not_ran, opt, verdict, MIB};
 use std::fmt::Write as _;
-
-const MIB: f64 = 1048576.0;
 
 fn find<'a>(cells: &'a [CellResult], wl: &str, ap: &str) -> Option<&'a CellResult> {
     cells
         .iter()
         .find(|c| c.workload == wl && c.approach == ap && c.ran())
-}
-
-fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map(|x| format!("{x:.prec$}"))
-        .unwrap_or_else(|| "-".into())
 }
 
 /// The table, one row per cell, and its footnotes.
@@ -34,16 +28,9 @@ pub fn table(cells: &[CellResult]) -> String {
         }
         prev = &c.workload;
         if !c.ran() {
-            notes.push(format!("{} {}: {}", c.workload, c.approach, c.status));
-            let _ = writeln!(
-                s,
-                "{:<3} {:<11} {:>5}  {} [{}]",
-                c.workload,
-                c.approach,
-                c.processes,
-                c.status.split(':').next().unwrap_or(""),
-                notes.len()
-            );
+            let head = format!("{:<3} {:<11} {:>5} ", c.workload, c.approach, c.processes);
+            let name = format!("{} {}", c.workload, c.approach);
+            not_ran(&mut s, &mut notes, &head, &name, &c.status);
             continue;
         }
         let pct = if c.ideal_pages > 0 {
@@ -53,11 +40,6 @@ pub fn table(cells: &[CellResult]) -> String {
             )
         } else {
             "-".into()
-        };
-        let conv = if c.converged {
-            format!("{:.1}", c.converge_secs)
-        } else {
-            format!(">{:.0}", c.observed_secs)
         };
         let cow = c.vmstat_delta.get("cow_ksm").map(|v| v.to_string());
         let mark = if c.foreign.is_empty() {
@@ -83,7 +65,7 @@ pub fn table(cells: &[CellResult]) -> String {
             c.rmap_items,
             c.process_profit as f64 / MIB,
             c.general_profit_delta as f64 / MIB,
-            conv,
+            conv(c.converged, c.converge_secs, c.observed_secs),
             opt(c.t99_secs, 1),
             c.ksmd_cpu_secs,
             opt(c.ksmd_steady_pct, 1),
@@ -186,6 +168,13 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     let vs = |wl, f: fn(&CellResult, &CellResult) -> (bool, String)| {
         k(wl).zip(m(wl)).map(|(k, m)| f(k, m))
     };
+    // A target: the ksmplus cell of `wl` needs at most 1/`n` of merge_any's `get`.
+    let fraction_vs = |wl, n: f64, get: fn(&CellResult) -> f64, show: fn(f64) -> String| {
+        k(wl).zip(m(wl)).map(|(k, m)| {
+            let (k, m) = (get(k), get(m));
+            (k * n <= m, format!("{} vs {}", show(k), show(m)))
+        })
+    };
     // Its `ksm_process_profit` sums, bytes, with a verdict on them.
     let profit_vs = |wl, ok: fn(i64, i64) -> bool| {
         k(wl).zip(m(wl)).map(|(k, m)| {
@@ -210,12 +199,7 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
         // Held at full size (1/24 to 1/66, results/), not at smoke size: merge_any's work
         // shrinks with the regions, ksmplus's (512 marked pages rescanned) does not.
         Smoke::Reported,
-        vs("W2", |k, m| {
-            (
-                k.ksmd_cpu_secs * 20.0 <= m.ksmd_cpu_secs,
-                format!("{:.3} s vs {:.3} s", k.ksmd_cpu_secs, m.ksmd_cpu_secs),
-            )
-        }),
+        fraction_vs("W2", 20.0, |c| c.ksmd_cpu_secs, |s| format!("{s:.3} s")),
     );
     push(
         "W2 profit > merge_any's",
@@ -260,12 +244,13 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
     push(
         "W6 rmap_items <= 1/5 of merge_any's",
         Smoke::Reported,
-        vs("W6", |k, m| {
-            (
-                k.rmap_items * 5 <= m.rmap_items,
-                format!("{} vs {}", k.rmap_items, m.rmap_items),
-            )
-        }),
+        // Exact: rmap_items stay far below 2^53.
+        fraction_vs(
+            "W6",
+            5.0,
+            |c| c.rmap_items as f64,
+            |n| format!("{}", n as u64),
+        ),
     );
     t
 }
@@ -273,11 +258,7 @@ pub fn targets(cells: &[CellResult]) -> Vec<Target> {
 pub fn targets_text(ts: &[Target]) -> String {
     let mut s = String::from("targets (issue 4; * = the smoke run fails when it does):\n");
     for t in ts {
-        let v = match t.verdict {
-            Some(true) => "PASS",
-            Some(false) => "FAIL",
-            None => "n/a ",
-        };
+        let v = verdict(t.verdict, ["PASS", "FAIL", "n/a "]);
         let mark = if t.smoke { '*' } else { ' ' };
         let _ = writeln!(s, "  {v}{mark} {:<55} {}", t.name, t.detail);
     }

@@ -245,27 +245,25 @@ impl<'a> Reader<'a> {
             .map(str::to_owned)
             .map_err(|_| DecodeError::BadUtf8(field))
     }
-    fn str(&mut self, field: &'static str) -> Result<String, DecodeError> {
-        let n = self.u16()? as usize;
-        if n > MAX_STR {
-            return Err(DecodeError::TooLong {
-                field,
-                len: n,
-                max: MAX_STR,
-            });
+    /// `n` bytes of UTF-8, refused without reading them when `n` is over `max`.
+    fn bounded_str(
+        &mut self,
+        field: &'static str,
+        n: usize,
+        max: usize,
+    ) -> Result<String, DecodeError> {
+        if n > max {
+            return Err(DecodeError::TooLong { field, len: n, max });
         }
         self.bytes_str(field, n)
     }
+    fn str(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let n = self.u16()? as usize;
+        self.bounded_str(field, n, MAX_STR)
+    }
     fn long_str(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let n = self.u32()? as usize;
-        if n > MAX_JSON {
-            return Err(DecodeError::TooLong {
-                field,
-                len: n,
-                max: MAX_JSON,
-            });
-        }
-        self.bytes_str(field, n)
+        self.bounded_str(field, n, MAX_JSON)
     }
 }
 

@@ -6,6 +6,7 @@
 //! For scripts written before that, `--socket` and `--json` are still accepted (hidden) *before*
 //! the subcommand; [`Args::resolve`] moves them onto the subcommand, and refuses them where the
 //! subcommand has no such option.
+use crate::output::JsonArg;
 use crate::{desktop, scan, service};
 use clap::{Args as ClapArgs, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
@@ -45,14 +46,6 @@ pub struct AgentArgs {
     pub socket: Option<PathBuf>,
 }
 
-/// `--json`.
-#[derive(ClapArgs, Debug, Clone, Copy, Default)]
-pub struct JsonArg {
-    /// Print the reply as JSON (one object; with --watch, one per line)
-    #[arg(long)]
-    pub json: bool,
-}
-
 #[derive(ClapArgs, Debug, Clone)]
 pub struct StatusArgs {
     /// Refresh every SECONDS (default 2) until interrupted
@@ -85,6 +78,17 @@ pub struct ReloadArgs {
     pub out: JsonArg,
 }
 
+/// `ksmplusctl generate` options.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Write the man pages (section 1) into DIR
+    #[arg(long, value_name = "DIR")]
+    pub man: Option<PathBuf>,
+    /// Write bash/, zsh/ and fish/ completion files into DIR
+    #[arg(long, value_name = "DIR")]
+    pub completions: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum Cmd {
     /// Tracked processes, what is marked and merged, and ksmd's state
@@ -109,7 +113,7 @@ pub enum Cmd {
     Tmpfiles(crate::tmpfiles::TmpfilesArgs),
     /// Write the man pages and shell completions (at build time; see the Makefile)
     #[command(hide = true)]
-    Generate(crate::generate::GenerateArgs),
+    Generate(GenerateArgs),
 }
 
 impl Cmd {
@@ -202,12 +206,18 @@ mod tests {
         command().debug_assert();
     }
 
-    #[test]
-    fn options_live_on_the_subcommands_that_use_them() {
-        let c = parse(&["ksmplusctl", "status", "--json", "--socket", "/s"]).unwrap();
-        let Cmd::Status(s) = c else { panic!() };
+    /// `status` with `--json` and `--socket /s`, wherever they were given.
+    fn assert_status_json_on_s(v: &[&str]) {
+        let Cmd::Status(s) = parse(v).unwrap() else {
+            panic!("{v:?}")
+        };
         assert!(s.out.json);
         assert_eq!(s.agent.socket.as_deref(), Some(std::path::Path::new("/s")));
+    }
+
+    #[test]
+    fn options_live_on_the_subcommands_that_use_them() {
+        assert_status_json_on_s(&["ksmplusctl", "status", "--json", "--socket", "/s"]);
         // No --socket where no agent is involved, no --json on generate.
         assert!(parse(&["ksmplusctl", "wrap", "x", "--socket", "/s"]).is_err());
         assert!(parse(&["ksmplusctl", "scan", "--all", "--socket", "/s"]).is_err());
@@ -217,10 +227,7 @@ mod tests {
 
     #[test]
     fn the_old_leading_position_still_works_where_it_means_something() {
-        let c = parse(&["ksmplusctl", "--socket", "/s", "--json", "status"]).unwrap();
-        let Cmd::Status(s) = c else { panic!() };
-        assert!(s.out.json);
-        assert_eq!(s.agent.socket.as_deref(), Some(std::path::Path::new("/s")));
+        assert_status_json_on_s(&["ksmplusctl", "--socket", "/s", "--json", "status"]);
         // The subcommand's own value wins.
         let c = parse(&["ksmplusctl", "--socket", "/a", "add", "x", "--socket", "/b"]).unwrap();
         let Cmd::Add(a) = c else { panic!() };

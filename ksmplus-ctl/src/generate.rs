@@ -7,21 +7,10 @@
 //! `ksmplus-agentd.1` is the agent's own (`ksmplus-agentd --generate-man DIR`, from its clap
 //! definition), run by the same `make` step.
 //! Completions (clap_complete): `bash/ksmplusctl`, `zsh/_ksmplusctl`, `fish/ksmplusctl.fish`.
-use crate::cli;
+use crate::cli::{self, GenerateArgs};
 use clap_complete::Shell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// `ksmplusctl generate` options.
-#[derive(clap::Args, Debug, Clone)]
-pub struct GenerateArgs {
-    /// Write the man pages (section 1) into DIR
-    #[arg(long, value_name = "DIR")]
-    pub man: Option<PathBuf>,
-    /// Write bash/, zsh/ and fish/ completion files into DIR
-    #[arg(long, value_name = "DIR")]
-    pub completions: Option<PathBuf>,
-}
 
 /// Why generating failed.
 #[derive(Debug, thiserror::Error)]
@@ -256,17 +245,20 @@ mod tests {
             .iter()
             .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        for want in [
-            "ksmplusctl.1",
-            "ksmplusctl-status.1",
-            "ksmplusctl-wrap.1",
-            "ksmplusctl-unwrap.1",
-            "ksmplusctl",
-            "_ksmplusctl",
-            "ksmplusctl.fish",
-        ] {
-            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
-        }
+        let have: Vec<&str> = names.iter().map(String::as_str).collect();
+        crate::test_util::assert_has_each(
+            &have,
+            &[
+                "ksmplusctl.1",
+                "ksmplusctl-status.1",
+                "ksmplusctl-wrap.1",
+                "ksmplusctl-unwrap.1",
+                "ksmplusctl",
+                "_ksmplusctl",
+                "ksmplusctl.fish",
+            ],
+            &format!("{names:?}"),
+        );
         assert!(!names.iter().any(|n| n.contains("generate")), "{names:?}");
         let main = std::fs::read_to_string(dir.join("man/ksmplusctl.1")).unwrap();
         assert!(main.contains(".SH \"EXIT STATUS\""), "{main}");

@@ -12,6 +12,8 @@ mod output;
 mod scan;
 mod service;
 mod table;
+#[cfg(test)]
+mod test_util;
 mod tmpfiles;
 
 use clap::Parser;

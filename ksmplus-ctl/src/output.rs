@@ -1,10 +1,18 @@
-//! What every subcommand shares on the way out: exit statuses, JSON replies, error lines, and
-//! names quoted for the shell in the hints.
+//! What every subcommand shares on the way out: exit statuses, the `--json` option and JSON
+//! replies, error lines, and names quoted for the shell in the hints.
 //!
 //! Contract: with `--json` exactly one JSON object is printed on stdout (one per refresh with
 //! `status --watch`), carrying `version` and `ok`; `ok` is true exactly when the exit status
 //! is [`exit::OK`]. Without `--json` errors go to stderr as `ksmplusctl: ...`.
 use ksmplus_common::status::SimpleReply;
+
+/// `--json`.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct JsonArg {
+    /// Print the reply as JSON (one object; with --watch, one per line)
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Exit statuses.
 pub mod exit {

@@ -161,7 +161,7 @@ pub struct InstallArgs {
     #[arg(long)]
     pub print: bool,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// Runs `ksmplusctl install-service`.
@@ -233,17 +233,20 @@ mod tests {
     #[test]
     fn unit_is_a_notify_service_with_watchdog_reload_and_umask() {
         let t = unit_text(Path::new("/usr/bin/ksmplus-agentd"));
-        for line in [
-            "Type=notify",
-            "NotifyAccess=main",
-            "WatchdogSec=30",
-            "ExecReload=/bin/kill -HUP $MAINPID",
-            "ConditionPathExists=/sys/kernel/mm/ksm",
-            "UMask=0077",
-            "WantedBy=default.target",
-        ] {
-            assert!(t.lines().any(|l| l == line), "{line} missing:\n{t}");
-        }
+        let lines: Vec<&str> = t.lines().collect();
+        crate::test_util::assert_has_each(
+            &lines,
+            &[
+                "Type=notify",
+                "NotifyAccess=main",
+                "WatchdogSec=30",
+                "ExecReload=/bin/kill -HUP $MAINPID",
+                "ConditionPathExists=/sys/kernel/mm/ksm",
+                "UMask=0077",
+                "WantedBy=default.target",
+            ],
+            &t,
+        );
         // A user service ordered after default.target would delay, not order, anything.
         assert!(!t.lines().any(|l| l.starts_with("After=")), "{t}");
     }

@@ -228,6 +228,7 @@ fn say_hello(path: &str, hello: &Hello) -> Result<i32, String> {
     if r != 0 {
         return Err(last_error());
     }
+    // The shim stays on raw libc (ksmplus-common's peer_cred is nix, feature `sys`).
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -244,13 +245,14 @@ fn say_hello(path: &str, hello: &Hello) -> Result<i32, String> {
             &mut len,
         )
     };
-    // SAFETY: getuid has no preconditions.
-    let me = unsafe { libc::getuid() };
     if r != 0 {
         return Err(last_error());
     }
-    if cred.uid != me && cred.uid != 0 {
-        return Err(format!("refusing a socket served by uid {}", cred.uid));
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let (peer_pid, peer_uid) = (cred.pid, cred.uid);
+    if peer_uid != me && peer_uid != 0 {
+        return Err(format!("refusing a socket served by uid {peer_uid}"));
     }
     let frame = Message::Hello(hello.clone()).to_frame();
     // SAFETY: send reads frame.len() bytes from a live buffer.
@@ -270,5 +272,5 @@ fn say_hello(path: &str, hello: &Hello) -> Result<i32, String> {
         });
     }
     log(&format!("said Hello to the agent at {path}"));
-    Ok(cred.pid)
+    Ok(peer_pid)
 }

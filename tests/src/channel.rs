@@ -53,18 +53,10 @@ impl ShimChannel {
         timeout: Duration,
         mut f: impl FnMut(&Snapshot) -> Option<T>,
     ) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
+        crate::poll_until(what, timeout, Duration::from_millis(5), || {
             let s = self.snapshot();
-            if let Some(v) = f(&s) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; channel: {s:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+            f(&s).ok_or_else(|| format!("channel: {s:?}"))
+        })
     }
 
     pub fn set_verdict(&self, v: u32) {

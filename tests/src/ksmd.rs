@@ -36,6 +36,17 @@ pub fn skip_or_fail(why: &str) {
     eprintln!("SKIPPED: {why} (set KSMPLUS_REQUIRE_KSM=1 to make this a failure)");
 }
 
+/// True when the test runs as root; otherwise [`skip_or_fail`] with `why` (what root is needed
+/// for) and false.
+pub fn require_root(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip_or_fail(why);
+    false
+}
+
 /// Holds `flock(LOCK_EX)` on [`KSMD_LOCK`], runs ksmd fast (`run=1`, `pages_to_scan=5000`,
 /// `sleep_millisecs=10`) and restores the saved settings on drop.
 pub struct KsmdGuard {

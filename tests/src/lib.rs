@@ -52,21 +52,57 @@ pub fn num_field(line: &str, key: &str) -> u64 {
     parse_num(field(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}")))
 }
 
+/// Panics naming the first of `want` that `text` (`what`) does not contain.
+pub fn assert_contains_all(text: &str, want: &[&str], what: &str) {
+    for w in want {
+        assert!(text.contains(w), "{w:?} not in {what}:\n{text}");
+    }
+}
+
+/// Panics, with what it printed, when the command `what` that gave `o` failed.
+pub fn assert_success(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A temporary directory named `prefix...` (so a leftover says which test made it), removed on
+/// drop.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap_or_else(|e| panic!("temporary directory {prefix}...: {e}"))
+}
+
+/// The first `prog` on `$PATH`, as a shell finds it.
+pub fn which(prog: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(prog))
+        .find(|p| p.is_file())
+}
+
 /// The system page size.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
-/// Re-evaluates `f` every `every` until it returns `Some`, panicking (naming `what` and the last
-/// value of `describe`) after `timeout`. For kernel state that has no change notification
-/// (`/proc/PID/ksm_stat`, sysfs counters); anything the harness agent records should use
-/// [`HarnessAgent::wait_for`] instead.
-pub fn poll_until<T>(
+/// Re-evaluates `f` every `every` until it returns `Ok`, panicking (naming `what` and the last
+/// `Err`, shown only then) after `timeout`. For state that has no change notification
+/// (`/proc/PID/ksm_stat`, sysfs counters, a channel page, the agent's status); anything the
+/// harness agent records should use [`HarnessAgent::wait_for`] instead.
+pub fn poll_until<T, E: std::fmt::Display>(
     what: &str,
     timeout: std::time::Duration,
     every: std::time::Duration,
-    mut f: impl FnMut() -> Result<T, String>,
+    mut f: impl FnMut() -> Result<T, E>,
 ) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {

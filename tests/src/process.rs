@@ -34,16 +34,20 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
     })
 }
 
+/// Starts `cmd` with piped stdin, stdout and stderr; panics naming it when it cannot start.
+fn spawn_piped(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
 /// Runs `cmd` with `stdin` as its input, killing it (and panicking with what it printed) if it has
 /// not exited within `timeout`.
 pub fn run(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> RunOutput {
     let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = spawn_piped(cmd);
     let mut input = child.stdin.take().unwrap();
     let data = stdin.to_vec();
     let feeder = std::thread::spawn(move || {
@@ -93,12 +97,7 @@ impl Interactive {
     /// Spawns `cmd` with piped stdin/stdout/stderr.
     pub fn spawn(cmd: &mut Command) -> Interactive {
         let what = format!("{cmd:?}");
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let mut child = spawn_piped(cmd);
         let stdin = child.stdin.take();
         let (tx, lines) = mpsc::channel();
         let out = BufReader::new(child.stdout.take().unwrap());

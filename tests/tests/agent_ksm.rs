@@ -6,7 +6,7 @@
 //! are printed as `FIGURE ...` lines (`cargo test -p ksmplus-tests --test agent_ksm -- --nocapture`).
 mod agent_support;
 use agent_support::{cpu_ms, figure, full_scans, ksmd_pid, Agent, FAST_POLICY};
-use ksmplus_tests::{num_field, page_size, procfs, require_ksm, KsmdGuard};
+use ksmplus_tests::{num_field, page_size, procfs, require_ksm, Interactive, KsmdGuard};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,48 @@ struct Usage {
     agent0: u64,
 }
 
+/// ksmd for this test alone, an agent with the fast policy, and their usage measured from the
+/// agent's start.
+struct Measured {
+    agent: Agent,
+    usage: Usage,
+    _ksmd: KsmdGuard,
+}
+
+/// [`Measured`] now; `None` (the test skips) without KSM.
+fn measured() -> Option<Measured> {
+    if !require_ksm() {
+        return None;
+    }
+    let _ksmd = KsmdGuard::acquire();
+    let agent = Agent::start(FAST_POLICY);
+    let usage = Usage::start(&agent);
+    Some(Measured {
+        agent,
+        usage,
+        _ksmd,
+    })
+}
+
+impl Measured {
+    /// The end of a case: see [`Usage::finish`].
+    fn finish(&self, case: &str, procs: Vec<Interactive>) {
+        self.usage.finish(case, &self.agent, procs);
+    }
+}
+
 impl Usage {
+    /// The end of a case: its figures reported, `status --json` checked against the kernel for
+    /// the first of `procs` (case 7), then every one of them ended, each with success.
+    fn finish(&self, case: &str, agent: &Agent, procs: Vec<Interactive>) {
+        let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
+        self.report(case, agent, &pids);
+        assert_status_matches_ksm_stat(agent, pids[0]);
+        for p in procs {
+            assert!(p.finish(LINE).0.success());
+        }
+    }
+
     fn start(agent: &Agent) -> Usage {
         Usage {
             t0: Instant::now(),
@@ -97,13 +138,8 @@ impl Usage {
 
 #[test]
 fn table_5_2_two_regions_merge_512_pages_with_few_rmap_items() {
-    if !require_ksm() {
-        return;
-    }
-    let _ksmd = KsmdGuard::acquire();
-    let agent = Agent::start(FAST_POLICY);
-    let usage = Usage::start(&agent);
-    let (p, line) = agent.workload("agent_work", &["table52"]);
+    let Some(m) = measured() else { return };
+    let (p, line) = m.agent.workload("agent_work", &["table52"]);
     let pid = p.pid();
     let ps = page_size();
     let (a, b, size) = (
@@ -133,7 +169,7 @@ fn table_5_2_two_regions_merge_512_pages_with_few_rmap_items() {
 
     // Converged: the duplicates merge and nothing else is left marked (a run grown while the
     // program was still zero-filling its buffers is loosened by the agent on the way).
-    agent.wait(
+    m.agent.wait(
         ">= 510 pages merging with <= 1027 rmap_items",
         Duration::from_secs(180),
         |_| {
@@ -146,39 +182,32 @@ fn table_5_2_two_regions_merge_512_pages_with_few_rmap_items() {
     let k = procfs::ksm_stat(pid);
     assert!(k.merging_pages >= 510, "{k:?}");
     assert!(k.rmap_items <= 1027, "{k:?}");
-    let st = agent.process(pid).unwrap();
+    let st = m.agent.process(pid).unwrap();
     assert_eq!(u(&st["marked_bytes"]), 2 * 256 * ps, "{st}");
-    usage.report("table 5-2", &agent, &[pid]);
-    // Case 7: status --json agrees with the kernel.
-    assert_status_matches_ksm_stat(&agent, pid);
-    let (st, _) = p.finish(LINE);
-    assert!(st.success());
+    m.finish("table 5-2", vec![p]);
 }
 
 #[test]
 fn unique_pages_end_with_no_rmap_items_and_no_fingerprints() {
-    if !require_ksm() {
-        return;
-    }
-    let _ksmd = KsmdGuard::acquire();
-    let agent = Agent::start(FAST_POLICY);
-    let usage = Usage::start(&agent);
-    let (p, line) = agent.workload("agent_work", &["unique", "200"]);
+    let Some(m) = measured() else { return };
+    let (p, line) = m.agent.workload("agent_work", &["unique", "200"]);
     let pid = p.pid();
     let (a, size) = (num_field(&line, "a"), num_field(&line, "size"));
     let mem = procfs::read_mem(pid, a, 2 * page_size() as usize);
     assert_ne!(mem[..page_size() as usize], mem[page_size() as usize..]);
     assert_eq!(size, 200 << 20);
-    let st = agent.wait("the schedule to run out", Duration::from_secs(180), |s| {
-        let p = s["processes"]
-            .as_array()?
-            .iter()
-            .find(|p| p["pid"].as_u64() == Some(pid as u64))?;
-        (u(&p["regions"]) > 0
-            && u(&p["regions_dropped"]) == u(&p["regions"])
-            && u(&p["fingerprints"]) == 0)
-            .then(|| p.clone())
-    });
+    let st = m
+        .agent
+        .wait("the schedule to run out", Duration::from_secs(180), |s| {
+            let p = s["processes"]
+                .as_array()?
+                .iter()
+                .find(|p| p["pid"].as_u64() == Some(pid as u64))?;
+            (u(&p["regions"]) > 0
+                && u(&p["regions_dropped"]) == u(&p["regions"])
+                && u(&p["fingerprints"]) == 0)
+                .then(|| p.clone())
+        });
     assert_eq!(u(&st["marked_bytes"]), 0, "{st}");
     assert_eq!(u(&st["runs_marked"]), 0, "{st}");
     // Rounds 3 to 10 (80 + 70 + … + 10 = 360 %) sample the whole buffer; the first two only
@@ -190,25 +219,17 @@ fn unique_pages_end_with_no_rmap_items_and_no_fingerprints() {
     let k = procfs::ksm_stat(pid);
     assert_eq!(k.rmap_items, 0, "{k:?}");
     assert!(!k.mergeable, "{k:?}");
-    let s = agent.status();
+    let s = m.agent.status();
     assert_eq!(u(&s["engine"]["fingerprints"]), 0, "{s}");
     assert_eq!(u(&s["engine"]["distinct_hashes"]), 0, "{s}");
-    usage.report("no duplicates (200 MiB)", &agent, &[pid]);
-    assert_status_matches_ksm_stat(&agent, pid);
-    let (st, _) = p.finish(LINE);
-    assert!(st.success());
+    m.finish("no duplicates (200 MiB)", vec![p]);
 }
 
 #[test]
 fn dense_thesis_program_in_two_processes_merges_99_percent() {
-    if !require_ksm() {
-        return;
-    }
-    let _ksmd = KsmdGuard::acquire();
-    let agent = Agent::start(FAST_POLICY);
-    let usage = Usage::start(&agent);
-    let (p1, l1) = agent.workload("agent_work", &["dense", "20"]);
-    let (p2, l2) = agent.workload("agent_work", &["dense", "20"]);
+    let Some(m) = measured() else { return };
+    let (p1, l1) = m.agent.workload("agent_work", &["dense", "20"]);
+    let (p2, l2) = m.agent.workload("agent_work", &["dense", "20"]);
     let ps = page_size();
     let pages = (20u64 << 20) / ps;
     for (p, l) in [(&p1, &l1), (&p2, &l2)] {
@@ -216,7 +237,7 @@ fn dense_thesis_program_in_two_processes_merges_99_percent() {
         assert!(mem.iter().enumerate().all(|(i, &x)| x == i as u8));
     }
     let (a, b) = (p1.pid(), p2.pid());
-    agent.wait(
+    m.agent.wait(
         "99 % of both buffers merging",
         Duration::from_secs(120),
         |_| {
@@ -225,10 +246,7 @@ fn dense_thesis_program_in_two_processes_merges_99_percent() {
                 .then_some(())
         },
     );
-    usage.report("dense 2 x 20 MiB", &agent, &[a, b]);
-    assert_status_matches_ksm_stat(&agent, a);
-    assert!(p1.finish(LINE).0.success());
-    assert!(p2.finish(LINE).0.success());
+    m.finish("dense 2 x 20 MiB", vec![p1, p2]);
 }
 
 fn ksmd_value(name: &str) -> String {

@@ -28,6 +28,19 @@ fn any_mergeable(pid: u32, a: u64, len: u64) -> bool {
         .any(|v| v.has_flag("mg"))
 }
 
+/// Starts `agent_work` (4 MiB of dense duplicates, tracked by the policy) and waits until the
+/// agent has marked all of it, as the kernel confirms.
+fn tracked_work_marked(agent: &Agent) -> Interactive {
+    let (work, lw) = agent.workload("agent_work", &["dense", "4"]);
+    agent.wait("agent_work marked", T, |s| {
+        find(s, work.pid())
+            .filter(|p| u(&p["marked_bytes"]) >= 4 << 20)
+            .map(|_| ())
+    });
+    assert!(any_mergeable(work.pid(), num_field(&lw, "a"), 4 << 20));
+    work
+}
+
 #[test]
 fn untracked_program_goes_dormant_and_excluded_program_is_never_marked() {
     let policy = FAST_POLICY
@@ -42,14 +55,8 @@ fn untracked_program_goes_dormant_and_excluded_program_is_never_marked() {
     let agent = Agent::start(&policy);
     let (other, _) = agent.workload("agent_other", &["dense", "4"]);
     let (secret, ls) = agent.workload("agent_secret", &["dense", "4"]);
-    let (work, lw) = agent.workload("agent_work", &["dense", "4"]);
     // The tracked one gets marked: proof the excluded one's pages would have qualified.
-    agent.wait("agent_work marked", T, |s| {
-        find(s, work.pid())
-            .filter(|p| u(&p["marked_bytes"]) >= 4 << 20)
-            .map(|_| ())
-    });
-    assert!(any_mergeable(work.pid(), num_field(&lw, "a"), 4 << 20));
+    let work = tracked_work_marked(&agent);
     let s = agent.wait("both others refused", T, |s| {
         (u(&s["agent"]["ignored"]) >= 1 && u(&s["agent"]["excluded"]) >= 1).then(|| s.clone())
     });
@@ -143,13 +150,7 @@ fn default_exclusion_holds_for_a_track_all_agent() {
         "{s}"
     );
     let (secret, ls) = agent.workload("ssh-agent", &["dense", "4"]);
-    let (work, lw) = agent.workload("agent_work", &["dense", "4"]);
-    agent.wait("agent_work marked", T, |s| {
-        find(s, work.pid())
-            .filter(|p| u(&p["marked_bytes"]) >= 4 << 20)
-            .map(|_| ())
-    });
-    assert!(any_mergeable(work.pid(), num_field(&lw, "a"), 4 << 20));
+    let work = tracked_work_marked(&agent);
     let s = agent.wait("ssh-agent refused as excluded", T, |s| {
         (u(&s["agent"]["excluded"]) >= 1).then(|| s.clone())
     });

@@ -60,6 +60,18 @@ fn assert_serves(agent: &Agent) {
     assert!(agent.status()["ok"].as_bool().unwrap());
 }
 
+/// An agent with the fast policy, and `agent_work` (8 MiB of duplicates) running under it,
+/// tracked.
+fn agent_with_a_tracked_program() -> (Agent, Interactive) {
+    let agent = Agent::start(FAST_POLICY);
+    let (p, _) = agent.workload("agent_work", &["dense", "8"]);
+    let pid = p.pid();
+    agent.wait("the program tracked", T, |s| {
+        agent_support::find(s, pid).map(|_| ())
+    });
+    (agent, p)
+}
+
 #[test]
 fn hundreds_of_programs_then_fds_and_memory_return_to_baseline() {
     raise_nofile();
@@ -131,13 +143,9 @@ fn hello_frame(channel: u64) -> Vec<u8> {
 
 #[test]
 fn ten_thousand_hostile_frames_close_only_their_senders() {
-    let mut agent = Agent::start(FAST_POLICY);
     // A real tracked program throughout.
-    let (good, _) = agent.workload("agent_work", &["dense", "8"]);
+    let (mut agent, good) = agent_with_a_tracked_program();
     let pid = good.pid();
-    agent.wait("the program tracked", T, |s| {
-        agent_support::find(s, pid).map(|_| ())
-    });
     let valid_hello = hello_frame(0x7000_0000_0000);
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rnd = move || {
@@ -254,9 +262,7 @@ fn slow_peers_are_timed_out_and_their_memory_given_back() {
 
 #[test]
 fn a_peer_of_another_uid_is_refused() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        ksmplus_tests::ksmd::skip_or_fail("needs root to setuid a child to nobody");
+    if !ksmplus_tests::ksmd::require_root("needs root to setuid a child to nobody") {
         return;
     }
     let agent = Agent::start(FAST_POLICY);
@@ -344,9 +350,7 @@ fn a_peer_of_another_uid_is_refused() {
 /// serves.
 #[test]
 fn socket_takeover_is_refused_by_agent_and_ctl() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        ksmplus_tests::ksmd::skip_or_fail("needs root to make a directory owned by nobody");
+    if !ksmplus_tests::ksmd::require_root("needs root to make a directory owned by nobody") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -427,10 +431,9 @@ fn untracked_programs_say_hello_once_and_go_dormant() {
 
 #[test]
 fn agent_restart_while_programs_run() {
-    let mut agent = Agent::start(FAST_POLICY);
-    let (w, _) = agent.workload("agent_work", &["dense", "8"]);
+    let (mut agent, w) = agent_with_a_tracked_program();
     let pid = w.pid();
-    agent.wait("the program tracked and marked", T, |s| {
+    agent.wait("the program marked", T, |s| {
         let p = agent_support::find(s, pid)?;
         (u(&p["marked_bytes"]) > 0).then_some(())
     });

@@ -6,7 +6,6 @@
 //! a setuid-style program, or (under Yama `ptrace_scope` 2) every program.
 mod agent_support;
 use agent_support::{find, workload_named, Agent, FAST_POLICY};
-use ksmplus_tests::ksmd::skip_or_fail;
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -25,9 +24,9 @@ fn unreadable_entry(s: &Value, pid: u32) -> Option<Value> {
 
 #[test]
 fn a_tracked_program_the_agent_cannot_read_is_listed_with_the_reason() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        skip_or_fail("needs root, to run the agent and its programs as another user");
+    if !ksmplus_tests::ksmd::require_root(
+        "needs root, to run the agent and its programs as another user",
+    ) {
         return;
     }
     let policy = FAST_POLICY.replace(

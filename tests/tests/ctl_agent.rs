@@ -46,14 +46,16 @@ fn status_text_shows_tracked_untracked_and_ignored_programs() {
             .any(|l| l.trim_start().starts_with(&format!("{op} "))),
         "an untracked program in the table:\n{text}"
     );
-    for want in [
-        "1 tracked",
-        "1 untracked (not in the policy",
-        "1 ignored (not in the policy)",
-        "`ksmplusctl add NAME`",
-    ] {
-        assert!(text.contains(want), "{want:?} not in:\n{text}");
-    }
+    ksmplus_tests::assert_contains_all(
+        &text,
+        &[
+            "1 tracked",
+            "1 untracked (not in the policy",
+            "1 ignored (not in the policy)",
+            "`ksmplusctl add NAME`",
+        ],
+        "the status",
+    );
     ctl_support::assert_fits_100_columns(&text, agent.dir.path());
     // The typed reply agrees.
     let st: StatusReply = serde_json::from_slice(&agent.ctl(&["status", "--json"]).stdout).unwrap();

@@ -107,6 +107,16 @@ fn wrap_all_and_validate(sys: &Path) -> usize {
     checked
 }
 
+/// A temporary directory with the `share` directory of a user (not made yet) and a stand-in
+/// `libksmplus.so` (wrap only needs the file).
+fn share_and_lib() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let share = tmp.path().join("share");
+    let lib = tmp.path().join("libksmplus.so");
+    std::fs::write(&lib, b"x").unwrap();
+    (tmp, share, lib)
+}
+
 #[test]
 fn every_override_of_the_fixtures_validates() {
     let n = wrap_all_and_validate(&fixtures());
@@ -126,10 +136,7 @@ fn every_override_of_this_machines_entries_validates() {
 
 #[test]
 fn unwrap_all_puts_every_file_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let share = tmp.path().join("share");
-    let lib = tmp.path().join("libksmplus.so");
-    std::fs::write(&lib, b"x").unwrap();
+    let (_tmp, share, lib) = share_and_lib();
     // A user override of the user's own, which wrap moves aside and unwrap must restore.
     let own = share.join("applications/org.example.Env.desktop");
     std::fs::create_dir_all(own.parent().unwrap()).unwrap();
@@ -222,10 +229,7 @@ fn wrap_writes_the_installed_library_path_not_its_target() {
 
 #[test]
 fn json_replies_keep_ok_and_the_exit_status_together() {
-    let tmp = tempfile::tempdir().unwrap();
-    let share = tmp.path().join("share");
-    let lib = tmp.path().join("libksmplus.so");
-    std::fs::write(&lib, b"x").unwrap();
+    let (_tmp, share, lib) = share_and_lib();
     let dirs = fixtures().to_string_lossy().into_owned();
     let lib = lib.to_string_lossy();
     let wrap = |app: &str| {

@@ -10,20 +10,12 @@
 //! Everything started here carries `KSMPLUS_E2E_TAG=<unique>` in its environment; the guard kills
 //! exactly those processes (by pid, found through `/proc/PID/environ`), on every path.
 use ksmplus_tests::ksmd::skip_or_fail as skip;
-use ksmplus_tests::{require_ksm, shim_lib, KsmdGuard};
+use ksmplus_tests::{require_ksm, shim_lib, which, KsmdGuard};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ksmplus_tests::target_bin as bin;
-
-fn which(prog: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file())
-}
 
 /// A viewer: its program, desktop-file id, and comm.
 struct Viewer {

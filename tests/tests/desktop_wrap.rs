@@ -64,19 +64,13 @@ impl Env {
     }
     /// Every file under the temp dir, with its bytes.
     fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
-        let mut m = BTreeMap::new();
-        let mut stack = vec![self.dir.path().to_owned()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).unwrap().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    m.insert(p.clone(), std::fs::read(&p).unwrap());
-                }
-            }
-        }
-        m
+        ksmplus_common::fsutil::files_under(self.dir.path(), true)
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect()
     }
 }
 
@@ -94,13 +88,7 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "ksmplusctl failed ({}): {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    ksmplus_tests::assert_success(o, "ksmplusctl");
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 

@@ -40,13 +40,7 @@ fn make(args: &[&str]) -> Output {
         .env_remove("DESTDIR")
         .output()
         .expect("run make (package make)");
-    assert!(
-        o.status.success(),
-        "make {args:?} failed ({}):\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    ksmplus_tests::assert_success(&o, &format!("make {args:?}"));
     o
 }
 
@@ -131,10 +125,7 @@ fn status(inst: &Installed, socket: &Path) -> (Option<i32>, String) {
 
 /// The end-to-end run against the files under `inst.prefix`.
 fn run_installed(inst: &Installed) {
-    let tmp = tempfile::Builder::new()
-        .prefix("ksmplus-install-run")
-        .tempdir()
-        .unwrap();
+    let tmp = ksmplus_tests::temp_dir("ksmplus-install-run");
     let socket = tmp.path().join("run/agent.sock");
     let policy = tmp.path().join("config/ksmplus/policy.toml");
     std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
@@ -429,10 +420,7 @@ fn man_page(path: &Path) -> String {
 #[test]
 fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
     let _one = MAKE.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::Builder::new()
-        .prefix("ksmplus-install")
-        .tempdir()
-        .unwrap();
+    let tmp = ksmplus_tests::temp_dir("ksmplus-install");
     let prefix = tmp.path().join("prefix");
     let arg = |k: &str, v: &Path| format!("{k}={}", v.display());
     make(&["install", &arg("PREFIX", &prefix)]);
@@ -492,14 +480,16 @@ fn make_install_into_a_prefix_runs_end_to_end_and_uninstalls_clean() {
         assert!(!man_page(&p.path()).trim().is_empty());
     }
     let main = man_page(&pages.join("ksmplusctl.1"));
-    for s in [
-        "SYNOPSIS",
-        "EXIT STATUS",
-        "not running",
-        "ksmplusctl-status(1)",
-    ] {
-        assert!(main.contains(s), "{s} not in ksmplusctl(1):\n{main}");
-    }
+    ksmplus_tests::assert_contains_all(
+        &main,
+        &[
+            "SYNOPSIS",
+            "EXIT STATUS",
+            "not running",
+            "ksmplusctl-status(1)",
+        ],
+        "ksmplusctl(1)",
+    );
     // The agent's page, from its clap definition: every option and the sections clap does
     // not know.
     let agentd = man_page(&pages.join("ksmplus-agentd.1"));
@@ -586,10 +576,7 @@ fn make_deb_unpacked_into_a_root_runs_end_to_end() {
     ] {
         assert!(info.contains(field), "{field} not in:\n{info}");
     }
-    let root = tempfile::Builder::new()
-        .prefix("ksmplus-deb-root")
-        .tempdir()
-        .unwrap();
+    let root = ksmplus_tests::temp_dir("ksmplus-deb-root");
     let o = Command::new("dpkg-deb")
         .arg("-x")
         .arg(&deb)

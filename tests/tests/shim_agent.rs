@@ -171,9 +171,7 @@ fn silent_agent_does_not_block_the_program() {
 
 #[test]
 fn foreign_uid_agent_is_not_talked_to() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        ksmplus_tests::ksmd::skip_or_fail("needs root to start an agent as nobody");
+    if !ksmplus_tests::ksmd::require_root("needs root to start an agent as nobody") {
         return;
     }
     let want = baseline();

@@ -133,13 +133,19 @@ fn driver(agent: &HarnessAgent) -> (Interactive, ShimChannel) {
     (p, ch)
 }
 
+/// A harness agent and [`driver`] under it.
+fn driven() -> (HarnessAgent, Interactive, ShimChannel) {
+    let agent = HarnessAgent::start();
+    let (p, ch) = driver(&agent);
+    (agent, p, ch)
+}
+
 /// Allocates with `cmd` (a `shim_driver` command yielding `ptr=`), then checks: the pointer is
 /// page-aligned, counted as a shim block of at least `size` bytes, covered by what the agent
 /// reads of the maps, the content written is what `/proc/PID/mem` shows, and `free` gives the
 /// block back (count and `map_gen`).
 fn check_alloc_hook(cmd: &str, size: u64, align: u64) {
-    let agent = HarnessAgent::start();
-    let (mut p, ch) = driver(&agent);
+    let (_agent, mut p, ch) = driven();
     let before = ch.snapshot();
     let r = p.cmd(cmd, T);
     let ptr = num_field(&r, "ptr");
@@ -178,52 +184,36 @@ fn check_alloc_hook(cmd: &str, size: u64, align: u64) {
     assert!(status.success());
 }
 
-#[test]
-fn hook_malloc() {
-    check_alloc_hook("malloc 100000", 100000, 1);
+/// One test per allocation hook: `name: (driver command, size, alignment)`.
+macro_rules! alloc_hook_tests {
+    ($($name:ident: $args:expr,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let (cmd, size, align) = $args;
+                check_alloc_hook(cmd, size, align);
+            }
+        )*
+    };
 }
-#[test]
-fn hook_malloc_exactly_threshold() {
-    check_alloc_hook("malloc 65536", 65536, 1);
-}
-#[test]
-fn hook_calloc() {
-    check_alloc_hook("calloc 300000", 300000, 1);
-}
-#[test]
-fn hook_memalign() {
-    check_alloc_hook("memalign 65536 100000", 100000, 65536);
-}
-#[test]
-fn hook_aligned_alloc() {
-    check_alloc_hook("aligned_alloc 2097152 4194304", 4194304, 2 << 20);
-}
-#[test]
-fn hook_posix_memalign() {
-    check_alloc_hook("posix_memalign 2097152 100000", 100000, 2 << 20);
-}
-#[test]
-fn hook_valloc() {
-    check_alloc_hook("valloc 100000", 100000, 1);
-}
-#[test]
-fn hook_pvalloc() {
+
+alloc_hook_tests! {
+    hook_malloc: ("malloc 100000", 100000, 1),
+    hook_malloc_exactly_threshold: ("malloc 65536", 65536, 1),
+    hook_calloc: ("calloc 300000", 300000, 1),
+    hook_memalign: ("memalign 65536 100000", 100000, 65536),
+    hook_aligned_alloc: ("aligned_alloc 2097152 4194304", 4194304, 2 << 20),
+    hook_posix_memalign: ("posix_memalign 2097152 100000", 100000, 2 << 20),
+    hook_valloc: ("valloc 100000", 100000, 1),
     // pvalloc rounds the size up to whole pages.
-    check_alloc_hook("pvalloc 100001", 100001_u64.div_ceil(4096) * 4096, 1);
-}
-#[test]
-fn hook_reallocarray_from_null() {
-    check_alloc_hook("reallocarray 0 1000 100", 100000, 1);
-}
-#[test]
-fn hook_realloc_from_null() {
-    check_alloc_hook("realloc 0 100000", 100000, 1);
+    hook_pvalloc: ("pvalloc 100001", 100001_u64.div_ceil(4096) * 4096, 1),
+    hook_reallocarray_from_null: ("reallocarray 0 1000 100", 100000, 1),
+    hook_realloc_from_null: ("realloc 0 100000", 100000, 1),
 }
 
 #[test]
 fn hook_realloc_grow_shrink_keeps_content_and_records_the_move() {
-    let agent = HarnessAgent::start();
-    let (mut p, ch) = driver(&agent);
+    let (_agent, mut p, ch) = driven();
     let a = num_field(&p.cmd("malloc 100000", T), "ptr");
     p.cmd(&format!("fill {a} 100000 9"), T);
     let want = fill_pattern(100000, 9);
@@ -264,8 +254,7 @@ fn hook_realloc_grow_shrink_keeps_content_and_records_the_move() {
 /// address space after the block is free. Content is kept every time.
 #[test]
 fn hook_realloc_grows_into_cached_pieces_and_free_space() {
-    let agent = HarnessAgent::start();
-    let (mut p, ch) = driver(&agent);
+    let (_agent, mut p, ch) = driven();
     let ps = page_size();
     let round = |n: u64| n.div_ceil(ps) * ps;
 
@@ -340,8 +329,7 @@ fn hook_realloc_grows_into_cached_pieces_and_free_space() {
 
 #[test]
 fn hook_reallocarray_overflow_is_enomem_and_keeps_block() {
-    let agent = HarnessAgent::start();
-    let (mut p, ch) = driver(&agent);
+    let (_agent, mut p, ch) = driven();
     let a = num_field(&p.cmd("malloc 200000", T), "ptr");
     let blocks = ch.snapshot().blocks;
     let sum = p.cmd(&format!("fill {a} 200000 5"), T);
@@ -367,8 +355,7 @@ fn hook_reallocarray_overflow_is_enomem_and_keeps_block() {
 
 #[test]
 fn hook_malloc_usable_size_on_both_kinds_of_pointer() {
-    let agent = HarnessAgent::start();
-    let (mut p, _) = driver(&agent);
+    let (_agent, mut p, _) = driven();
     for size in [1u64, 100, 65535, 65536, 65537, 1 << 20] {
         let r = p.cmd(&format!("malloc {size}"), T);
         let ptr = num_field(&r, "ptr");
@@ -388,8 +375,7 @@ fn hook_malloc_usable_size_on_both_kinds_of_pointer() {
 /// is recorded with its addresses; what the maps then show is what the agent covers.
 #[test]
 fn hook_mmap_munmap_mremap_bump_map_gen_and_record_moves() {
-    let agent = HarnessAgent::start();
-    let (mut p, ch) = driver(&agent);
+    let (_agent, mut p, ch) = driven();
     let pid = p.pid();
     let kib = 1024u64;
     let gen = |ch: &ShimChannel| ch.snapshot().map_gen;

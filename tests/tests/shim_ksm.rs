@@ -54,19 +54,7 @@ fn thesis_program_merges_under_the_shim() {
     let scans0 = ksmd.full_scans();
     for (p, _) in &procs {
         let pid = p.pid();
-        poll_until(
-            &format!("pid {pid}: >= 99% of {PAGES} pages merging"),
-            MERGE_DEADLINE,
-            Duration::from_millis(100),
-            || {
-                let s = procfs::ksm_stat(pid);
-                if s.merging_pages * 100 >= PAGES * 99 {
-                    Ok(s)
-                } else {
-                    Err(format!("{s:?}"))
-                }
-            },
-        );
+        wait_99_percent_merging(pid, "");
     }
     eprintln!(
         "with the shim: both processes >= 99% merged after {:?} ({} full scans)",
@@ -105,19 +93,7 @@ fn without_the_shim_the_buffer_is_not_page_aligned() {
     let scans0 = ksmd.full_scans();
     for (p, ptr) in &procs {
         let pid = p.pid();
-        let s = poll_until(
-            &format!("pid {pid}: >= 99% of {PAGES} pages merging without the shim"),
-            MERGE_DEADLINE,
-            Duration::from_millis(100),
-            || {
-                let s = procfs::ksm_stat(pid);
-                if s.merging_pages * 100 >= PAGES * 99 {
-                    Ok(s)
-                } else {
-                    Err(format!("{s:?}"))
-                }
-            },
-        );
+        let s = wait_99_percent_merging(pid, " without the shim");
         eprintln!(
             "without the shim: buffer at page offset {} ({} pages enclosing it); \
              {} pages merging ({:.1}% of {PAGES}) after {:?} ({} full scans)",
@@ -132,4 +108,22 @@ fn without_the_shim_the_buffer_is_not_page_aligned() {
     for (p, _) in procs {
         assert!(p.finish(T).0.success());
     }
+}
+
+/// Waits until at least 99 % of the `PAGES` pages of `pid` are merging; its `ksm_stat` then.
+/// `how` finishes the description of what is waited for.
+fn wait_99_percent_merging(pid: u32, how: &str) -> ksmplus_common::ksm::KsmStat {
+    poll_until(
+        &format!("pid {pid}: >= 99% of {PAGES} pages merging{how}"),
+        MERGE_DEADLINE,
+        Duration::from_millis(100),
+        || {
+            let s = procfs::ksm_stat(pid);
+            if s.merging_pages * 100 >= PAGES * 99 {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
 }

@@ -13,7 +13,7 @@
 //! no unprivileged user namespaces or the tool (`unshare`, `bwrap`) is missing.
 use ksmplus_tests::ksmd::skip_or_fail;
 use ksmplus_tests::shim::{assert_preloaded, shim_lib};
-use ksmplus_tests::{compile, run, Interactive, RunOutput, ShimMode};
+use ksmplus_tests::{compile, run, which, Interactive, RunOutput, ShimMode};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,14 +22,6 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(60);
 /// The user the sandboxes run as when the tests run as root.
 const NOBODY: u32 = 65534;
-
-fn which(prog: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file())
-}
 
 /// Why this kernel gives an unprivileged user no user namespace, if it does not.
 fn no_unprivileged_userns() -> Option<String> {
@@ -71,10 +63,7 @@ struct Kit {
 
 impl Kit {
     fn new(programs: &[(&str, &Path)]) -> Kit {
-        let dir = tempfile::Builder::new()
-            .prefix("ksmplus-sandbox")
-            .tempdir()
-            .unwrap();
+        let dir = ksmplus_tests::temp_dir("ksmplus-sandbox");
         let put = |name: &str, from: &Path, mode: u32| {
             let to = dir.path().join(name);
             std::fs::copy(from, &to)

@@ -12,18 +12,24 @@
 //! generated locally (`ksmplus-bench/desktop/gen_inputs.py`, `pages.rs`), nothing is downloaded.
 
 mod cell;
+mod ctx;
+mod observe;
 mod pages;
 mod procs;
 mod report;
+mod results;
+mod running;
 mod scenario;
 mod user;
 mod x11;
 
 use crate::approach::{self, Approach, Tools};
+use crate::args::{KsmdArgs, ToolArgs};
 use crate::session::{self, Session};
 use crate::sys;
-use cell::{Ctx, DeskCell};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use ctx::Ctx;
+use results::DeskCell;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -60,15 +66,9 @@ struct Cli {
     /// Results directory: tables, JSON, screenshots, logs, inputs.
     #[arg(long, default_value = "desktop-results")]
     results: PathBuf,
-    /// ksmd pages_to_scan during every cell.
-    #[arg(long, default_value_t = 2000)]
-    pages_to_scan: u32,
-    /// ksmd sleep_millisecs during every cell.
-    #[arg(long, default_value_t = 10)]
-    sleep_millisecs: u32,
-    /// ksmd use_zero_pages during every cell (0: zero pages merge into a KSM page, as in the thesis).
-    #[arg(long, default_value_t = 0)]
-    use_zero_pages: u32,
+    // ksmd's tunables (pages_to_scan 2000 by default here: see `main`).
+    #[command(flatten)]
+    ksmd: KsmdArgs,
     /// Never declare convergence earlier than this after ksmd starts [default: 12, smoke 10].
     #[arg(long)]
     min_secs: Option<f64>,
@@ -88,10 +88,9 @@ struct Cli {
     /// policy's default, like the shim's `KSMPLUS_MIN_REGION`, is 64 KiB).
     #[arg(long, default_value_t = 65536)]
     agent_min_region: u64,
-    #[arg(long)]
-    preload: Option<PathBuf>,
-    #[arg(long)]
-    agent: Option<PathBuf>,
+    #[command(flatten)]
+    tools: ToolArgs,
+    /// ksmplusctl [default: searched like --preload].
     #[arg(long)]
     ctl: Option<PathBuf>,
     /// Smoke: fail (instead of skipping the ksmplus assertions) when ksmplus is unavailable;
@@ -126,8 +125,17 @@ struct Output<'a> {
 }
 
 /// `ksmplus-bench desktop ARGS...` (args[0] is `desktop`).
+/// The command line; the desktop's cells scan 2000 pages at a time (the head-to-head run's
+/// default is 5000).
+fn parse(args: Vec<String>) -> Result<Cli, clap::Error> {
+    let matches = Cli::command()
+        .mut_arg("pages_to_scan", |a| a.default_value("2000"))
+        .try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches)
+}
+
 pub fn main(args: Vec<String>) -> ExitCode {
-    let cli = Cli::parse_from(args);
+    let cli = parse(args).unwrap_or_else(|e| e.exit());
     match run(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -240,13 +248,17 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         inputs.display(),
         t.elapsed().as_secs_f64()
     );
-    let preload = approach::find_tool(cli.preload.clone(), "libksmplus.so");
-    let agent = approach::find_tool(cli.agent.clone(), "ksmplus-agentd");
+    let preload = approach::find_tool(cli.tools.preload.clone(), "libksmplus.so");
+    let agent = approach::find_tool(cli.tools.agent.clone(), "ksmplus-agentd");
     let ctl = approach::find_tool(cli.ctl.clone(), "ksmplusctl");
 
     let mut session = Session::start("ksmplus-desktop", || Ok(()))?;
     sys::ksm_set("run", "0")?;
-    session.tune(cli.pages_to_scan, cli.sleep_millisecs, cli.use_zero_pages)?;
+    session.tune(
+        cli.ksmd.pages_to_scan,
+        cli.ksmd.sleep_millisecs,
+        cli.ksmd.use_zero_pages,
+    )?;
     let settings = session::shown_settings();
     let mut notes: Vec<String> = Vec::new();
     // The shim every shim cell preloads: a copy where sandboxes can see it (see `user`).
@@ -263,7 +275,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     let tools = Tools {
         preload: shim.as_ref().map(|s| s.so.clone()).or(preload.clone()),
         agent: agent.clone(),
-        policy_template: policy(cli.agent_min_region),
+        policy: policy(cli.agent_min_region),
         // Root's agents learn into the run's directory, not into root's home.
         agent_args: vec![
             "--state".into(),
@@ -426,7 +438,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             cells.push(c);
         }
     }
-    let _ = cell::wait_clean(&ctx, Duration::from_secs(30));
+    let _ = ctx::wait_clean(&ctx, Duration::from_secs(30));
     drop(ctx);
     if let Some(u) = &user_side {
         let _ = std::fs::copy(&u.state, results.join("learned"));
@@ -596,4 +608,21 @@ fn smoke_assertions(cells: &[DeskCell], require_ksmplus: bool) -> Vec<String> {
         }
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ksmd_scans_2000_pages_by_default_and_as_told() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cli = parse(args(&["desktop"])).unwrap();
+        assert_eq!(cli.ksmd.pages_to_scan, 2000);
+        assert_eq!(cli.ksmd.sleep_millisecs, 10);
+        let cli = parse(args(&["desktop", "--pages-to-scan", "7", "--ctl", "/c"])).unwrap();
+        assert_eq!(cli.ksmd.pages_to_scan, 7);
+        assert_eq!(cli.ctl.as_deref(), Some(Path::new("/c")));
+        assert!(parse(args(&["desktop", "--no-such-option"])).is_err());
+    }
 }

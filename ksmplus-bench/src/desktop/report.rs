@@ -2,16 +2,10 @@
 //! rows (start-up, merging, profit, responsiveness), per-process rows of the browsers under
 //! ksmplus, the `scan` summaries and the targets of issues 7 and 10.
 
-use super::cell::DeskCell;
+use super::results::DeskCell;
 use super::scenario::Scenario;
+use crate::table::{conv, not_ran, opt, verdict, MIB};
 use std::fmt::Write as _;
-
-const MIB: f64 = 1048576.0;
-
-fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map(|x| format!("{x:.prec$}"))
-        .unwrap_or_else(|| "-".into())
-}
 
 fn find<'a>(cells: &'a [DeskCell], sc: &str, ap: &str) -> Option<&'a DeskCell> {
     cells
@@ -39,15 +33,9 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
     for sc in scenarios {
         for c in cells.iter().filter(|c| c.scenario == sc.id) {
             if !c.ran() {
-                notes.push(format!("{} {}: {}", c.scenario, c.approach, c.status));
-                let _ = writeln!(
-                    s,
-                    "{:<4} {:<11} {} [{}]",
-                    c.scenario,
-                    c.approach,
-                    c.status.split(':').next().unwrap_or(""),
-                    notes.len()
-                );
+                let head = format!("{:<4} {:<11}", c.scenario, c.approach);
+                let name = format!("{} {}", c.scenario, c.approach);
+                not_ran(&mut s, &mut notes, &head, &name, &c.status);
                 continue;
             }
             // What the approach leaves in memory against the same programs without KSM: the
@@ -60,11 +48,6 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
             });
             let start: Vec<f64> = c.programs.iter().filter_map(|p| p.startup_secs).collect();
             let start = (!start.is_empty()).then(|| start.iter().sum::<f64>() / start.len() as f64);
-            let conv = if c.converged {
-                format!("{:.1}", c.converge_secs)
-            } else {
-                format!(">{:.0}", c.observed_secs)
-            };
             let _ = writeln!(
                 s,
                 "{:<4} {:<11} {:>5} {:>7.1} {:>7.1} {:>7} {:>6} {:>8.2} {:>6.2} {:>6.2} {:>7} {:>7} {:>7} {:>7} {:>8.2} {:>7.2} {:>6} {:>6.2} {:>7} {:>7} {:>7}",
@@ -84,7 +67,7 @@ pub fn table(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
                 c.rmap_items,
                 c.process_profit as f64 / MIB,
                 c.general_profit_delta as f64 / MIB,
-                conv,
+                conv(c.converged, c.converge_secs, c.observed_secs),
                 c.ksmd_cpu_secs,
                 opt(c.agent_cpu_secs, 2),
                 opt(c.agent_hwm_kib.map(|k| k as f64 / 1024.0), 1),
@@ -552,11 +535,7 @@ fn browser_targets(cells: &[DeskCell], scenarios: &[Scenario], out: &mut Vec<Tar
 pub fn targets_text(ts: &[Target]) -> String {
     let mut s = String::from("targets (issues 7 and 10):\n");
     for t in ts {
-        let v = match t.verdict {
-            Some(true) => "MET ",
-            Some(false) => "MISS",
-            None => "n/a ",
-        };
+        let v = verdict(t.verdict, ["MET ", "MISS", "n/a "]);
         let _ = writeln!(s, "  [{v}] {}: {}", t.name, t.detail);
     }
     s

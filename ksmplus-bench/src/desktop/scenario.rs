@@ -175,29 +175,38 @@ user_pref("accessibility.force_disabled", 1);
 
 /// `firefox-esr` with `tabs` of the local pages, in a profile of the cell's home, sandbox on.
 fn firefox(web: &Path, tabs: usize) -> Program {
-    let mut argv = vec![
+    let argv = vec![
         s("firefox-esr"),
         s("--no-remote"),
         s("--profile"),
         format!("{HOME}/firefox-profile"),
     ];
+    Program {
+        home_files: vec![("firefox-profile/user.js", FIREFOX_PREFS.to_owned())],
+        ..browser("firefox", argv, web, tabs)
+    }
+}
+
+/// A browser (`group`, also its label) started with `argv` and `tabs` of the local pages,
+/// ready when the first page's title shows.
+fn browser(group: &'static str, mut argv: Vec<String>, web: &Path, tabs: usize) -> Program {
     argv.extend(web_pages(web, tabs));
     Program {
-        label: s("firefox"),
-        group: "firefox",
+        label: s(group),
+        group,
         argv,
         ready: Ready::Title(s("Local page")),
         // Scroll the tab, go to the next one: every tab is shown and scrolled.
         keys: vec!["Page_Down", "ctrl+Page_Down"],
         presses: 2 * tabs,
-        home_files: vec![("firefox-profile/user.js", FIREFOX_PREFS.to_owned())],
+        home_files: vec![],
         learning_run: false,
     }
 }
 
 /// `chromium` with `tabs` of the local pages, its profile in the cell's home, sandbox on.
 fn chromium(web: &Path, tabs: usize) -> Program {
-    let mut argv = vec![
+    let argv = vec![
         s("chromium"),
         s("--no-first-run"),
         s("--disable-background-networking"),
@@ -207,18 +216,11 @@ fn chromium(web: &Path, tabs: usize) -> Program {
         s("--hide-crash-restore-bubble"),
         format!("--user-data-dir={HOME}/chromium-profile"),
     ];
-    argv.extend(web_pages(web, tabs));
     Program {
-        label: s("chromium"),
-        group: "chromium",
-        argv,
-        ready: Ready::Title(s("Local page")),
-        keys: vec!["Page_Down", "ctrl+Page_Down"],
-        presses: 2 * tabs,
-        home_files: vec![],
         // Its renderers' seccomp filter refuses MADV_MERGEABLE: the agent's fallback puts the
         // zygote in merge-any mode from its start once it has learned it.
         learning_run: true,
+        ..browser("chromium", argv, web, tabs)
     }
 }
 

@@ -27,7 +27,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct User {
@@ -248,7 +247,7 @@ impl UserSide {
                 ));
             }
         }
-        let bus = super::x11::Bus::start(Some(&user));
+        let bus = super::x11::Bus::start(Some((user.uid, user.gid)));
         Ok(UserSide {
             user,
             agent,
@@ -332,28 +331,11 @@ impl UserSide {
         let child = cmd
             .spawn()
             .map_err(|e| fail(format!("cannot start {}: {e}", bin.display())))?;
-        let mut agent = Agent {
+        Agent {
             child,
             dir: dir.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !socket.exists() {
-            if let Ok(Some(st)) = agent.child.try_wait() {
-                return Err(fail(format!(
-                    "exited ({st}) before creating its socket:\n{}",
-                    agent.log_tail()
-                )));
-            }
-            if Instant::now() >= deadline || sys::stop_requested() {
-                return Err(fail(format!(
-                    "no socket at {} after 5 s:\n{}",
-                    socket.display(),
-                    agent.log_tail()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(agent)
+        .listening(&socket, fail)
     }
 
     /// `ksmplusctl` as the user (it refuses an agent of another uid, root excepted).

@@ -9,6 +9,7 @@ use crate::sys;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,9 +56,9 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// A session bus of root, or of `user` (a bus refuses clients of other users); `None`
-    /// without `dbus-daemon` (the programs run without a bus then).
-    pub fn start(user: Option<&super::user::User>) -> Option<Bus> {
+    /// A session bus of root, or of the user `(uid, gid)` (a bus refuses clients of other
+    /// users); `None` without `dbus-daemon` (the programs run without a bus then).
+    pub fn start(user: Option<(u32, u32)>) -> Option<Bus> {
         if !have("dbus-daemon") {
             return None;
         }
@@ -66,8 +67,8 @@ impl Bus {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if let Some(u) = user {
-            u.apply(&mut cmd);
+        if let Some((uid, gid)) = user {
+            cmd.uid(uid).gid(gid);
             cmd.env_clear()
                 .env("PATH", "/usr/bin:/bin")
                 .current_dir("/");

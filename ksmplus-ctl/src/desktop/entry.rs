@@ -433,22 +433,23 @@ mod tests {
 
     #[test]
     fn wrap_plain_env_and_existing_preload() {
-        assert_eq!(
-            wrap_exec("okular %U", LIB).unwrap(),
-            format!("env LD_PRELOAD={LIB} okular %U")
-        );
-        assert_eq!(
-            wrap_exec("env FOO=1 BAR=\"x y\" prog %f", LIB).unwrap(),
-            format!("env FOO=1 BAR=\"x y\" LD_PRELOAD={LIB} prog %f")
-        );
-        assert_eq!(
-            wrap_exec("env -i HOME=/h prog", LIB).unwrap(),
-            format!("env -i HOME=/h LD_PRELOAD={LIB} prog")
-        );
-        assert_eq!(
-            wrap_exec("env LD_PRELOAD=/a.so prog %u", LIB).unwrap(),
-            format!("env LD_PRELOAD=/a.so:{LIB} prog %u")
-        );
+        for (exec, want) in [
+            ("okular %U", format!("env LD_PRELOAD={LIB} okular %U")),
+            (
+                "env FOO=1 BAR=\"x y\" prog %f",
+                format!("env FOO=1 BAR=\"x y\" LD_PRELOAD={LIB} prog %f"),
+            ),
+            (
+                "env -i HOME=/h prog",
+                format!("env -i HOME=/h LD_PRELOAD={LIB} prog"),
+            ),
+            (
+                "env LD_PRELOAD=/a.so prog %u",
+                format!("env LD_PRELOAD=/a.so:{LIB} prog %u"),
+            ),
+        ] {
+            assert_eq!(wrap_exec(exec, LIB).unwrap(), want);
+        }
         // Idempotent on its own output.
         let once = wrap_exec("env LD_PRELOAD=/a.so prog", LIB).unwrap();
         assert_eq!(wrap_exec(&once, LIB).unwrap(), once);

@@ -85,20 +85,11 @@ fn ioe(path: &Path) -> impl FnOnce(io::Error) -> DesktopError + '_ {
 /// Every `*.desktop` under `apps`, by desktop-file id (relative path with `/` → `-`).
 fn entries_in(apps: &Path) -> BTreeMap<String, PathBuf> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![apps.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "desktop") {
-                if let Ok(rel) = p.strip_prefix(apps) {
-                    let id = rel.to_string_lossy().replace('/', "-");
-                    out.insert(id, p);
-                }
+    for p in ksmplus_common::fsutil::files_under(apps, true) {
+        if p.extension().is_some_and(|x| x == "desktop") {
+            if let Ok(rel) = p.strip_prefix(apps) {
+                let id = rel.to_string_lossy().replace('/', "-");
+                out.insert(id, p);
             }
         }
     }
@@ -408,7 +399,7 @@ pub struct WrapArgs {
     #[arg(long, value_name = "PATH")]
     pub lib: Option<PathBuf>,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// `ksmplusctl unwrap` options.
@@ -421,7 +412,7 @@ pub struct UnwrapArgs {
     #[arg(long, conflicts_with = "app")]
     pub all: bool,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// Prints what happened (text, or a [`DesktopReply`] with `--json`); the exit status: 1 when

@@ -103,10 +103,7 @@ pub fn classify(page: &[u8]) -> Class {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn page_of(pattern: &[u8]) -> Vec<u8> {
-        pattern.iter().copied().cycle().take(4096).collect()
-    }
+    use crate::test_util::page_of;
 
     #[test]
     fn zero_and_ones() {

@@ -390,7 +390,7 @@ pub struct ScanArgs {
     #[arg(long, default_value_t = 10)]
     pub top: usize,
     #[command(flatten)]
-    pub out: crate::cli::JsonArg,
+    pub out: crate::output::JsonArg,
 }
 
 /// Runs `ksmplusctl scan`; returns the exit code (0 ok, 1 nothing scanned, 2 usage).
@@ -452,10 +452,7 @@ pub fn cli(args: &ScanArgs) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn page_of(pattern: &[u8]) -> Vec<u8> {
-        pattern.iter().copied().cycle().take(4096).collect()
-    }
+    use crate::test_util::page_of;
 
     #[test]
     fn counts_per_process_and_across() {

@@ -46,10 +46,7 @@ impl Agent {
     /// kernel's checks for an ordinary user (the other tests run everything as root). Its uid
     /// has no other processes, so even a `track_all` policy meets only the test's programs.
     pub fn start_as(policy: &str, uid: Option<u32>) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix("ksmplus-agent-test")
-            .tempdir()
-            .unwrap();
+        let dir = ksmplus_tests::temp_dir("ksmplus-agent-test");
         let socket = dir.path().join("run/agent.sock");
         let policy_path = dir.path().join("config/policy.toml");
         std::fs::create_dir_all(policy_path.parent().unwrap()).unwrap();
@@ -202,21 +199,22 @@ impl Agent {
         timeout: Duration,
         mut f: impl FnMut(&Value) -> Option<T>,
     ) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status();
-            if let Some(v) = f(&s) {
-                return v;
+        /// The last status and the agent's log tail, read only when the wait fails.
+        struct Last<'a>(&'a Agent, Value);
+        impl std::fmt::Display for Last<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(
+                    f,
+                    "status:\n{}\nagent log tail:\n{}",
+                    serde_json::to_string_pretty(&self.1).unwrap(),
+                    tail(&self.0.log(), 3000)
+                )
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}; last status:\n{}\nagent log tail:\n{}",
-                    serde_json::to_string_pretty(&s).unwrap(),
-                    tail(&self.log(), 3000)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
+        ksmplus_tests::poll_until(what, timeout, Duration::from_millis(100), || {
+            let s = self.status();
+            f(&s).ok_or(Last(self, s))
+        })
     }
 
     pub fn shim(&self) -> ShimMode {

@@ -5,21 +5,10 @@ use std::path::{Path, PathBuf};
 
 /// Every file and symbolic link under `dir` (not following links), relative to it, sorted.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() && !p.is_symlink() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().to_owned());
-            }
-        }
-    }
+    let mut out: Vec<PathBuf> = ksmplus_common::fsutil::files_under(dir, false)
+        .iter()
+        .map(|p| p.strip_prefix(dir).unwrap().to_owned())
+        .collect();
     out.sort();
     out
 }

@@ -1,0 +1,70 @@
+//! What every desktop cell of a run shares: the run's context, ksmd's switch, and the user
+//! side of a scenario.
+
+use super::scenario::Scenario;
+use super::user::UserSide;
+use super::x11::Desktop;
+use crate::approach::Tools;
+use crate::sys;
+use ksmplus_common::ksm;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub fn root() -> &'static Path {
+    Path::new("/")
+}
+
+pub fn set(name: &str, value: &str) -> Result<(), String> {
+    ksm::write_sysfs(root(), name, value).map_err(|e| format!("ksm {name}={value}: {e}"))
+}
+
+/// What stays the same for every cell of a run.
+pub struct Ctx<'a> {
+    pub desktop: &'a Desktop,
+    pub tools: Tools,
+    pub ctl: Option<PathBuf>,
+    pub results: PathBuf,
+    pub tmp: PathBuf,
+    pub home_template: PathBuf,
+    pub ksmd_pid: Option<u32>,
+    /// `(pages_shared, pages_sharing, general_profit)` before the first cell. ksmd drops the
+    /// rmap items of an exited process later than its pages, so `general_profit` shows them.
+    pub baseline: (i64, i64, i64),
+    pub min_secs: f64,
+    pub stable_secs: f64,
+    pub deadline_secs: f64,
+    /// Run `ksmplusctl scan` in this cell (once per scenario), when the subcommand exists.
+    pub scan: bool,
+    /// The unprivileged user of the browser scenarios, when the run has any.
+    pub user: Option<&'a UserSide>,
+}
+
+/// Waits (ksmd running) until ksmd holds no more pages than before the run.
+pub fn wait_clean(ctx: &Ctx, timeout: Duration) -> Result<bool, String> {
+    let deadline = Instant::now() + timeout;
+    set("run", "1")?;
+    loop {
+        if sys::ksm_get("pages_shared") <= ctx.baseline.0
+            && sys::ksm_get("pages_sharing") <= ctx.baseline.1
+            && sys::ksm_get("general_profit") >= ctx.baseline.2
+        {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        sys::sleep_checked(Duration::from_millis(100))?;
+    }
+}
+
+/// The user side when the scenario runs as the unprivileged user.
+pub fn user_of<'a>(ctx: &Ctx<'a>, sc: &Scenario) -> Result<Option<&'a UserSide>, String> {
+    match (sc.user, ctx.user) {
+        (false, _) => Ok(None),
+        (true, Some(u)) => Ok(Some(u)),
+        (true, None) => Err(format!(
+            "{} runs as the unprivileged user, which is not set up",
+            sc.id
+        )),
+    }
+}
