@@ -369,12 +369,24 @@ mod tests {
         a
     }
 
+    /// A new cache holding one piece of `n` pages (resident ones with `warm`), and its address.
+    fn holding(n: usize, warm: bool) -> (Cache, usize) {
+        let c = Cache::new();
+        let a = if warm { touched(n) } else { map(n * P) };
+        assert!(c.put(a, n * P));
+        (c, a)
+    }
+
+    /// Unmaps a mapping the test made.
+    fn unmap(a: usize, len: usize) {
+        // SAFETY: a test mapping made by the caller, owned by the test.
+        unsafe { sys::munmap(a, len).unwrap() };
+    }
+
     #[test]
     fn no_stale_pages_for_a_block_above_max_piece() {
-        let c = Cache::new();
         // A freed, fully resident block that could be grown into a larger request.
-        let a = touched(64);
-        assert!(c.put(a, 64 * P));
+        let (c, _) = holding(64, true);
         // A request above MAX_PIECE is not served from the cache (before the bound it got this
         // piece grown with mremap, its 64 stale resident pages included)...
         let len = MAX_PIECE + P;
@@ -393,18 +405,13 @@ mod tests {
         // Up to MAX_PIECE the warm piece is grown (only the missing pages are new).
         let g = c.take(MAX_PIECE).unwrap();
         assert_eq!(resident(g, MAX_PIECE / P), 64);
-        // SAFETY: test mappings made above, owned by this test.
-        unsafe {
-            sys::munmap(b, len).unwrap();
-            sys::munmap(g, MAX_PIECE).unwrap();
-        }
+        unmap(b, len);
+        unmap(g, MAX_PIECE);
     }
 
     #[test]
     fn the_rest_of_a_split_piece_keeps_its_age() {
-        let c = Cache::new();
-        let a = touched(64);
-        assert!(c.put(a, 64 * P));
+        let (c, a) = holding(64, true);
         c.trim();
         // A small request served from the old piece does not make its rest young...
         let x = c.take(4 * P).unwrap();
@@ -425,8 +432,7 @@ mod tests {
         c.trim();
         assert_eq!(c.bytes(), 0);
         assert!(!mapped(b));
-        // SAFETY: test mapping made above, owned by this test.
-        unsafe { sys::munmap(x, 4 * P).unwrap() };
+        unmap(x, 4 * P);
     }
 
     #[test]
@@ -447,9 +453,7 @@ mod tests {
 
     #[test]
     fn best_fit_split_and_coalesce() {
-        let c = Cache::new();
-        let a = map(64 * P);
-        assert!(c.put(a, 64 * P));
+        let (c, a) = holding(64, false);
         // Best fit takes the front and puts the rest back.
         let x = c.take(16 * P).unwrap();
         assert_eq!(x, a);
@@ -460,8 +464,7 @@ mod tests {
         assert_eq!(c.take(64 * P), Some(a));
         assert_eq!(c.bytes(), 0);
         assert_eq!(c.take(P), None);
-        // SAFETY: test mappings made above, owned by this test.
-        unsafe { sys::munmap(a, 64 * P).unwrap() };
+        unmap(a, 64 * P);
     }
 
     #[test]
@@ -483,9 +486,7 @@ mod tests {
 
     #[test]
     fn trim_releases_pieces_that_stayed_idle() {
-        let c = Cache::new();
-        let a = map(8 * P);
-        assert!(c.put(a, 8 * P));
+        let (c, a) = holding(8, false);
         c.trim();
         assert_eq!(c.bytes(), 8 * P, "a fresh piece survives one trim");
         c.trim();
@@ -501,9 +502,7 @@ mod tests {
 
     #[test]
     fn maybe_trim_runs_once_per_period() {
-        let c = Cache::new();
-        let a = map(8 * P);
-        assert!(c.put(a, 8 * P));
+        let (c, _) = holding(8, false);
         c.maybe_trim(5000); // starts the clock
         c.maybe_trim(5000 + TRIM_PERIOD_MS); // first trim: the piece ages
         assert_eq!(c.bytes(), 8 * P);
@@ -539,12 +538,6 @@ mod tests {
         let a = map(P);
         assert!(c.put(a, P));
         assert_eq!(c.bytes(), SLOTS * P);
-        let mut v = 0u8;
-        // SAFETY: mincore writes one byte into `v`; an unmapped page only gives ENOMEM.
-        assert_ne!(
-            unsafe { libc::mincore(a as *mut _, P, &mut v) },
-            0,
-            "unmapped"
-        );
+        assert!(!mapped(a), "unmapped");
     }
 }

@@ -125,15 +125,15 @@ mod hooks {
     ) -> c_int {
         // SAFETY: the caller's arguments, unchanged, to the kernel (glibc's wrapper does the same).
         let call = || unsafe {
-            sys::raw_syscall6(
-                libc::SYS_prctl,
+            let args = [
                 option as c_long,
                 a2 as c_long,
                 a3 as c_long,
                 a4 as c_long,
                 a5 as c_long,
                 0,
-            )
+            ];
+            sys::raw_syscall6(libc::SYS_prctl, args)
         };
         let r = if option == PR_SET_SECCOMP && prctl_installs(a2 as i64, a3 as i64) {
             guarded(call)
@@ -194,7 +194,7 @@ mod hooks {
         a6: c_long,
     ) -> c_long {
         // SAFETY: the caller's system call and arguments, unchanged.
-        let call = || unsafe { sys::raw_syscall6(nr, a1, a2, a3, a4, a5, a6) };
+        let call = || unsafe { sys::raw_syscall6(nr, [a1, a2, a3, a4, a5, a6]) };
         let installs = if nr == libc::SYS_seccomp {
             seccomp_installs(a1, a3)
         } else {

@@ -110,57 +110,41 @@ pub unsafe fn mremap(
 }
 
 /// A system call by the `syscall` instruction itself: never through glibc's `syscall()`,
-/// which the shim interposes (`seccomp`). Returns the kernel's value (`-errno` on failure).
-#[cfg(target_arch = "x86_64")]
+/// which the shim interposes on x86-64 (`seccomp`); elsewhere glibc's, turned back into
+/// `-errno`. Returns the kernel's value (`-errno` on failure).
 #[inline]
-pub unsafe fn raw_syscall6(
-    nr: libc::c_long,
-    a1: libc::c_long,
-    a2: libc::c_long,
-    a3: libc::c_long,
-    a4: libc::c_long,
-    a5: libc::c_long,
-    a6: libc::c_long,
-) -> libc::c_long {
-    let r: libc::c_long;
-    // SAFETY: the caller passes a system call and its arguments; the instruction clobbers
-    // rcx and r11 only, and touches no memory of ours.
-    unsafe {
-        core::arch::asm!(
-            "syscall",
-            inlateout("rax") nr => r,
-            in("rdi") a1,
-            in("rsi") a2,
-            in("rdx") a3,
-            in("r10") a4,
-            in("r8") a5,
-            in("r9") a6,
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    r
-}
-
-/// Elsewhere the shim does not interpose `syscall()`: glibc's, turned back into `-errno`.
-#[cfg(not(target_arch = "x86_64"))]
-#[inline]
-pub unsafe fn raw_syscall6(
-    nr: libc::c_long,
-    a1: libc::c_long,
-    a2: libc::c_long,
-    a3: libc::c_long,
-    a4: libc::c_long,
-    a5: libc::c_long,
-    a6: libc::c_long,
-) -> libc::c_long {
-    // SAFETY: forwarding the caller's system call.
-    let r = unsafe { libc::syscall(nr, a1, a2, a3, a4, a5, a6) };
-    if r == -1 {
-        -(errno() as libc::c_long)
-    } else {
+pub unsafe fn raw_syscall6(nr: libc::c_long, a: [libc::c_long; 6]) -> libc::c_long {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r: libc::c_long;
+        // SAFETY: the caller passes a system call and its arguments; the instruction clobbers
+        // rcx and r11 only, and touches no memory of ours.
+        unsafe {
+            core::arch::asm!(
+                "syscall",
+                inlateout("rax") nr => r,
+                in("rdi") a[0],
+                in("rsi") a[1],
+                in("rdx") a[2],
+                in("r10") a[3],
+                in("r8") a[4],
+                in("r9") a[5],
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
         r
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // SAFETY: forwarding the caller's system call.
+        let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
+        if r == -1 {
+            -(errno() as libc::c_long)
+        } else {
+            r
+        }
     }
 }
 

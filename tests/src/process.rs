@@ -38,9 +38,23 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
 fn spawn_piped(cmd: &mut Command) -> Child {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+        .stderr(Stdio::piped());
+    spawn_retrying(cmd).unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+/// `cmd.spawn()`, tried again for up to 5 s while exec says ETXTBSY. A test that copies a
+/// program and runs it gets that when another test thread forks while the copy's descriptor
+/// is still open: the fork child holds it for write until it execs.
+pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<Child> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Runs `cmd` with `stdin` as its input, killing it (and panicking with what it printed) if it has

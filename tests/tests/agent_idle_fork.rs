@@ -2,18 +2,16 @@
 //! sits in a system call) has no channel yet: `status` lists it as `pending`, and once it
 //! allocates it is tracked like any fork child — also after the agent stopped polling for it.
 mod agent_support;
-use agent_support::{find, Agent, FAST_POLICY};
-use ksmplus_tests::{compile, num_field};
+use agent_support::find;
+use ksmplus_tests::num_field;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
 #[test]
 fn an_idle_fork_child_is_pending_then_tracked_when_it_allocates() {
-    let policy = FAST_POLICY.replace("track = [\"agent_work\"]", "track = [\"forkchild\"]");
-    let agent = Agent::start(&policy);
-    let exe = agent.dir.path().join("forkchild");
-    std::fs::copy(compile("shim_forkchild"), &exe).unwrap();
+    let agent = agent_support::tracking(&["forkchild"]);
+    let exe = agent.program("shim_forkchild", "forkchild");
     let (mut p, line) = agent.run_under_shim(&exe, &["idle"]);
     assert!(line.starts_with("parent pid="), "{line}");
     let child = num_field(&p.line(T), "pid") as u32;

@@ -5,8 +5,7 @@
 //! identical pages the agent would otherwise mark; it must live, and `status` must say why it
 //! is not advised, while a filter-free program beside it is marked as usual.
 mod agent_support;
-use agent_support::{find, Agent, FAST_POLICY};
-use ksmplus_tests::compile;
+use agent_support::find;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -18,14 +17,8 @@ fn u(v: &Value) -> u64 {
 
 #[test]
 fn a_process_under_a_seccomp_filter_is_never_advised_and_lives() {
-    let policy = FAST_POLICY.replace(
-        "track = [\"agent_work\"]",
-        "track = [\"agent_work\", \"agent_seccomp\"]",
-    );
-    let agent = Agent::start(&policy);
-    // Under its own name, so its comm is exactly what the policy says.
-    let exe = agent.dir.path().join("agent_seccomp");
-    std::fs::copy(compile("agent_seccomp"), &exe).unwrap();
+    let agent = agent_support::tracking(&["agent_work", "agent_seccomp"]);
+    let exe = agent.program("agent_seccomp", "agent_seccomp");
     let (filtered, line) = agent.run_under_shim(&exe, &["8"]);
     assert!(line.contains("filtered=1"), "{line}");
     let (work, _) = agent.workload("agent_work", &["dense", "8"]);
@@ -56,10 +49,8 @@ fn a_process_under_a_seccomp_filter_is_never_advised_and_lives() {
 /// process adds no filter of its own its duplicates are marked as anywhere else.
 #[test]
 fn a_filter_inherited_at_exec_does_not_stop_marking() {
-    let policy = FAST_POLICY.replace("track = [\"agent_work\"]", "track = [\"agent_seccomp\"]");
-    let agent = Agent::start(&policy);
-    let exe = agent.dir.path().join("agent_seccomp");
-    std::fs::copy(compile("agent_seccomp"), &exe).unwrap();
+    let agent = agent_support::tracking(&["agent_seccomp"]);
+    let exe = agent.program("agent_seccomp", "agent_seccomp");
     let (p, line) = agent.run_under_shim(&exe, &["launch", "8"]);
     assert!(line.contains("inherited=1"), "{line}");
     let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();

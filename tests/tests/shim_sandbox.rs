@@ -291,14 +291,14 @@ fn advice_waiting_when_a_filter_goes_in_is_refused_not_run() {
     use ksmplus_tests::shim::command;
     use ksmplus_tests::{num_field, HarnessAgent, ShimChannel};
     use std::os::unix::process::ExitStatusExt;
-    let prog = compile("shim_seccomp_late");
+    let prog = compile("agent_seccomp");
     let agent = HarnessAgent::start();
     let mode = ShimMode::On {
         socket: agent.socket_path().to_owned(),
     };
     for how in ["prctl", "syscall"] {
         let mut cmd = command(&prog, &mode);
-        cmd.args([how, "8"]);
+        cmd.args(["late", how, "8"]);
         let mut p = Interactive::spawn(&mut cmd);
         let line = p.line(T);
         let (a, size) = (num_field(&line, "a"), num_field(&line, "size"));

@@ -435,9 +435,8 @@ mod tests {
 
     #[test]
     fn edit_keeps_comments_and_validates() {
-        let dir = std::env::temp_dir().join(format!("ksmplus-edit-{}", std::process::id()));
-        let path = dir.join("policy.toml");
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("policy.toml");
         std::fs::write(
             &path,
             "# my policy\ntrack = [\"okular\"] # readers\n\n[sampling]\n# slow\nstep = 20\n",
@@ -453,13 +452,12 @@ mod tests {
         let p = Policy::load(&path).unwrap();
         assert_eq!(p.track, vec!["firefox"]);
         // A missing file is created.
-        let p2 = dir.join("sub/policy.toml");
+        let p2 = tmp.path().join("sub/policy.toml");
         assert!(edit_policy(&p2, "okular", true).unwrap());
         assert_eq!(Policy::load(&p2).unwrap().track, vec!["okular"]);
         // A broken file is not overwritten.
         std::fs::write(&path, "track = [\nbroken").unwrap();
         assert!(edit_policy(&path, "x", true).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "track = [\nbroken");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

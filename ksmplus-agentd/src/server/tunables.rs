@@ -83,7 +83,8 @@ mod tests {
     /// exit get their old value back.
     #[test]
     fn apply_drop_and_restore_on_a_fake_sysfs() {
-        let root = std::env::temp_dir().join(format!("ksmplus-tun-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_owned();
         let dir = root.join("sys/kernel/mm/ksm");
         std::fs::create_dir_all(&dir).unwrap();
         for (n, v) in [
@@ -126,6 +127,5 @@ mod tests {
             (read("run"), read("sleep_millisecs")),
             ("0".into(), "20".into())
         );
-        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -104,8 +104,8 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = self
-            .as_user(&mut Command::new(self.tool("ksmplus-agentd")))
+        let mut cmd = Command::new(self.tool("ksmplus-agentd"));
+        self.as_user(&mut cmd)
             .arg("--socket")
             .arg(&self.socket)
             .arg("--policy")
@@ -116,9 +116,9 @@ impl Agent {
             .env_remove("KSMPLUS_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ksmplus-agentd");
+            .stderr(log);
+        // The agent may be a copy just made (start_as): see spawn_retrying.
+        let child = ksmplus_tests::process::spawn_retrying(&mut cmd).expect("spawn ksmplus-agentd");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.try_ctl(&["--json", "status"]).map(|o| o.status.code()) != Some(Some(0)) {
@@ -245,6 +245,25 @@ impl Agent {
         let mut p = Interactive::spawn(&mut cmd);
         let line = p.line(Duration::from_secs(60));
         (p, line)
+    }
+}
+
+/// An agent on [`FAST_POLICY`] tracking `track` instead of `agent_work`.
+pub fn tracking(track: &[&str]) -> Agent {
+    let names: Vec<String> = track.iter().map(|n| format!("{n:?}")).collect();
+    Agent::start(&FAST_POLICY.replace(
+        "track = [\"agent_work\"]",
+        &format!("track = [{}]", names.join(", ")),
+    ))
+}
+
+impl Agent {
+    /// The test program `src` (tests/c/SRC.c), copied into the agent's directory as `name`:
+    /// run under its own name, its comm is exactly what the policy says.
+    pub fn program(&self, src: &str, name: &str) -> PathBuf {
+        let exe = self.dir.path().join(name);
+        std::fs::copy(compile(src), &exe).unwrap();
+        exe
     }
 }
 
