@@ -42,6 +42,14 @@ fn spawn_piped(cmd: &mut Command) -> Child {
     spawn_retrying(cmd).unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
 }
 
+/// `cmd.output()` with [`spawn_retrying`]'s patience for ETXTBSY.
+pub fn output_retrying(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn_retrying(cmd)?.wait_with_output()
+}
+
 /// `cmd.spawn()`, tried again for up to 5 s while exec says ETXTBSY. A test that copies a
 /// program and runs it gets that when another test thread forks while the copy's descriptor
 /// is still open: the fork child holds it for write until it execs.

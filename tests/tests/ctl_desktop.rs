@@ -19,13 +19,15 @@ fn fixtures() -> PathBuf {
 
 /// `ksmplusctl ARGS` with `XDG_DATA_HOME=home`, `XDG_DATA_DIRS=dirs`.
 fn ctl(exe: &Path, home: &Path, dirs: &str, args: &[&str]) -> Output {
-    Command::new(exe)
-        .env("XDG_DATA_HOME", home)
-        .env("XDG_DATA_DIRS", dirs)
-        .env_remove("LD_PRELOAD")
-        .args(args)
-        .output()
-        .unwrap()
+    // A copied ksmplusctl may meet ETXTBSY (see output_retrying).
+    ksmplus_tests::process::output_retrying(
+        Command::new(exe)
+            .env("XDG_DATA_HOME", home)
+            .env("XDG_DATA_DIRS", dirs)
+            .env_remove("LD_PRELOAD")
+            .args(args),
+    )
+    .unwrap()
 }
 
 fn stdout(o: &Output) -> String {
