@@ -26,4 +26,17 @@ pub struct KsmdArgs {
     /// ksmd use_zero_pages during every cell (0: zero pages merge into a KSM page, as in the thesis).
     #[arg(long, default_value_t = 0)]
     pub use_zero_pages: u32,
+    /// The kernel's own defaults, as users run ksmd: pages_to_scan 100, sleep_millisecs 20.
+    #[arg(long, conflicts_with_all = ["pages_to_scan", "sleep_millisecs"])]
+    pub ksmd_defaults: bool,
+}
+
+impl KsmdArgs {
+    /// Applies `--ksmd-defaults` to the tunables.
+    pub fn resolved(mut self) -> KsmdArgs {
+        if self.ksmd_defaults {
+            (self.pages_to_scan, self.sleep_millisecs) = (100, 20);
+        }
+        self
+    }
 }

@@ -109,7 +109,8 @@ fn main() -> ExitCode {
         sys::install_signal_handlers();
         return agent_scale::main(std::env::args().skip(1).collect());
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.ksmd = cli.ksmd.resolved();
     sys::install_signal_handlers();
     match run(&cli) {
         Ok(code) => code,

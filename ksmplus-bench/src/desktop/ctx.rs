@@ -33,6 +33,8 @@ pub struct Ctx<'a> {
     pub min_secs: f64,
     pub stable_secs: f64,
     pub deadline_secs: f64,
+    /// The steady window after convergence (0: none).
+    pub steady_secs: f64,
     /// Run `ksmplusctl scan` in this cell (once per scenario), when the subcommand exists.
     pub scan: bool,
     /// The unprivileged user of the browser scenarios, when the run has any.

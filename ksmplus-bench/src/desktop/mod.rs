@@ -78,6 +78,11 @@ struct Cli {
     /// Give up on convergence after this long [default: 45, smoke 40].
     #[arg(long)]
     deadline_secs: Option<f64>,
+    /// After convergence, keep the programs open this long, idle, and measure the steady
+    /// cost: ksmd's, the agent's and the programs' CPU and the agent's wake-ups (0: skip)
+    /// [default: 30, smoke 0]
+    #[arg(long)]
+    steady_secs: Option<f64>,
     /// Skip `ksmplusctl scan`.
     #[arg(long)]
     no_scan: bool,
@@ -131,7 +136,9 @@ fn parse(args: Vec<String>) -> Result<Cli, clap::Error> {
     let matches = Cli::command()
         .mut_arg("pages_to_scan", |a| a.default_value("2000"))
         .try_get_matches_from(args)?;
-    Cli::from_arg_matches(&matches)
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    cli.ksmd = cli.ksmd.resolved();
+    Ok(cli)
 }
 
 pub fn main(args: Vec<String>) -> ExitCode {
@@ -346,6 +353,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         min_secs: cli.min_secs.unwrap_or(if smoke { 10.0 } else { 12.0 }),
         stable_secs: cli.stable_secs,
         deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 40.0 } else { 45.0 }),
+        steady_secs: cli.steady_secs.unwrap_or(if smoke { 0.0 } else { 30.0 }),
         scan: false,
         user: user_side.as_ref(),
     };
@@ -454,10 +462,11 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         text += &format!("{n}\n");
     }
     text += &format!(
-        "\n{}\n{}\n{}\n{}\n{}\n{}",
+        "\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
         report::table(&cells, &scenarios),
         report::programs(&cells),
         report::processes(&cells, &scenarios),
+        report::steady(&cells),
         report::groups(&cells, "D4"),
         report::scans(&cells),
         report::targets_text(&targets),
@@ -624,5 +633,17 @@ mod tests {
         assert_eq!(cli.ksmd.pages_to_scan, 7);
         assert_eq!(cli.ctl.as_deref(), Some(Path::new("/c")));
         assert!(parse(args(&["desktop", "--no-such-option"])).is_err());
+        let cli = parse(args(&["desktop", "--ksmd-defaults"])).unwrap();
+        assert_eq!(
+            (cli.ksmd.pages_to_scan, cli.ksmd.sleep_millisecs),
+            (100, 20)
+        );
+        assert!(parse(args(&[
+            "desktop",
+            "--ksmd-defaults",
+            "--pages-to-scan",
+            "5"
+        ]))
+        .is_err());
     }
 }

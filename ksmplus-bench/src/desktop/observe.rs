@@ -4,7 +4,7 @@
 
 use super::ctx::{root, set, user_of, Ctx};
 use super::procs::{self, exe, zombie};
-use super::results::{DeskCell, ProcResult, ProgResult, Sample};
+use super::results::{DeskCell, ProcResult, ProgResult, Sample, Steady};
 use super::running::{cell_procs, read_like_a_user, spawn, wait_ready, Running};
 use super::scenario::{Scenario, TRACK};
 use super::user::UserSide;
@@ -190,6 +190,17 @@ pub fn observe(
     r.pages_sharing = sys::ksm_get("pages_sharing") - sharing0;
     r.pages_shared = sys::ksm_get("pages_shared") - shared0;
     r.general_profit_delta = sys::ksm_get("general_profit") - gp0;
+    if ctx.steady_secs > 0.0 && converged {
+        let pids: Vec<u32> = procs_r.keys().copied().collect();
+        r.steady = Some(steady_window(
+            ctx,
+            user,
+            launch,
+            &pids,
+            &ksmd_ns,
+            &mut r.notes,
+        )?);
+    }
     if let Some(a) = launch.agent.as_mut() {
         r.agent_cpu_secs = sys::process_cpu_ns(a.pid()).map(|n| n as f64 / 1e9);
         r.agent_rss_kib = sys::status_kib(a.pid(), "VmRSS");
@@ -323,6 +334,52 @@ fn r_pids(procs_r: &BTreeMap<u32, ProcResult>) -> Vec<u32> {
 }
 
 /// `ksmplusctl --json status` of the cell's agent (as the agent's user).
+/// The steady window: `ctx.steady_secs` with the programs open and idle after convergence,
+/// measuring ksmd's, the agent's and the programs' CPU and the agent's wake-ups.
+fn steady_window(
+    ctx: &Ctx,
+    user: Option<&UserSide>,
+    launch: &Launch,
+    pids: &[u32],
+    ksmd_ns: &dyn Fn() -> u64,
+    notes: &mut Vec<String>,
+) -> Result<Steady, String> {
+    let agent = launch
+        .agent
+        .as_ref()
+        .map(|a| (a.pid(), a.dir.join("agent.sock")));
+    let wakeups = |notes: &mut Vec<String>| {
+        let (_, sock) = agent.as_ref()?;
+        agent_status(ctx, user, sock, notes)?["agent"]["wakeups"].as_u64()
+    };
+    let agent_ns = || agent.as_ref().and_then(|(p, _)| sys::process_cpu_ns(*p));
+    let progs = || -> BTreeMap<u32, u64> {
+        pids.iter()
+            .filter_map(|&p| Some((p, sys::process_cpu_ns(p)?)))
+            .collect()
+    };
+    let w0 = wakeups(notes);
+    let (k0, a0, p0, t0) = (ksmd_ns(), agent_ns(), progs(), Instant::now());
+    sys::sleep_checked(Duration::from_secs_f64(ctx.steady_secs))?;
+    let (k1, a1, p1) = (ksmd_ns(), agent_ns(), progs());
+    let secs = t0.elapsed().as_secs_f64();
+    let w1 = wakeups(notes);
+    // Per process, so one that exits in the window does not count negative.
+    let programs_ns: u64 = p1
+        .iter()
+        .filter_map(|(p, b)| Some(b.saturating_sub(*p0.get(p)?)))
+        .sum();
+    let ns = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9;
+    Ok(Steady {
+        secs,
+        ksmd_secs: ns(k0, k1),
+        agent_secs: a0.zip(a1).map(|(a, b)| ns(a, b)),
+        programs_secs: programs_ns as f64 / 1e9,
+        // The first status call's own wake-up is inside the window.
+        agent_wakeups: w0.zip(w1).map(|(a, b)| b.saturating_sub(a + 1)),
+    })
+}
+
 fn agent_status(
     ctx: &Ctx,
     user: Option<&UserSide>,

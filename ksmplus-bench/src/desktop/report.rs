@@ -239,6 +239,49 @@ pub fn processes(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
     s
 }
 
+/// The steady cost after convergence (issue 12): % of one core over the window, for ksmd, the
+/// agent and the programs; `extra` is the programs' CPU beyond the same scenario's `none`
+/// cell (the shim's part and any work merging causes), `whole` = ksmd + agent + extra; and
+/// `t90`, the seconds from ksmd's start to 90 % of the final merging pages.
+pub fn steady(cells: &[DeskCell]) -> String {
+    let mut s = String::new();
+    let with: Vec<&DeskCell> = cells.iter().filter(|c| c.steady.is_some()).collect();
+    let Some(first) = with.first().and_then(|c| c.steady.as_ref()) else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "steady cost: {:.0} s after convergence, programs open and idle (% of one core)",
+        first.secs
+    );
+    let _ = writeln!(
+        s,
+        "scn  approach     t90_s   ksmd%  agent%  progs%  extra%  whole%  wakeups/s"
+    );
+    for c in with {
+        let st = c.steady.as_ref().unwrap();
+        let progs = st.pct(st.programs_secs);
+        let none = find(cells, &c.scenario, "none").and_then(|n| n.steady.as_ref());
+        let extra = none.map(|n| progs - n.pct(n.programs_secs));
+        let (ksmd, agent) = (st.pct(st.ksmd_secs), st.agent_secs.map(|a| st.pct(a)));
+        let whole = extra.map(|e| ksmd + agent.unwrap_or(0.0) + e);
+        let _ = writeln!(
+            s,
+            "{:<4} {:<11} {:>6} {:>7.2} {:>7} {:>7.2} {:>7} {:>7} {:>10}",
+            c.scenario,
+            c.approach,
+            opt(c.t90(), 1),
+            ksmd,
+            opt(agent, 2),
+            progs,
+            opt(extra, 2),
+            opt(whole, 2),
+            opt(st.agent_wakeups.map(|w| w as f64 / st.secs), 1),
+        );
+    }
+    s
+}
+
 /// Per-group figures of the mixed session (the thesis gives okular and epiphany).
 pub fn groups(cells: &[DeskCell], scenario: &str) -> String {
     let mut s = String::new();

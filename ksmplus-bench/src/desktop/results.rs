@@ -76,6 +76,26 @@ pub struct Sample {
     pub pages_sharing: i64,
 }
 
+/// The cost of staying merged: a window after convergence with the programs open and idle.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Steady {
+    pub secs: f64,
+    /// CPU seconds in the window.
+    pub ksmd_secs: f64,
+    pub agent_secs: Option<f64>,
+    /// Every process of the programs (their own work plus the shim's).
+    pub programs_secs: f64,
+    /// The agent's event-loop wake-ups (`status`' `agent.wakeups`), minus the status call's.
+    pub agent_wakeups: Option<u64>,
+}
+
+impl Steady {
+    /// Percent of one core over the window.
+    pub fn pct(&self, cpu_secs: f64) -> f64 {
+        100.0 * cpu_secs / self.secs.max(1e-9)
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DeskCell {
     pub scenario: String,
@@ -115,6 +135,8 @@ pub struct DeskCell {
     pub agent_rss_kib: Option<u64>,
     pub agent_hwm_kib: Option<u64>,
     pub agent_status: Option<Value>,
+    /// The steady window after convergence, when the run has one.
+    pub steady: Option<Steady>,
     pub scan: Option<Value>,
     pub notes: Vec<String>,
     pub series: Vec<Sample>,
@@ -139,6 +161,19 @@ impl DeskCell {
         self.rmap_items += pr.rmap_items;
         self.zero_pages += pr.zero_pages;
         self.process_profit += pr.profit;
+    }
+
+    /// Seconds from ksmd's start until the merging pages first reached 90 % of their final
+    /// count (the last sample's).
+    pub fn t90(&self) -> Option<f64> {
+        let last = self.series.last()?.merging;
+        if last == 0 {
+            return None;
+        }
+        self.series
+            .iter()
+            .find(|x| x.merging * 10 >= last * 9)
+            .map(|x| x.t)
     }
 
     pub fn ran(&self) -> bool {
