@@ -137,7 +137,7 @@ fn fill(
     if fork_child {
         f |= flag::FORK_CHILD;
     }
-    f |= crate::seccomp::channel_flags();
+    f |= crate::filter::channel_flags();
     ch.flags.fetch_or(f, Relaxed);
     ch.magic.store(CHANNEL_MAGIC, Release);
 }
@@ -361,7 +361,7 @@ fn execute(ch: &Channel, op: u32, start: u64, len: u64) -> i32 {
         op,
         op::MERGEABLE | op::UNMERGEABLE | op::PROBE | op::MERGE_ANY_ON | op::MERGE_ANY_OFF
     );
-    if advice_or_prctl && !crate::seccomp::may_advise() {
+    if advice_or_prctl && !crate::filter::may_advise() {
         // A sandbox filter is in (or going in): it may kill the process for these calls.
         return libc::EPERM;
     }

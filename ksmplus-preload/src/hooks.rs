@@ -100,7 +100,7 @@ fn block_added(addr: usize, len: usize) {
 /// madvise-all mode (`KSMPLUS_MADVISE_ALL=1`): marks a mapping the program owns MERGEABLE at
 /// once — unless a sandbox filter is in, which may kill the process for it. errno is kept.
 fn advise_all(addr: usize, len: usize) {
-    if MADVISE_ALL.load(Relaxed) && crate::seccomp::may_advise() {
+    if MADVISE_ALL.load(Relaxed) && crate::filter::may_advise() {
         let e = sys::errno();
         // SAFETY: KSM advice on a mapping of the program's; the contents stay as they are.
         let _ = unsafe { sys::madvise(addr, len, libc::MADV_MERGEABLE) };

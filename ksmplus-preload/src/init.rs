@@ -95,7 +95,7 @@ pub fn init() {
     // A seccomp filter this process was exec'd with is a launcher's (bubblewrap, flatpak,
     // systemd): the agent may advise under it, unless the program adds one of its own.
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        crate::seccomp::note_inherited(crate::seccomp::inherited_filters(&status));
+        crate::filter::note_inherited(crate::filter::inherited_filters(&status));
     }
     let madvise_all = flag_set(c"KSMPLUS_MADVISE_ALL");
     // SAFETY: dlsym with a static name; RTLD_NEXT finds glibc's definition behind ours.

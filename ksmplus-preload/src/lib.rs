@@ -15,6 +15,7 @@
 //! - `table`  — lock-free registry of shim-owned allocations (for free/realloc/usable_size).
 //! - `cache`  — a few freed mappings kept warm for reuse.
 //! - `chan`   — the channel page: fork detection, verdicts, executing the agent's commands.
+//! - `filter`  — the process's seccomp state as the shim knows it (inherited, or its own coming).
 //! - `seccomp` — the `prctl`/`syscall` hooks that see a sandbox filter coming: no advice after.
 //! - `wake`   — the wake-up signal: its handler and the `sigaction`/`signal` hooks guarding it.
 //! - `init`   — the constructor: configuration, channel set-up, the one Hello to the agent.
@@ -23,6 +24,7 @@
 
 mod cache;
 mod chan;
+mod filter;
 mod ptracer;
 mod seccomp;
 mod sys;

@@ -4,7 +4,7 @@
 //! content processes trap it with SIGSYS). The agent reads a process's `Seccomp:` state before
 //! posting a batch, but a filter installed between that read and the shim running the batch
 //! would still be hit. So the shim watches the two doors glibc offers for installing a filter,
-//! `prctl(PR_SET_SECCOMP, …)` and `syscall(SYS_seccomp, …)`, and sets [`FILTERED`] before the
+//! `prctl(PR_SET_SECCOMP, …)` and `syscall(SYS_seccomp, …)`, and sets [`FILTERED`](crate::filter) before the
 //! filter goes in; from then on it runs no KSM advice nor `prctl` command in this process (nor
 //! in its fork children, which inherit the flag with the filter).
 //!
@@ -18,55 +18,12 @@
 //! - Not covered: a filter installed with a raw `syscall` instruction (not through glibc), or
 //!   inherited over `execve` (the agent sees that one in `/proc/PID/status` before it posts).
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use crate::filter::FILTERED;
+use core::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use ksmplus_common::channel::flag;
-
-/// The process has started installing (or inherited from its forking parent) a seccomp filter.
-static FILTERED: AtomicBool = AtomicBool::new(false);
-/// How many seccomp filters the process was exec'd with (0: none, or unknown).
-static INHERITED: AtomicU32 = AtomicU32::new(0);
-
-/// Records the filters the process was exec'd with (the constructor reads them from
-/// `/proc/self/status`): a launcher's filter, which the agent may advise under.
-pub fn note_inherited(filters: u32) {
-    INHERITED.store(filters.min(255), SeqCst);
-}
-
-/// `Seccomp_filters:` of a `/proc/self/status` text when `Seccomp:` says filter mode (2).
-pub fn inherited_filters(status: &str) -> u32 {
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-    };
-    match field("Seccomp") {
-        Some(2) => field("Seccomp_filters").unwrap_or(0),
-        _ => 0,
-    }
-}
-
-/// The channel flags that say what this process's seccomp state is, as the shim knows it.
-pub fn channel_flags() -> u32 {
-    let n = INHERITED.load(SeqCst);
-    let mut f = 0;
-    if n != 0 {
-        f |= flag::FILTER_INHERITED | (n << flag::INHERITED_SHIFT);
-    }
-    if FILTERED.load(SeqCst) {
-        f |= flag::FILTER_OWN;
-    }
-    f
-}
 
 /// `PR_SET_SECCOMP`.
 const PR_SET_SECCOMP: i32 = 22;
-
-/// May the shim run KSM advice and `prctl` commands here? (false once a filter is coming.)
-#[inline]
-pub fn may_advise() -> bool {
-    !FILTERED.load(SeqCst)
-}
 
 /// `SECCOMP_SET_MODE_STRICT`, `SECCOMP_SET_MODE_FILTER` (seccomp(2) operations).
 const SET_MODE_STRICT: i64 = 0;
@@ -215,19 +172,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filters_at_start_from_status() {
-        let st = "Name:\tx\nSeccomp:\t2\nSeccomp_filters:\t3\nSpeculation_Store_Bypass:\tx\n";
-        assert_eq!(inherited_filters(st), 3);
-        assert_eq!(inherited_filters("Seccomp:\t0\nSeccomp_filters:\t0\n"), 0);
-        assert_eq!(
-            inherited_filters("Seccomp:\t1\n"),
-            0,
-            "strict mode is not a filter"
-        );
-        assert_eq!(inherited_filters(""), 0);
-    }
-
-    #[test]
     fn probes_are_not_installs() {
         assert!(!prctl_installs(MODE_FILTER, 0));
         assert!(prctl_installs(MODE_FILTER, 0x1000));
@@ -252,6 +196,6 @@ mod tests {
             flag.load(SeqCst),
             "a failed second install keeps the first one's flag"
         );
-        assert!(may_advise());
+        assert!(crate::filter::may_advise());
     }
 }
