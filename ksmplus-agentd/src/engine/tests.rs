@@ -489,14 +489,21 @@ fn runs_coalesce_within_gap() {
     );
 }
 
-#[test]
-fn unmerged_run_is_unmarked_after_full_scans() {
+/// Two clients with the same 256 pages at 0x1000_0000 and 0x5000_0000, run until client 1's
+/// region is marked (one run).
+fn marked_pair() -> Sim {
     let mut s = Sim::new(cfg());
     let same: Vec<Option<u64>> = vec![Some(7); 256];
     s.client(1, vec![(0x1000_0000, same.clone())]);
     s.client(2, vec![(0x5000_0000, same)]);
     s.run(1_000);
     assert_eq!(s.eng.marked(1).len(), 1);
+    s
+}
+
+#[test]
+fn unmerged_run_is_unmarked_after_full_scans() {
+    let mut s = marked_pair();
     s.eng.set_full_scans(2); // first read after marking: the grace period starts
     assert!(s.eng.due_checks().is_empty());
     s.eng.set_full_scans(5);
@@ -700,14 +707,10 @@ fn floor_pause_doubles_while_rounds_find_nothing_and_resets_on_a_find() {
 
 #[test]
 fn a_settled_pair_of_processes_is_sampled_ever_less_often() {
-    let mut s = Sim::new(cfg());
-    let same: Vec<Option<u64>> = vec![Some(7); 256];
-    s.client(1, vec![(0x1000_0000, same.clone())]);
-    s.client(2, vec![(0x5000_0000, same)]);
+    let mut s = marked_pair();
     let fingerprinted = |s: &Sim| s.eng.status(1).unwrap().counters.fingerprinted_pages;
     // Converged (marked, at the floor: ten rounds of ~100 ms), then two windows of 10 s.
-    s.run(2_000);
-    assert_eq!(s.eng.marked(1).len(), 1);
+    s.run(1_000);
     let a = fingerprinted(&s);
     s.run(10_000);
     let early = fingerprinted(&s) - a;
@@ -725,12 +728,7 @@ fn a_settled_pair_of_processes_is_sampled_ever_less_often() {
 
 #[test]
 fn a_run_that_keeps_merging_is_checked_ever_less_often() {
-    let mut s = Sim::new(cfg());
-    let same: Vec<Option<u64>> = vec![Some(7); 256];
-    s.client(1, vec![(0x1000_0000, same.clone())]);
-    s.client(2, vec![(0x5000_0000, same)]);
-    s.run(1_000);
-    assert_eq!(s.eng.marked(1).len(), 1);
+    let mut s = marked_pair();
     let merged = [(0x1000_0000, 0x1000_0000 + 256 * PS, 1024)];
     let n = s.eng.config().sampling.unmerge_after_full_scans;
     s.eng.set_full_scans(2);
