@@ -35,6 +35,8 @@ pub struct Ctx<'a> {
     pub deadline_secs: f64,
     /// The steady window after convergence (0: none).
     pub steady_secs: f64,
+    /// How long after convergence the steady window starts.
+    pub steady_after: f64,
     /// Run `ksmplusctl scan` in this cell (once per scenario), when the subcommand exists.
     pub scan: bool,
     /// The unprivileged user of the browser scenarios, when the run has any.

@@ -83,6 +83,10 @@ struct Cli {
     /// [default: 30, smoke 0]
     #[arg(long)]
     steady_secs: Option<f64>,
+    /// Start the steady window this long after convergence: the agent's sampling backs off
+    /// over several quiet rounds, so a later window shows the settled cost [default: 0]
+    #[arg(long, default_value_t = 0.0)]
+    steady_after: f64,
     /// Skip `ksmplusctl scan`.
     #[arg(long)]
     no_scan: bool,
@@ -354,6 +358,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         stable_secs: cli.stable_secs,
         deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 40.0 } else { 45.0 }),
         steady_secs: cli.steady_secs.unwrap_or(if smoke { 0.0 } else { 30.0 }),
+        steady_after: cli.steady_after,
         scan: false,
         user: user_side.as_ref(),
     };

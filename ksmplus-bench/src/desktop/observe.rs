@@ -334,7 +334,8 @@ fn r_pids(procs_r: &BTreeMap<u32, ProcResult>) -> Vec<u32> {
 }
 
 /// `ksmplusctl --json status` of the cell's agent (as the agent's user).
-/// The steady window: `ctx.steady_secs` with the programs open and idle after convergence,
+/// The steady window: `ctx.steady_secs` with the programs open and idle, `ctx.steady_after`
+/// after convergence,
 /// measuring ksmd's, the agent's and the programs' CPU and the agent's wake-ups.
 fn steady_window(
     ctx: &Ctx,
@@ -358,6 +359,7 @@ fn steady_window(
             .filter_map(|&p| Some((p, sys::process_cpu_ns(p)?)))
             .collect()
     };
+    sys::sleep_checked(Duration::from_secs_f64(ctx.steady_after))?;
     let w0 = wakeups(notes);
     let (k0, a0, p0, t0) = (ksmd_ns(), agent_ns(), progs(), Instant::now());
     sys::sleep_checked(Duration::from_secs_f64(ctx.steady_secs))?;
@@ -371,6 +373,7 @@ fn steady_window(
         .sum();
     let ns = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9;
     Ok(Steady {
+        after: ctx.steady_after,
         secs,
         ksmd_secs: ns(k0, k1),
         agent_secs: a0.zip(a1).map(|(a, b)| ns(a, b)),

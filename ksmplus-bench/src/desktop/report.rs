@@ -251,8 +251,8 @@ pub fn steady(cells: &[DeskCell]) -> String {
     };
     let _ = writeln!(
         s,
-        "steady cost: {:.0} s after convergence, programs open and idle (% of one core)",
-        first.secs
+        "steady cost: {:.0} s from {:.0} s after convergence, programs open and idle (% of one core)",
+        first.secs, first.after
     );
     let _ = writeln!(
         s,

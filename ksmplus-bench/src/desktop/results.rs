@@ -79,6 +79,8 @@ pub struct Sample {
 /// The cost of staying merged: a window after convergence with the programs open and idle.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Steady {
+    /// Seconds after convergence the window started, and its length.
+    pub after: f64,
     pub secs: f64,
     /// CPU seconds in the window.
     pub ksmd_secs: f64,
