@@ -23,8 +23,6 @@ use std::path::Path;
 pub enum Item {
     /// An engine `Madvise` with its id.
     Engine(u32),
-    /// Does the sandbox let KSM advice through?
-    Probe,
     /// Empty the shim's cache of freed blocks.
     Trim,
     /// `PR_SET_MEMORY_MERGE` on or off.
@@ -55,7 +53,6 @@ pub const BATCH_POLL_MAX_MS: u64 = 2000;
 pub enum Sandbox {
     #[default]
     Unknown,
-    Allows,
     /// Refused with this errno (seccomp answers EPERM, EACCES or ENOSYS).
     Refuses(i32),
 }
@@ -256,7 +253,6 @@ impl Client {
 
     pub fn queue_op(&mut self, item: Item) {
         let op = match item {
-            Item::Probe => op::PROBE,
             Item::Trim => op::TRIM_CACHE,
             Item::MergeAny(true) => op::MERGE_ANY_ON,
             Item::MergeAny(false) => op::MERGE_ANY_OFF,

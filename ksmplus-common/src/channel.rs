@@ -74,6 +74,7 @@ pub mod op {
     pub const MERGE_ANY_OFF: u32 = 5;
     /// `madvise(channel page, one page, MADV_UNMERGEABLE)`: a no-op that tells whether the
     /// process's sandbox lets KSM advice through (0) or refuses it (EPERM, ENOSYS, ...).
+    /// The agent no longer sends it (a sandbox may kill a process for it); kept in the ABI.
     pub const PROBE: u32 = 6;
 }
 

@@ -308,7 +308,7 @@ pub fn service(budget: usize, from_signal: bool) {
     if seq == ch.done_seq.load(Acquire) {
         return;
     }
-    // SeqCst: pairs with `seccomp::entering_filter` (flag, then `busy`; here `busy`, then flag).
+    // SeqCst: pairs with `seccomp::guarded_on` (flag, then `busy`; here `busy`, then flag).
     if ch.busy.compare_exchange(0, 1, SeqCst, Relaxed).is_err() {
         return;
     }
@@ -411,7 +411,7 @@ pub fn add_flags(f: u32) {
     }
 }
 
-/// Waits (bounded) until no thread is executing a batch: after `seccomp::entering_filter` set
+/// Waits (bounded) until no thread is executing a batch: after `seccomp::guarded_on` set
 /// its flag, no command that started before can still be running when the filter goes in.
 pub fn wait_not_busy() {
     let Some(ch) = channel() else { return };

@@ -453,7 +453,7 @@ pub extern "C" fn mmap(
         Ok(a) => {
             chan::touch();
             chan::bump_map_gen();
-            if registrable(len, prot, flags) {
+            if MADVISE_ALL.load(Relaxed) && registrable(len, prot, flags) {
                 advise_all(a, page_round(len).unwrap_or(len));
             }
             a as *mut c_void

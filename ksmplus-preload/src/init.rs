@@ -94,8 +94,10 @@ pub fn init() {
         .unwrap_or_default();
     // A seccomp filter this process was exec'd with is a launcher's (bubblewrap, flatpak,
     // systemd): the agent may advise under it, unless the program adds one of its own.
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        crate::filter::note_inherited(crate::filter::inherited_filters(&status));
+    // Read once: the Yama check below uses it too (nothing installs a filter before main).
+    let status = std::fs::read_to_string("/proc/self/status").ok();
+    if let Some(st) = &status {
+        crate::filter::note_inherited(crate::filter::inherited_filters(st));
     }
     let madvise_all = flag_set(c"KSMPLUS_MADVISE_ALL");
     // SAFETY: dlsym with a static name; RTLD_NEXT finds glibc's definition behind ours.
@@ -157,19 +159,18 @@ pub fn init() {
         flags: if madvise_all { flag::MADVISE_ALL } else { 0 },
     };
     match say_hello(&socket, &hello) {
-        Ok(agent) => allow_agent(agent),
+        Ok(agent) => allow_agent(agent, status.as_deref()),
         Err(why) => log(&format!("no agent reached at {socket}: {why}")),
     }
 }
 
 /// Lets the agent read this process under Yama scope 1 (see the module invariants).
-fn allow_agent(agent: i32) {
+fn allow_agent(agent: i32, status: Option<&str>) {
     let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok();
     if agent <= 0 || scope.is_none() {
         return;
     }
-    let status = std::fs::read_to_string("/proc/self/status").ok();
-    if !names_ptracer(scope.as_deref(), status.as_deref()) {
+    if !names_ptracer(scope.as_deref(), status) {
         log("Yama: the agent is not named as ptracer (scope is not 1, or a seccomp filter)");
         return;
     }

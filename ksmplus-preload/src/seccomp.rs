@@ -4,9 +4,9 @@
 //! content processes trap it with SIGSYS). The agent reads a process's `Seccomp:` state before
 //! posting a batch, but a filter installed between that read and the shim running the batch
 //! would still be hit. So the shim watches the two doors glibc offers for installing a filter,
-//! `prctl(PR_SET_SECCOMP, …)` and `syscall(SYS_seccomp, …)`, and sets [`FILTERED`](crate::filter) before the
-//! filter goes in; from then on it runs no KSM advice nor `prctl` command in this process (nor
-//! in its fork children, which inherit the flag with the filter).
+//! `prctl(PR_SET_SECCOMP, …)` and `syscall(SYS_seccomp, …)`, and sets `filter::FILTERED`
+//! before the filter goes in; from then on it runs no KSM advice nor `prctl` command in this
+//! process (nor in its fork children, which inherit the flag with the filter).
 //!
 //! Invariants:
 //! - The hooks behave exactly like glibc's functions: same arguments to the kernel, same return
@@ -15,8 +15,9 @@
 //!   clobber a frame its parent returns through; only the seccomp case calls into Rust.
 //! - No allocation, lock or panic. The one wait — until a batch being executed on another
 //!   thread finishes, so no advice runs once the filter is in — is bounded.
-//! - Not covered: a filter installed with a raw `syscall` instruction (not through glibc), or
-//!   inherited over `execve` (the agent sees that one in `/proc/PID/status` before it posts).
+//! - Not covered: a filter installed with a raw `syscall` instruction (not through glibc); the
+//!   agent sees it in `/proc/PID/status` before its next batch. Filters inherited over `execve`
+//!   are `filter`'s concern.
 
 use crate::filter::FILTERED;
 use core::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -51,12 +52,12 @@ fn guarded(install: impl FnOnce() -> i64) -> i64 {
     guarded_on(&FILTERED, install)
 }
 
-fn guarded_on(flag: &AtomicBool, install: impl FnOnce() -> i64) -> i64 {
-    let was = flag.swap(true, SeqCst);
+fn guarded_on(filtered: &AtomicBool, install: impl FnOnce() -> i64) -> i64 {
+    let was = filtered.swap(true, SeqCst);
     crate::chan::wait_not_busy();
     let r = install();
     if r < 0 && !was {
-        flag.store(false, SeqCst);
+        filtered.store(false, SeqCst);
     }
     if r >= 0 {
         crate::chan::add_flags(flag::FILTER_OWN);
@@ -102,6 +103,9 @@ mod hooks {
 
     /// glibc's `long syscall(long nr, ...)`, instruction for instruction, with one test in
     /// front: `seccomp(2)` and `prctl(PR_SET_SECCOMP)` go through [`seccomp_call`].
+    // SAFETY (naked): the body is the whole function — it reads only its argument registers
+    // and the caller's seventh argument slot, keeps the stack as on entry and returns with
+    // `ret` or by a tail jump to an `extern "C"` function taking the same arguments.
     #[cfg(target_arch = "x86_64")]
     #[unsafe(naked)]
     #[no_mangle]

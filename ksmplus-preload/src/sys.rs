@@ -117,8 +117,9 @@ pub unsafe fn raw_syscall6(nr: libc::c_long, a: [libc::c_long; 6]) -> libc::c_lo
     #[cfg(target_arch = "x86_64")]
     {
         let r: libc::c_long;
-        // SAFETY: the caller passes a system call and its arguments; the instruction clobbers
-        // rcx and r11 only, and touches no memory of ours.
+        // SAFETY: the caller passes a system call and arguments valid for it (pointers into
+        // memory the kernel may read or write); the instruction clobbers rcx and r11 only and
+        // uses no stack, and the asm is not `nomem`, so the compiler assumes memory changed.
         unsafe {
             core::arch::asm!(
                 "syscall",

@@ -175,8 +175,7 @@ pub struct Agent {
     coverage_at: u64,
     /// Parents switched to merge-any by the fallback: parent client → children refusing.
     pub fallback: BTreeMap<ClientId, u32>,
-    /// Parents with at least one child that accepts marks: parent client → how many.
-    allowing: BTreeMap<ClientId, u32>,
+    /// Fork servers learned across runs (`--state`).
     pub learned: crate::learned::Learned,
     /// `socket_hash` of this agent's socket path: processes found without a Hello are adopted
     /// only if started for it.
@@ -232,7 +231,6 @@ impl Agent {
             feedback_at: 0,
             coverage_at: 0,
             fallback: BTreeMap::new(),
-            allowing: BTreeMap::new(),
             learned: crate::learned::Learned::default(),
             socket_hash: 0,
             notify: crate::notify::Notifier::from_env(),

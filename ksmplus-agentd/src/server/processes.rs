@@ -197,7 +197,6 @@ impl Agent {
         self.engine.remove_client(id);
         self.figures.remove(&id);
         self.fallback.remove(&id);
-        self.allowing.remove(&id);
         if let Some(f) = self.families.get_mut(&c.family) {
             f.members.remove(&id);
             if f.members.is_empty() {

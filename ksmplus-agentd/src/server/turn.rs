@@ -134,16 +134,6 @@ impl Agent {
                         self.sandbox_refuses(id, res);
                     }
                 }
-                Item::Probe => {
-                    if res == 0 {
-                        if let Some(c) = self.clients.get_mut(&id) {
-                            c.sandbox = Sandbox::Allows;
-                        }
-                        self.child_allows(id);
-                    } else if refused(res) {
-                        self.sandbox_refuses(id, res);
-                    }
-                }
                 Item::Trim => {}
                 Item::MergeAny(on) => {
                     if let Some(c) = self.clients.get_mut(&id) {
@@ -208,9 +198,7 @@ impl Agent {
             return;
         };
         // Only a parent without a seccomp filter (prctl is refused, or fatal, under one), and
-        // none of whose children accepted marks (Firefox's fork server starts content
-        // processes that accept marks, and a few utility processes that do not).
-        // And only a fork server: single-threaded (Chromium's zygote), not a program that
+        // only a fork server: single-threaded (Chromium's zygote), not a program that
         // happens to fork one sandboxed helper (Firefox's parent forks its socket process):
         // merge-any applies to the parent's own memory too.
         let st = match procfs::read_status(&root, parent.pid()) {
@@ -220,13 +208,12 @@ impl Agent {
                 return;
             }
         };
-        if st.seccomp != 0 || st.threads != 1 || self.allowing.contains_key(&pid_c) {
+        if st.seccomp != 0 || st.threads != 1 {
             debug!(
-                "pid {}: no merge-any fallback (seccomp {}, {} threads, {} children accept marks)",
+                "pid {}: no merge-any fallback (seccomp {}, {} threads)",
                 parent.pid(),
                 st.seccomp,
                 st.threads,
-                self.allowing.get(&pid_c).copied().unwrap_or(0)
             );
             return;
         }
@@ -241,27 +228,6 @@ impl Agent {
             parent.queue_op(Item::MergeAny(true));
         }
         self.learned.set_fork_server(&key, true);
-    }
-
-    /// A child that accepts marks: a parent switched to merge-any for its children goes back.
-    pub(super) fn child_allows(&mut self, id: ClientId) {
-        let Some(ppid) = self.clients.get(&id).map(|c| c.ppid) else {
-            return;
-        };
-        let Some(&p) = self.by_pid.get(&ppid) else {
-            return;
-        };
-        *self.allowing.entry(p).or_insert(0) += 1;
-        if self.fallback.remove(&p).is_some() {
-            if let Some(parent) = self.clients.get_mut(&p) {
-                self.learned.set_fork_server(&parent.key, false);
-                info!(
-                    "pid {}: a child accepts marks: merge-any off again",
-                    parent.pid()
-                );
-                parent.queue_op(Item::MergeAny(false));
-            }
-        }
     }
 
     /// Runs the engine and executes what it asks: residency and fingerprints here and now,
