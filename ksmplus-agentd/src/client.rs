@@ -118,10 +118,16 @@ pub struct Client {
     /// The shim's cached bytes as last seen, and since when unchanged: an idle program's cache
     /// of freed blocks is trimmed by command (no hook of its own will).
     pub cache_seen: (u64, u64),
+    /// When the agent started tracking it (agent clock).
+    pub tracked_ms: u64,
 }
 
 /// A shim cache unchanged this long is given back ([`Item::Trim`]).
 pub const CACHE_IDLE_MS: u64 = 2000;
+
+/// A client tracked this long is settled: its timers (maps checks, batches, sampling) wait for
+/// the agent's shared wake-up grid instead of waking it on their own.
+pub const SETTLE_MS: u64 = 15_000;
 
 /// The fastest and slowest pace of `map_gen` checks.
 pub const CHECK_MIN_MS: u64 = 50;
@@ -201,6 +207,7 @@ impl Client {
                 wakes_sent: 0,
                 batches_done: 0,
                 cache_seen: (0, 0),
+                tracked_ms: 0,
                 stack_sps: Default::default(),
                 key: String::new(),
             },
@@ -417,6 +424,12 @@ impl Client {
             return true;
         }
         false
+    }
+
+    /// Tracked for [`SETTLE_MS`]: what it needs can wait for the next grid wake-up (the
+    /// first seconds of a process are when most of its duplicates are found and marked).
+    pub fn settled(&self, now: u64) -> bool {
+        now >= self.tracked_ms + SETTLE_MS
     }
 
     /// The slowest pace of `map_gen` checks: faster while the shim holds cached blocks, so an

@@ -458,18 +458,23 @@ impl Engine {
     /// When [`Engine::tick`] next has something to do (a round due, work waiting for tokens),
     /// `None` if nothing is scheduled. Work blocked by a reply in flight is not due.
     pub fn next_due(&self, now: u64) -> Option<u64> {
-        let mut due: Option<u64> = None;
-        let mut at = |t: u64| due = Some(due.map_or(t, |d| d.min(t)));
+        self.dues(now).map(|(_, t)| t).min()
+    }
+
+    /// When each client's schedule next needs a tick (clients with nothing due are left out).
+    pub fn dues(&self, now: u64) -> impl Iterator<Item = (ClientId, u64)> + '_ {
         let starved = self.global.tokens == 0;
-        for p in self.procs.values() {
+        self.procs.iter().filter_map(move |(&id, p)| {
             if p.dormant || p.inflight.is_some() {
-                continue;
+                return None;
             }
             let ready = if starved || p.bucket.tokens == 0 {
                 now + 10
             } else {
                 now
             };
+            let mut due: Option<u64> = None;
+            let mut at = |t: u64| due = Some(due.map_or(t, |d| d.min(t)));
             if !p.grows.is_empty() {
                 at(ready);
             }
@@ -480,8 +485,8 @@ impl Engine {
                     Phase::Dropped => {}
                 }
             }
-        }
-        due
+            due.map(|t| (id, t))
+        })
     }
 
     /// Whether every region of every client has finished its schedule (dropped or at floor).

@@ -189,6 +189,16 @@ fn grid(t: u64) -> u64 {
     t.div_ceil(GRID_MS) * GRID_MS
 }
 
+/// When to wake for work due at `t`: at `t` itself only for a young client's work due within
+/// `urgent_ms`; anything else waits for the grid, where it shares a wake-up with the rest.
+fn wake_for(t: u64, now: u64, young: bool, urgent_ms: u64) -> u64 {
+    if young && t <= now + urgent_ms {
+        t
+    } else {
+        grid(t)
+    }
+}
+
 fn refused(errno: i32) -> bool {
     matches!(errno, libc::EPERM | libc::EACCES | libc::ENOSYS)
 }
@@ -362,21 +372,22 @@ impl Agent {
         if self.notify.ping_every_ms.is_some() {
             at(self.watchdog_at);
         }
-        // Urgent: the engine within a second (first rechecks), batches in flight.
-        if let Some(t) = self.engine.next_due(now) {
-            at(if t <= now + 1000 { t } else { grid(t) });
+        // A young client's work runs when due: the engine within a second (first rechecks),
+        // batches in flight, fast maps checks. A settled client's waits for the grid, so
+        // every settled client shares the same few wake-ups a second.
+        let young = |id: &ClientId| self.clients.get(id).is_some_and(|c| !c.settled(now));
+        for (id, t) in self.engine.dues(now) {
+            at(wake_for(t, now, young(&id), 1000));
         }
         for c in self.clients.values() {
+            let young = !c.settled(now);
             if let Some(p) = &c.posted {
-                at(p.check_ms.max(now + 1));
+                at(wake_for(p.check_ms.max(now + 1), now, young, u64::MAX));
             } else if !c.queue.is_empty() {
-                at(now);
+                at(wake_for(now, now, young, u64::MAX));
             }
-            at(if c.check_every_ms <= channel_fast() {
-                c.check_at_ms
-            } else {
-                grid(c.check_at_ms)
-            });
+            let fast = c.check_every_ms <= channel_fast();
+            at(wake_for(c.check_at_ms, now, young && fast, u64::MAX));
         }
         for f in self.families.values() {
             let t = f.doorbell_at.min(f.walk_at);
@@ -418,4 +429,26 @@ impl Agent {
 /// The fastest `map_gen` check interval, below which checks are not put on the grid.
 fn channel_fast() -> u64 {
     crate::client::CHECK_MIN_MS * 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_young_clients_urgent_work_wakes_off_the_grid() {
+        let now = 10_123;
+        // Young, due within the urgent span: exactly when due.
+        assert_eq!(wake_for(now + 7, now, true, 1000), now + 7);
+        // Young but not urgent, or settled: the next grid point, shared with everything else.
+        assert_eq!(wake_for(now + 5_000, now, true, 1000), 15_500);
+        assert_eq!(wake_for(now + 7, now, false, u64::MAX), 10_500);
+        assert_eq!(wake_for(now, now, false, 1000), 10_500);
+        // Settled work of several clients due at different times within a grid step: one
+        // wake-up.
+        let w: std::collections::BTreeSet<u64> = (1..GRID_MS)
+            .map(|d| wake_for(10_000 + d, 10_000, false, 1000))
+            .collect();
+        assert_eq!(w.len(), 1);
+    }
 }

@@ -147,6 +147,7 @@ impl Agent {
             self.engine.on_event(id, ev, now);
         }
         c.maps_read_ms = now;
+        c.tracked_ms = now;
         c.check_at_ms = now + crate::client::CHECK_MIN_MS;
         if c.filtered() {
             // Under a seccomp filter: never advised (see `post_batches`); the fallback may
