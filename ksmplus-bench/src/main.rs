@@ -12,6 +12,7 @@ mod approach;
 mod args;
 mod cell;
 mod desktop;
+mod plot;
 mod report;
 mod session;
 mod sys;

@@ -1,7 +1,8 @@
-//! The outputs: the text table (with ratios and the targets of issue 4), and the W2 plot as a
-//! hand-written SVG (two panels, no plotting dependency).
+//! The outputs: the text table (with ratios and the targets of issue 4), and the W2 plot
+//! (`plot.rs`: two panels, merged MiB and rmap_items over time).
 
 use crate::cell::CellResult;
+use crate::plot::{self, Line, Panel, Scale};
 use crate::table::{conv, not_ran, opt, verdict, MIB};
 use std::fmt::Write as _;
 
@@ -280,144 +281,36 @@ pub const THESIS_W2: &str = "thesis Table 5-2 (same program as W2, KSM on the 20
 KSM (madvise of region 0 only) merged 256 pages with 25 600 rmap_items; \
 KSM+ merged 512 pages with 1 027 rmap_items";
 
-fn color(ap: &str) -> &'static str {
-    match ap {
-        "none" => "#888888",
-        "madvise-all" => "#1f77b4",
-        "merge_any" => "#d62728",
-        "smart_scan" => "#ff7f0e",
-        _ => "#2ca02c",
-    }
-}
-
 /// Merged MiB and rmap_items over time for each approach on one workload (normally W2).
 pub fn svg(cells: &[CellResult], wl: &str, title: &str) -> String {
     let series: Vec<&CellResult> = cells
         .iter()
         .filter(|c| c.workload == wl && c.ran())
         .collect();
-    let (w, h, left, right, top, gap, panel) = (900.0, 640.0, 80.0, 160.0, 40.0, 60.0, 250.0);
-    let plot_w = w - left - right;
-    let tmax = series
-        .iter()
-        .flat_map(|c| c.series.last().map(|s| s.t))
-        .fold(1.0f64, f64::max);
     let mib = |p: u64| p as f64 * 4096.0 / MIB;
-    let ymax_mib = series
-        .iter()
-        .flat_map(|c| c.series.iter().map(|s| mib(s.merging)))
-        .fold(1.0f64, f64::max)
-        * 1.1;
-    let rmax = series
-        .iter()
-        .flat_map(|c| c.series.iter().map(|s| s.rmap_items))
-        .max()
-        .unwrap_or(1)
-        .max(10) as f64;
-    let decades = rmax.log10().ceil().max(1.0);
-    let x = |t: f64| left + t / tmax * plot_w;
-    let y1 = |v: f64| top + panel - v / ymax_mib * panel;
-    let top2 = top + panel + gap;
-    // log scale: 0 is drawn at 10^0 (the bottom).
-    let y2 = |v: u64| top2 + panel - (v.max(1) as f64).log10() / decades * panel;
-
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{left}" y="22" font-size="13">{}</text>"#,
-        xml(title)
-    );
-    for (ty, label) in [(top, "merged MiB"), (top2, "rmap_items (log)")] {
-        let _ = writeln!(
-            s,
-            r##"<rect x="{left}" y="{ty}" width="{plot_w}" height="{panel}" fill="none" stroke="#000"/>"##
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{label}</text>"#,
-            ty + panel / 2.0,
-            ty + panel / 2.0
-        );
-        for i in 0..=5 {
-            let t = tmax * i as f64 / 5.0;
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle">{t:.1}</text>"#,
-                x(t),
-                ty + panel + 15.0
-            );
-        }
-    }
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">seconds since ksmd started</text>"#,
-        left + plot_w / 2.0,
-        top2 + panel + 35.0
-    );
-    for i in 0..=4 {
-        let v = ymax_mib * i as f64 / 4.0;
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{v:.2}</text>"#,
-            left - 5.0,
-            y1(v) + 4.0
-        );
-    }
-    for d in 0..=decades as u32 {
-        let v = 10u64.pow(d);
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="{:.1}" text-anchor="end">{v}</text><line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/>"##,
-            left - 5.0,
-            y2(v) + 4.0,
-            left + plot_w,
-            y2(v),
-            y2(v)
-        );
-    }
-    for (i, c) in series.iter().enumerate() {
-        let col = color(&c.approach);
-        let pts1: Vec<String> = c
-            .series
+    let lines = |v: &dyn Fn(&crate::cell::Sample) -> f64| -> Vec<Line> {
+        series
             .iter()
-            .map(|p| format!("{:.1},{:.1}", x(p.t), y1(mib(p.merging))))
-            .collect();
-        let pts2: Vec<String> = c
-            .series
-            .iter()
-            .map(|p| format!("{:.1},{:.1}", x(p.t), y2(p.rmap_items)))
-            .collect();
-        for pts in [pts1, pts2] {
-            let _ = writeln!(
-                s,
-                r#"<polyline fill="none" stroke="{col}" stroke-width="2" points="{}"/>"#,
-                pts.join(" ")
-            );
-        }
-        let ly = top + 15.0 + 20.0 * i as f64;
-        let lx = left + plot_w + 15.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{col}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            lx + 20.0,
-            lx + 25.0,
-            ly + 4.0,
-            xml(&c.approach)
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+            .map(|c| Line {
+                name: &c.approach,
+                color: plot::color(&c.approach),
+                points: c.series.iter().map(|p| (p.t, v(p))).collect(),
+            })
+            .collect()
+    };
+    let panels = [
+        Panel {
+            label: "merged MiB",
+            scale: Scale::Linear,
+            lines: lines(&|p| mib(p.merging)),
+        },
+        Panel {
+            label: "rmap_items (log)",
+            scale: Scale::Log,
+            lines: lines(&|p| p.rmap_items as f64),
+        },
+    ];
+    plot::svg(title, "seconds since ksmd started", &panels)
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use super::x11::Desktop;
 use crate::approach::Tools;
 use crate::sys;
 use ksmplus_common::ksm;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn root() -> &'static Path {
@@ -16,6 +18,14 @@ pub fn root() -> &'static Path {
 
 pub fn set(name: &str, value: &str) -> Result<(), String> {
     ksm::write_sysfs(root(), name, value).map_err(|e| format!("ksm {name}={value}: {e}"))
+}
+
+/// `--long-run SECS --turn-every SECS --sample-every SECS`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LongCfg {
+    pub secs: f64,
+    pub turn_every: f64,
+    pub sample_every: f64,
 }
 
 /// What stays the same for every cell of a run.
@@ -37,6 +47,8 @@ pub struct Ctx<'a> {
     pub steady_secs: f64,
     /// How long after convergence the steady window starts.
     pub steady_after: f64,
+    /// The long run after ksmd's start (`--long-run`), when asked for.
+    pub long_run: Option<LongCfg>,
     /// Run `ksmplusctl scan` in this cell (once per scenario), when the subcommand exists.
     pub scan: bool,
     /// The unprivileged user of the browser scenarios, when the run has any.
@@ -70,5 +82,37 @@ pub fn user_of<'a>(ctx: &Ctx<'a>, sc: &Scenario) -> Result<Option<&'a UserSide>,
             "{} runs as the unprivileged user, which is not set up",
             sc.id
         )),
+    }
+}
+
+/// `ksmplusctl --json status` of the cell's agent (as the agent's user).
+pub fn agent_status(
+    ctx: &Ctx,
+    user: Option<&UserSide>,
+    socket: &Path,
+    notes: &mut Vec<String>,
+) -> Option<Value> {
+    let mut cmd = match user {
+        Some(u) => u.ctl()?,
+        None => Command::new(ctx.ctl.as_ref()?),
+    };
+    cmd.arg("--socket").arg(socket).args(["--json", "status"]);
+    json_out(&mut cmd, "ksmplusctl status: unparsable reply", notes)
+}
+
+/// What `cmd` prints on stdout, as JSON; `None` when it cannot run, or with a note (`what:
+/// error`) when its output is not JSON.
+pub fn json_out(cmd: &mut Command, what: &str, notes: &mut Vec<String>) -> Option<Value> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    match serde_json::from_slice::<Value>(&out.stdout) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            notes.push(format!("{what}: {e}"));
+            None
+        }
     }
 }

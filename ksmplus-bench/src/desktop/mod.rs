@@ -13,6 +13,7 @@
 
 mod cell;
 mod ctx;
+mod longrun;
 mod observe;
 mod pages;
 mod procs;
@@ -20,6 +21,7 @@ mod report;
 mod results;
 mod running;
 mod scenario;
+mod timeline;
 mod user;
 mod x11;
 
@@ -87,6 +89,30 @@ struct Cli {
     /// over several quiet rounds, so a later window shows the settled cost [default: 0]
     #[arg(long, default_value_t = 0.0)]
     steady_after: f64,
+    /// Long run (issue 12): keep each cell's programs open this long from ksmd's start, with a
+    /// key round every --turn-every seconds and a sample of the saving and the cost every
+    /// --sample-every seconds; a time-series table per cell, `longrun-*.csv` and an SVG plot per
+    /// scenario in the results directory. Replaces the steady window (the samples after
+    /// convergence are the steady cost over time).
+    #[arg(long, value_name = "SECS", conflicts_with = "steady_secs")]
+    long_run: Option<f64>,
+    /// In a long run, one key per program window (its next page turn, scroll or tab switch)
+    /// this often (0: none).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30.0,
+        requires = "long_run"
+    )]
+    turn_every: f64,
+    /// In a long run, a sample this often.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10.0,
+        requires = "long_run"
+    )]
+    sample_every: f64,
     /// Skip `ksmplusctl scan`.
     #[arg(long)]
     no_scan: bool,
@@ -238,6 +264,9 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         .map(|x| Approach::parse(x.trim()).ok_or_else(|| format!("unknown approach {x:?}")))
         .collect::<Result<_, _>>()?;
 
+    if cli.long_run.is_some_and(|s| s <= 0.0) || cli.sample_every <= 0.0 || cli.turn_every < 0.0 {
+        return Err("--long-run and --sample-every must be > 0, --turn-every >= 0".into());
+    }
     std::fs::create_dir_all(&inputs).map_err(|e| format!("{}: {e}", inputs.display()))?;
     let t = Instant::now();
     // The browsers need only their pages (pages.rs); the other programs the generator's files.
@@ -357,8 +386,19 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         min_secs: cli.min_secs.unwrap_or(if smoke { 10.0 } else { 12.0 }),
         stable_secs: cli.stable_secs,
         deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 40.0 } else { 45.0 }),
-        steady_secs: cli.steady_secs.unwrap_or(if smoke { 0.0 } else { 30.0 }),
+        steady_secs: cli
+            .steady_secs
+            .unwrap_or(if smoke || cli.long_run.is_some() {
+                0.0
+            } else {
+                30.0
+            }),
         steady_after: cli.steady_after,
+        long_run: cli.long_run.map(|secs| ctx::LongCfg {
+            secs,
+            turn_every: cli.turn_every,
+            sample_every: cli.sample_every,
+        }),
         scan: false,
         user: user_side.as_ref(),
     };
@@ -467,11 +507,12 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         text += &format!("{n}\n");
     }
     text += &format!(
-        "\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+        "\n{}\n{}\n{}\n{}\n{}{}\n{}\n{}",
         report::table(&cells, &scenarios),
         report::programs(&cells),
         report::processes(&cells, &scenarios),
         report::steady(&cells),
+        timeline::table(&cells),
         report::groups(&cells, "D4"),
         report::scans(&cells),
         report::targets_text(&targets),
@@ -495,6 +536,15 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             .map(|t| (t.name.clone(), t.verdict, t.detail.clone()))
             .collect(),
     };
+    let title = format!(
+        "saved MiB and whole cost vs time — Linux {}, pages_to_scan={}, sleep_millisecs={}",
+        session::kernel(),
+        cli.ksmd.pages_to_scan,
+        cli.ksmd.sleep_millisecs
+    );
+    for p in timeline::write(&cells, &results, &title)? {
+        eprintln!("ksmplus-bench desktop: wrote {p}");
+    }
     let json = serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?;
     std::fs::write(results.join("desktop.json"), &json).map_err(|e| e.to_string())?;
     std::fs::write(results.join("desktop.txt"), &text).map_err(|e| e.to_string())?;
@@ -650,5 +700,28 @@ mod tests {
             "5"
         ]))
         .is_err());
+    }
+
+    #[test]
+    fn long_run_options() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cli = parse(args(&["desktop"])).unwrap();
+        assert_eq!(cli.long_run, None);
+        let cli = parse(args(&["desktop", "--long-run", "600"])).unwrap();
+        assert_eq!(
+            (cli.long_run, cli.turn_every, cli.sample_every),
+            (Some(600.0), 30.0, 10.0)
+        );
+        // The long run replaces the steady window; its options need it.
+        assert!(parse(args(&[
+            "desktop",
+            "--long-run",
+            "60",
+            "--steady-secs",
+            "30"
+        ]))
+        .is_err());
+        assert!(parse(args(&["desktop", "--turn-every", "5"])).is_err());
+        assert!(parse(args(&["desktop", "--sample-every", "5"])).is_err());
     }
 }

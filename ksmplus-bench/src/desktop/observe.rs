@@ -2,7 +2,8 @@
 //! switched on and sampled until the merging settles, the agent's view, the programs'
 //! answers after merging.
 
-use super::ctx::{root, set, user_of, Ctx};
+use super::ctx::{agent_status, json_out, root, set, user_of, Ctx};
+use super::longrun::Sampler;
 use super::procs::{self, exe, zombie};
 use super::results::{DeskCell, ProcResult, ProgResult, Sample, Steady};
 use super::running::{cell_procs, read_like_a_user, spawn, wait_ready, Running};
@@ -127,7 +128,12 @@ pub fn observe(
         sys::ksm_get("full_scans"),
     );
     let k0 = ksmd_ns();
-    let t0 = Instant::now();
+    let mut long = ctx.long_run.map(|cfg| {
+        let windows = r.programs.iter().map(|p| p.pid).collect();
+        let all = tree.keys().copied().collect();
+        Sampler::start(ctx, sc, user, launch, cfg, (windows, all))
+    });
+    let t0 = long.as_ref().map_or_else(Instant::now, Sampler::t0);
     set("run", "1")?;
     let mut last_level = 0u64;
     let (mut t_change, mut k_change) = (0.0, k0);
@@ -177,6 +183,9 @@ pub fn observe(
         }
         if t >= ctx.deadline_secs {
             break;
+        }
+        if let Some(l) = long.as_mut() {
+            l.tick(&|| r_pids(&procs_r))?;
         }
     }
     let k_end = ksmd_ns();
@@ -281,6 +290,11 @@ pub fn observe(
     };
     r.saved_pct_pss = pct(r.mem_t0.pss_kib);
     r.saved_pct_anon = pct(r.mem_t0.anon_kib);
+    if let Some(l) = long {
+        let (run, notes) = l.finish(&|| procs_now().into_keys().collect())?;
+        r.long_run = Some(run);
+        r.notes.extend(notes);
+    }
 
     // After merging: every program must still answer a key, and its window is kept.
     let shots = ctx.results.join("screenshots");
@@ -333,7 +347,6 @@ fn r_pids(procs_r: &BTreeMap<u32, ProcResult>) -> Vec<u32> {
     procs_r.keys().copied().collect()
 }
 
-/// `ksmplusctl --json status` of the cell's agent (as the agent's user).
 /// The steady window: `ctx.steady_secs` with the programs open and idle, `ctx.steady_after`
 /// after convergence,
 /// measuring ksmd's, the agent's and the programs' CPU and the agent's wake-ups.
@@ -381,37 +394,6 @@ fn steady_window(
         // The first status call's own wake-up is inside the window.
         agent_wakeups: w0.zip(w1).map(|(a, b)| b.saturating_sub(a + 1)),
     })
-}
-
-fn agent_status(
-    ctx: &Ctx,
-    user: Option<&UserSide>,
-    socket: &Path,
-    notes: &mut Vec<String>,
-) -> Option<Value> {
-    let mut cmd = match user {
-        Some(u) => u.ctl()?,
-        None => Command::new(ctx.ctl.as_ref()?),
-    };
-    cmd.arg("--socket").arg(socket).args(["--json", "status"]);
-    json_out(&mut cmd, "ksmplusctl status: unparsable reply", notes)
-}
-
-/// What `cmd` prints on stdout, as JSON; `None` when it cannot run, or with a note (`what:
-/// error`) when its output is not JSON.
-fn json_out(cmd: &mut Command, what: &str, notes: &mut Vec<String>) -> Option<Value> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    match serde_json::from_slice::<Value>(&out.stdout) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            notes.push(format!("{what}: {e}"));
-            None
-        }
-    }
 }
 
 /// `ksmplusctl --json scan --pid ...` over the programs' processes, unmerged (before ksmd

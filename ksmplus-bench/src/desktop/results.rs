@@ -98,6 +98,62 @@ impl Steady {
     }
 }
 
+/// One sample of a long run (`--long-run`): the state at `t` and the CPU spent in the interval
+/// that ends there.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LongSample {
+    /// Seconds since ksmd started (t0).
+    pub t: f64,
+    /// The interval's length: seconds since the previous sample (the first: since t0).
+    pub secs: f64,
+    /// The cell's `own_sharing` at `t` (pagemap + kpageflags over the programs' processes);
+    /// `saved_mib` is it × 4 KiB.
+    pub own_sharing: u64,
+    pub saved_mib: f64,
+    /// Σ `ksm_merging_pages`, Σ `ksm_rmap_items` of the programs' processes at `t`.
+    pub merging: u64,
+    pub rmap_items: u64,
+    /// CPU seconds in the interval: ksmd (schedstat), the agent, every process of the programs
+    /// alive at both ends of the interval (utime + stime).
+    pub ksmd_secs: f64,
+    pub agent_secs: Option<f64>,
+    pub programs_secs: f64,
+    /// The agent's loop wake-ups in the interval, the sampler's own status call's excepted.
+    pub agent_wakeups: Option<u64>,
+    /// The programs' live processes at `t`.
+    pub processes: usize,
+}
+
+impl LongSample {
+    /// Percent of one core over the interval.
+    pub fn pct(&self, cpu_secs: f64) -> f64 {
+        100.0 * cpu_secs / self.secs.max(1e-9)
+    }
+}
+
+/// One round of the scenario's keys during a long run: one key per program window.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TurnRound {
+    pub t: f64,
+    /// Windows whose pixels changed on the key, of `windows`.
+    pub answered: usize,
+    pub windows: usize,
+}
+
+/// The long run of a cell: from ksmd's start, `secs` long, a key round every `turn_every`
+/// seconds, a sample every `sample_every` seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LongRun {
+    pub secs: f64,
+    pub turn_every: f64,
+    pub sample_every: f64,
+    pub samples: Vec<LongSample>,
+    pub turns: Vec<TurnRound>,
+    /// Wall seconds the bench spent reading pagemap/kpageflags for `own_sharing` (its own CPU,
+    /// in no column).
+    pub probe_secs: f64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DeskCell {
     pub scenario: String,
@@ -139,6 +195,8 @@ pub struct DeskCell {
     pub agent_status: Option<Value>,
     /// The steady window after convergence, when the run has one.
     pub steady: Option<Steady>,
+    /// The long run (`--long-run`), from ksmd's start.
+    pub long_run: Option<LongRun>,
     pub scan: Option<Value>,
     pub notes: Vec<String>,
     pub series: Vec<Sample>,
