@@ -8,7 +8,9 @@
  *                                    64 KiB..4 MiB while the main thread forks FORKS children one after
  *                                    another (each exits at once; it is waited for). ns is the time of the
  *                                    forks, ops the workers' completed operations meanwhile (issue 12's
- *                                    probe: large blocks under threads and fork).
+ *                                    probe: large blocks under threads and fork), cpu_ns the CPU time the
+ *                                    forks took: the forking thread's plus the children's (what a fork
+ *                                    costs, apart from how the scheduler shares the cores with the workers).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,6 +33,14 @@ static uint64_t now_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000ull + t.tv_nsec;
 }
+
+static uint64_t thread_cpu_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + t.tv_nsec;
+}
+
+static uint64_t tv_ns(struct timeval t) { return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_usec * 1000ull; }
 
 static void *small_worker(void *arg) {
     uintptr_t id = (uintptr_t)arg;
@@ -81,7 +92,7 @@ static void *fork_worker(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: malloc_bench small THREADS OPS | large OPS | forks THREADS FORKS\n"); return 2; }
-    uint64_t sum = 0, t0, t1;
+    uint64_t sum = 0, t0, t1, cpu_ns = 0;
     if (!strcmp(argv[1], "small")) {
         int threads = atoi(argv[2]);
         ops = atol(argv[3]);
@@ -99,6 +110,7 @@ int main(int argc, char **argv) {
         ops = 0;
         for (long i = 0; i < threads; i++) pthread_create(&t[i], NULL, fork_worker, (void *)i);
         t0 = now_ns();
+        uint64_t c0 = thread_cpu_ns();
         for (long i = 0; i < forks; i++) {
             pid_t c = fork();
             if (c == 0) _exit(0);
@@ -107,6 +119,9 @@ int main(int argc, char **argv) {
             waitpid(c, &st, 0);
         }
         t1 = now_ns();
+        struct rusage ch;
+        getrusage(RUSAGE_CHILDREN, &ch);
+        cpu_ns = thread_cpu_ns() - c0 + tv_ns(ch.ru_utime) + tv_ns(ch.ru_stime);
         stop_workers = 1;
         for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
         /* The workers' sums depend on how many operations they made: count the workers that made any. */
@@ -128,6 +143,7 @@ int main(int argc, char **argv) {
         }
         t1 = now_ns();
     }
-    printf("ns=%llu ops=%ld sum=%llu\n", (unsigned long long)(t1 - t0), ops, (unsigned long long)sum);
+    printf("ns=%llu ops=%ld sum=%llu cpu_ns=%llu\n", (unsigned long long)(t1 - t0), ops, (unsigned long long)sum,
+           (unsigned long long)cpu_ns);
     return 0;
 }
