@@ -26,7 +26,9 @@ pub struct KsmdArgs {
     /// ksmd use_zero_pages during every cell (0: zero pages merge into a KSM page, as in the thesis).
     #[arg(long, default_value_t = 0)]
     pub use_zero_pages: u32,
-    /// The kernel's own defaults, as users run ksmd: pages_to_scan 100, sleep_millisecs 20.
+    /// The kernel's own defaults, as users run ksmd: pages_to_scan 100, sleep_millisecs 20,
+    /// smart_scan 1 under every approach (otherwise smart_scan is 0 except for the smart_scan
+    /// approach, so that merge_any and smart_scan differ in that alone).
     #[arg(long, conflicts_with_all = ["pages_to_scan", "sleep_millisecs"])]
     pub ksmd_defaults: bool,
 }
@@ -38,5 +40,11 @@ impl KsmdArgs {
             (self.pages_to_scan, self.sleep_millisecs) = (100, 20);
         }
         self
+    }
+
+    /// `smart_scan` during a cell of `ap`: the kernel's default (1) for every approach under
+    /// `--ksmd-defaults`, else only for the smart_scan approach.
+    pub fn smart_scan(&self, ap: crate::approach::Approach) -> bool {
+        self.ksmd_defaults || ap.smart_scan()
     }
 }

@@ -57,7 +57,8 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
         ));
     }
     set("run", "0")?;
-    set("smart_scan", if ap.smart_scan() { "1" } else { "0" }).ok();
+    let smart = ctx.smart_scan_all || ap.smart_scan();
+    set("smart_scan", if smart { "1" } else { "0" }).ok();
     let name = format!("{}-{}", sc.id, ap.name());
     let user = user_of(ctx, sc)?;
     // The user's processes before anything of this cell starts: what is new is the cell's.

@@ -37,6 +37,8 @@ pub struct Ctx<'a> {
     pub tmp: PathBuf,
     pub home_template: PathBuf,
     pub ksmd_pid: Option<u32>,
+    /// smart_scan for every approach (`--ksmd-defaults`: the kernel's default).
+    pub smart_scan_all: bool,
     /// `(pages_shared, pages_sharing, general_profit)` before the first cell. ksmd drops the
     /// rmap items of an exited process later than its pages, so `general_profit` shows them.
     pub baseline: (i64, i64, i64),

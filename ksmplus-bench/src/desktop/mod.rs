@@ -378,6 +378,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         tmp: session.tmp().to_path_buf(),
         home_template,
         ksmd_pid: sys::ksmd_pid(),
+        smart_scan_all: cli.ksmd.ksmd_defaults,
         baseline: (
             sys::ksm_get("pages_shared"),
             sys::ksm_get("pages_sharing"),
@@ -417,11 +418,16 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         "imagemagick",
     ]);
     let header = format!(
-        "ksmplus-bench desktop{} — {}, load {}\nksmd: {}\nXvfb {} {}; shim {}; agent {}; ksmplusctl {}{}\npackages: {}\n",
+        "ksmplus-bench desktop{} — {}, load {}\nksmd: {} smart_scan={}\nXvfb {} {}; shim {}; agent {}; ksmplusctl {}{}\npackages: {}\n",
         if smoke { " --smoke" } else { "" },
         session::machine(),
         session::loadavg(),
         session::settings_text(&settings),
+        if ctx.smart_scan_all {
+            "1 (the kernel's default)"
+        } else {
+            "0 (1 for the smart_scan approach only)"
+        },
         desktop.display,
         x11::SCREEN,
         session::shown_path(&ctx.tools.preload),
