@@ -121,8 +121,10 @@ pub struct Probes<'a> {
     /// ksmd's CPU, nanoseconds.
     pub ksmd_ns: &'a dyn Fn() -> u64,
     pub agent: Option<u32>,
-    /// Every process of the programs.
+    /// Every process of the programs, and how to read one's CPU, nanoseconds (`None` when it is
+    /// gone).
     pub programs: &'a [u32],
+    pub program_ns: fn(u32) -> Option<u64>,
     /// The agent's own wake-up counter, when the bench can read it.
     pub wakeups: Option<&'a mut dyn FnMut() -> Option<u64>>,
 }
@@ -134,7 +136,7 @@ pub fn window(after: f64, secs: f64, mut p: Probes) -> Result<Steady, String> {
     let progs = || -> BTreeMap<u32, u64> {
         p.programs
             .iter()
-            .filter_map(|&pid| Some((pid, sys::process_cpu_ns(pid)?)))
+            .filter_map(|&pid| Some((pid, (p.program_ns)(pid)?)))
             .collect()
     };
     sys::sleep_checked(Duration::from_secs_f64(after))?;

@@ -120,6 +120,11 @@ pub fn threads_ctx_switches(pid: u32) -> u64 {
         .sum()
 }
 
+/// [`threads_cpu_ns`], `None` when the process is gone.
+pub fn live_threads_cpu_ns(pid: u32) -> Option<u64> {
+    pid_alive(pid).then(|| threads_cpu_ns(pid))
+}
+
 /// The `/proc/PID/task/TID` directories of `pid`.
 fn tasks(pid: u32) -> impl Iterator<Item = std::path::PathBuf> {
     fs::read_dir(format!("/proc/{pid}/task"))

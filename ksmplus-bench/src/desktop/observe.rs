@@ -356,6 +356,8 @@ fn steady_window(
             ksmd_ns,
             agent,
             programs: pids,
+            // Their threads come and go: utime + stime counts the exited ones too.
+            program_ns: sys::process_cpu_ns,
             wakeups: Some(&mut wakeups),
         },
     )
