@@ -14,11 +14,11 @@
 //! uid on the machine.
 
 use crate::args::ToolArgs;
-use crate::{approach, session, sys, workload};
+use crate::{approach, cost, session, sys, workload};
 use clap::Parser;
 use serde::Serialize;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
@@ -387,38 +387,9 @@ impl Programs {
     }
 }
 
-/// Context switches of every thread of `pid` (voluntary + involuntary): how often it ran.
-fn ctx_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .map(|t| {
-            let mut s = String::new();
-            let _ = std::fs::File::open(t.path().join("status"))
-                .and_then(|mut f| f.read_to_string(&mut s));
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
-}
-
-/// CPU time of every live thread of `pid` (`schedstat`, nanosecond resolution), seconds.
+/// CPU time of every live thread of `pid`, seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    let ns: u64 = tasks
-        .flatten()
-        .filter_map(|t| {
-            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum();
-    ns as f64 / 1e9
+    sys::threads_cpu_ns(pid) as f64 / 1e9
 }
 
 /// Polls the agent's status until `f` says done; `Err` naming `what` after the deadline.
@@ -469,11 +440,15 @@ fn measure(kit: &Kit, cli: &Cli, n: usize) -> Result<Row, String> {
 
     // The idle window: nothing asks the agent anything between the two status calls.
     let (s0, _, _) = status_timed(kit, &agent.socket)?;
-    let (c0, x0, w0) = (cpu_secs(apid), ctx_switches(apid), Instant::now());
+    let (c0, x0, w0) = (
+        cpu_secs(apid),
+        sys::threads_ctx_switches(apid),
+        Instant::now(),
+    );
     sys::sleep_checked(Duration::from_secs_f64(cli.idle_secs))?;
     let (c1, x1, secs) = (
         cpu_secs(apid),
-        ctx_switches(apid),
+        sys::threads_ctx_switches(apid),
         w0.elapsed().as_secs_f64(),
     );
     let (s1, _, _) = status_timed(kit, &agent.socket)?;
@@ -514,7 +489,7 @@ fn measure(kit: &Kit, cli: &Cli, n: usize) -> Result<Row, String> {
         status_bytes: bytes,
         idle_cpu_pct: (c1 - c0) * 100.0 / secs,
         idle_wakeups_per_s: wakeups as f64 / secs,
-        idle_ctxsw_per_s: (x1 - x0) as f64 / secs,
+        idle_ctxsw_per_s: cost::rate(x0, x1, secs),
         idle_wakes_sent: u(&s1["agent"]["wakes"]).saturating_sub(u(&s0["agent"]["wakes"])),
         rss_kib: u(&s1["agent"]["rss_kib"]),
         fds: u(&s1["agent"]["fds"]),

@@ -41,10 +41,4 @@ impl KsmdArgs {
         }
         self
     }
-
-    /// `smart_scan` during a cell of `ap`: the kernel's default (1) for every approach under
-    /// `--ksmd-defaults`, else only for the smart_scan approach.
-    pub fn smart_scan(&self, ap: crate::approach::Approach) -> bool {
-        self.ksmd_defaults || ap.smart_scan()
-    }
 }

@@ -3,10 +3,11 @@
 //! Sequence: ksmd stopped (`run=0`) with the run's tunables -> approach launched (agent first) ->
 //! workload processes started and `ready` -> memory verified through `/proc/PID/mem` (this gives
 //! the ideal) -> counters snapshot, `run=1` at t0 -> sampled until the merging pages stop
-//! changing -> processes and agent ended -> wait until ksmd holds no more pages than before the
-//! run.
+//! changing -> the steady window (processes left idle, `--steady-secs`) -> processes and agent
+//! ended -> wait until ksmd holds no more pages than before the run.
 
 use crate::approach::{Approach, Tools};
+use crate::cost::{self, Steady};
 use crate::sys;
 use crate::workload::{self, Proc, Workload};
 use ksmplus_common::ksm;
@@ -34,6 +35,10 @@ pub struct Params {
     /// Give up waiting for convergence after this long; the cell is reported as not converged.
     pub deadline_secs: f64,
     pub sample_ms: u64,
+    /// The steady window after convergence, seconds (0: none).
+    pub steady_secs: f64,
+    /// smart_scan for every approach (`--ksmd-defaults`: the kernel's default).
+    pub smart_scan_all: bool,
 }
 
 /// Everything a cell needs that stays the same for the whole run.
@@ -80,29 +85,43 @@ pub struct CellResult {
     /// Seconds from t0 to the first sample with at least 99 % of the ideal merging (0 when the
     /// ideal is 0; `None` if never reached). Robust when merging flaps and never settles.
     pub t99_secs: Option<f64>,
+    /// Seconds from t0 to the first sample with at least 90 % of the final merging (the last
+    /// sample's); `None` when nothing merged.
+    pub t90_secs: Option<f64>,
     /// Seconds from t0 to the end of observation.
     pub observed_secs: f64,
     /// ksmd CPU seconds from t0 to convergence.
     pub ksmd_cpu_secs: f64,
     /// ksmd CPU seconds over the whole observation.
     pub ksmd_cpu_total_secs: f64,
-    /// ksmd CPU, percent of one core, from convergence to the end (the cost of staying merged);
-    /// `None` when the cell did not converge.
-    pub ksmd_steady_pct: Option<f64>,
+    /// The steady window after convergence (processes alive and idle): ksmd's, the agent's
+    /// and the programs' CPU and the agent's context switches; `None` when the cell did not
+    /// converge or the run has no window (`--steady-secs 0`, the smoke's default).
+    pub steady: Option<Steady>,
+    /// The steady window's programs' CPU beyond the same workload's `none` cell's, and ksmd +
+    /// agent + that extra, % of one core (`None` without both windows).
+    pub steady_extra_pct: Option<f64>,
+    pub steady_whole_pct: Option<f64>,
     /// Other processes KSM had rmap items or merged pages for during the cell (checked about
     /// once a second): `pid comm rmap_items merging`. When not empty, the global columns
     /// (general_profit delta, ksmd CPU, cow_ksm) include their share.
     pub foreign: Vec<String>,
     /// Full ksmd scans from t0 to the end.
     pub full_scans: i64,
-    /// Agent CPU seconds, whole life of the agent (ksmplus only).
+    /// Agent CPU seconds, from its start to convergence detected (ksmplus only).
     pub agent_cpu_secs: Option<f64>,
     /// Agent peak RSS (VmHWM), KiB (ksmplus only).
     pub agent_hwm_kib: Option<u64>,
-    /// CPU of the workload processes from t0 to the end, all threads.
+    /// CPU of the workload processes from all of them `ready` (before the memory check and
+    /// t0) to convergence detected, all threads; over `app_window_secs` seconds.
     pub app_cpu_secs: f64,
-    /// CPU of the shim's client threads (threads named `ksmplus*`) at the end, when visible.
-    pub shim_cpu_secs: Option<f64>,
+    pub app_window_secs: f64,
+    /// `app_cpu_secs` beyond the same workload's `none` cell's (its rate, over this cell's
+    /// window); `None` when the none cell did not run.
+    pub extra_app_secs: Option<f64>,
+    /// The whole cost to converge: ksmd_cpu_secs + agent_cpu_secs + extra_app_secs (`None`
+    /// without the none cell).
+    pub whole_secs: Option<f64>,
     /// Change of the `/proc/vmstat` KSM counters (`cow_ksm`, `ksm_swpin_copy`, ...) from t0.
     pub vmstat_delta: BTreeMap<String, i64>,
     /// `pages_unshared` and `pages_volatile` at the end (gauges).
@@ -114,6 +133,34 @@ pub struct CellResult {
 impl CellResult {
     pub fn ran(&self) -> bool {
         self.status == "ok" || self.status == "deadline"
+    }
+}
+
+/// Fills in what each cell's cost is beyond the same workload's `none` cell (whole cost to
+/// converge, steady extra and whole), once all cells ran.
+pub fn cost_vs_none(cells: &mut [CellResult]) {
+    let nones: Vec<CellResult> = cells
+        .iter()
+        .filter(|c| c.approach == "none" && c.ran())
+        .cloned()
+        .collect();
+    for c in cells.iter_mut().filter(|c| c.ran()) {
+        let Some(none) = nones.iter().find(|n| n.workload == c.workload) else {
+            continue;
+        };
+        let extra = cost::extra_scaled(
+            c.app_cpu_secs,
+            c.app_window_secs,
+            none.app_cpu_secs,
+            none.app_window_secs,
+        );
+        c.extra_app_secs = Some(extra);
+        c.whole_secs = Some(cost::whole(c.ksmd_cpu_secs, c.agent_cpu_secs, extra));
+        if let Some(st) = &c.steady {
+            let row = st.row(none.steady.as_ref());
+            c.steady_extra_pct = row.extra;
+            c.steady_whole_pct = row.whole;
+        }
     }
 }
 
@@ -130,7 +177,8 @@ pub fn run(ctx: &Ctx, wl: Workload, ap: Approach) -> Result<CellResult, String> 
     };
     wait_clean(ctx, Duration::from_secs(20))?;
     sys::ksm_set("run", "0")?;
-    sys::ksm_set("smart_scan", if ap.smart_scan() { "1" } else { "0" })?;
+    let smart = ctx.params.smart_scan_all || ap.smart_scan();
+    sys::ksm_set("smart_scan", if smart { "1" } else { "0" })?;
 
     let cell_name = format!("{}-{}", wl.id(), ap.name());
     let mut launch = match ap.launch(&ctx.tools, &ctx.tmp, &cell_name) {
@@ -263,6 +311,17 @@ fn observe(
 ) -> Result<Vec<Proc>, String> {
     let p = &ctx.params;
     let procs = workload::start(&ctx.bin, wl, p.div, launch, Duration::from_secs(60))?;
+    // The programs' CPU counts from here: what the shim does while the memory is checked (the
+    // agent may mark before ksmd starts) is part of its cost. The workload is single-threaded
+    // (the shim has no thread), so schedstat of the live threads is all of it, in ns rather
+    // than the clock ticks of utime + stime (50 processes in W6).
+    let app_ns = |procs: &[Proc]| -> u64 {
+        procs
+            .iter()
+            .filter_map(|p| sys::live_threads_cpu_ns(p.pid))
+            .sum()
+    };
+    let (app0, ready) = (app_ns(&procs), Instant::now());
     // Check the launcher did what it claims before trusting any figure.
     for pr in &procs {
         ap.check_launched(launch, pr.pid, &format!("pid {}", pr.pid))?;
@@ -282,16 +341,9 @@ fn observe(
             .and_then(|p| sys::task_runtime_ns(p).or_else(|| sys::process_cpu_ns(p)))
             .unwrap_or(0)
     };
-    let app_ns = |procs: &[Proc]| -> u64 {
-        procs
-            .iter()
-            .filter_map(|p| sys::process_cpu_ns(p.pid))
-            .sum()
-    };
     let vm0 = sys::vmstat_ksm();
     let gp0 = sys::ksm_get("general_profit");
     let scans0 = sys::ksm_get("full_scans");
-    let app0 = app_ns(&procs);
     let k0 = ksmd_ns();
     let t0 = Instant::now();
     sys::ksm_set("run", "1")?;
@@ -367,35 +419,20 @@ fn observe(
     r.general_profit_delta = sys::ksm_get("general_profit") - gp0;
     r.full_scans = sys::ksm_get("full_scans") - scans0;
     r.converge_secs = t_change;
+    let points: Vec<(f64, u64)> = r.series.iter().map(|s| (s.t, s.merging)).collect();
     r.t99_secs = if r.ideal_pages == 0 {
         Some(0.0)
     } else {
-        r.series
-            .iter()
-            .find(|s| s.merging * 100 >= r.ideal_pages * 99)
-            .map(|s| s.t)
+        cost::time_to_pct(points.iter().copied(), r.ideal_pages, 99)
     };
+    r.t90_secs = cost::t90(&points);
     r.observed_secs = t_end;
     r.ksmd_cpu_secs = (k_change - k0) as f64 / 1e9;
     r.ksmd_cpu_total_secs = (k_end - k0) as f64 / 1e9;
-    r.ksmd_steady_pct = (converged && t_end > t_change)
-        .then(|| (k_end - k_change) as f64 / 1e9 / (t_end - t_change) * 100.0);
     r.app_cpu_secs = app_ns(&procs).saturating_sub(app0) as f64 / 1e9;
-    let shim: Vec<u64> = procs
-        .iter()
-        .filter_map(|p| sys::threads_runtime_ns(p.pid, "ksmplus"))
-        .collect();
-    r.shim_cpu_secs = (!shim.is_empty()).then(|| shim.iter().sum::<u64>() as f64 / 1e9);
-    if let Some(a) = launch.agent.as_mut() {
-        r.agent_cpu_secs = sys::process_cpu_ns(a.pid()).map(|n| n as f64 / 1e9);
-        r.agent_hwm_kib = sys::status_kib(a.pid(), "VmHWM");
-        if let Ok(Some(st)) = a.child.try_wait() {
-            return Err(format!(
-                "the agent exited during the cell ({st}):\n{}",
-                a.log_tail()
-            ));
-        }
-    }
+    r.app_window_secs = ready.elapsed().as_secs_f64();
+    let agent_pid = launch.agent.as_ref().map(|a| a.pid());
+    r.agent_cpu_secs = agent_pid.map(|a| sys::threads_cpu_ns(a) as f64 / 1e9);
     let vm1 = sys::vmstat_ksm();
     r.vmstat_delta = vm1
         .iter()
@@ -408,12 +445,82 @@ fn observe(
         .collect();
     r.pages_unshared = sys::ksm_get("pages_unshared");
     r.pages_volatile = sys::ksm_get("pages_volatile");
+    if converged && p.steady_secs > 0.0 {
+        let pids: Vec<u32> = procs.iter().map(|p| p.pid).collect();
+        let probes = cost::Probes {
+            ksmd_ns: &ksmd_ns,
+            agent: agent_pid,
+            programs: &pids,
+            program_ns: sys::live_threads_cpu_ns,
+            wakeups: None,
+        };
+        r.steady = Some(cost::window(0.0, p.steady_secs, probes)?);
+    }
+    if let Some(a) = launch.agent.as_mut() {
+        r.agent_hwm_kib = sys::status_kib(a.pid(), "VmHWM");
+        if let Ok(Some(st)) = a.child.try_wait() {
+            return Err(format!(
+                "the agent exited during the cell ({st}):\n{}",
+                a.log_tail()
+            ));
+        }
+    }
     Ok(procs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ran(wl: &str, ap: &str, app: f64, window: f64) -> CellResult {
+        CellResult {
+            workload: wl.into(),
+            approach: ap.into(),
+            status: "ok".into(),
+            app_cpu_secs: app,
+            app_window_secs: window,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn whole_cost_is_beyond_the_none_cell_of_the_same_workload() {
+        let none = ran("W5", "none", 1.0, 4.0);
+        let mut k = ran("W5", "ksmplus", 2.5, 8.0);
+        (k.ksmd_cpu_secs, k.agent_cpu_secs) = (0.1, Some(0.2));
+        k.steady = Some(Steady {
+            secs: 10.0,
+            ksmd_secs: 0.5,
+            agent_secs: Some(0.1),
+            programs_secs: 0.3,
+            ..Default::default()
+        });
+        let mut m = ran("W5", "merge_any", 2.0, 8.0);
+        m.ksmd_cpu_secs = 0.4;
+        let mut cells = vec![none.clone(), k, m, ran("W1", "ksmplus", 0.5, 6.0)];
+        cells[0].steady = Some(Steady {
+            secs: 10.0,
+            programs_secs: 0.1,
+            ..Default::default()
+        });
+        cost_vs_none(&mut cells);
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        // The none cell's 1 s over 4 s is the workload's own rate: 2 s of the 8 s window.
+        assert!(
+            close(cells[1].extra_app_secs, 0.5),
+            "{:?}",
+            cells[1].extra_app_secs
+        );
+        assert!(close(cells[1].whole_secs, 0.8));
+        assert!(close(cells[1].steady_extra_pct, 2.0));
+        assert!(close(cells[1].steady_whole_pct, 8.0));
+        // No agent: ksmd + extra; no steady window: no steady figures.
+        assert!(close(cells[2].whole_secs, 0.4));
+        assert_eq!(cells[2].steady_whole_pct, None);
+        assert!(close(cells[0].whole_secs, 0.0));
+        // W1 has no none cell: n/a.
+        assert_eq!((cells[3].extra_app_secs, cells[3].whole_secs), (None, None));
+    }
 
     #[test]
     fn leftover_rmap_items_are_not_within_the_baseline() {

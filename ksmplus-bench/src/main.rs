@@ -11,6 +11,7 @@ mod agent_scale;
 mod approach;
 mod args;
 mod cell;
+mod cost;
 mod desktop;
 mod plot;
 mod report;
@@ -71,6 +72,11 @@ struct Cli {
     /// Give up on convergence after this many seconds [default: 90, smoke 30].
     #[arg(long)]
     deadline_secs: Option<f64>,
+    /// After convergence, keep the processes alive and idle this long and measure the steady
+    /// cost: ksmd's, the agent's and the programs' CPU, the agent's context switches (0: skip)
+    /// [default: 20, smoke 0].
+    #[arg(long)]
+    steady_secs: Option<f64>,
     /// Sampling period of /proc/PID/ksm_stat, milliseconds.
     #[arg(long, default_value_t = 100)]
     sample_ms: u64,
@@ -146,6 +152,11 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         min_secs: cli.min_secs.unwrap_or(if smoke { 3.0 } else { 5.0 }),
         deadline_secs: cli.deadline_secs.unwrap_or(if smoke { 30.0 } else { 90.0 }),
         sample_ms: cli.sample_ms.max(10),
+        steady_secs: cli
+            .steady_secs
+            .unwrap_or(if smoke { 0.0 } else { 20.0 })
+            .max(0.0),
+        smart_scan_all: cli.ksmd.ksmd_defaults,
     };
     let policy = match &cli.agent_policy {
         Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -198,18 +209,24 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     };
     let settings = session::shown_settings();
     let mut header = format!(
-        "ksmplus-bench{} — {}, load average {}\nksmd: {} smart_scan=0 (1 for the smart_scan approach only)\n",
+        "ksmplus-bench{} — {}, load average {}\nksmd: {} smart_scan={}\n",
         if smoke { " --smoke" } else { "" },
         session::machine(),
         session::loadavg(),
         session::settings_text(&settings),
+        if params.smart_scan_all {
+            "1 (the kernel's default)"
+        } else {
+            "0 (1 for the smart_scan approach only)"
+        },
     );
     header += &format!(
-        "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; baseline pages_shared {} sharing {} general_profit {}{}\nshim: {}  agent: {}\n",
+        "size 1/{}; converged = merging pages unchanged {} s (and 2 full scans), not before {} s, deadline {} s; steady window {} s; baseline pages_shared {} sharing {} general_profit {}{}\nshim: {}  agent: {}\n",
         params.div,
         params.stable_secs,
         params.min_secs,
         params.deadline_secs,
+        params.steady_secs,
         ctx.baseline.pages_shared,
         ctx.baseline.pages_sharing,
         ctx.baseline.general_profit,
@@ -248,14 +265,16 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
     }
     drop(ctx);
+    cell::cost_vs_none(&mut cells);
     let restored = session.restore()?;
 
     let wl_ids: Vec<&str> = workloads.iter().map(|w| w.id()).collect();
     let targets = report::targets(&cells);
     let mut text = header.clone();
     text += &format!(
-        "\n{}\n{}\n{}\n{}\n",
+        "\n{}\n{}{}\n{}\n{}\n",
         report::table(&cells),
+        report::steady(&cells),
         report::ratios(&cells, &wl_ids),
         report::targets_text(&targets),
         report::THESIS_W2

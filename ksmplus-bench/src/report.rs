@@ -17,9 +17,10 @@ pub fn table(cells: &[CellResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7} {:>6} {:>7} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6}",
+        "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>7} {:>7} {:>6}",
         "wl", "approach", "procs", "ideal", "merging", "%ideal", "rmap", "profitMiB", "gprofMiB",
-        "conv_s", "t99_s", "ksmd_s", "ksmd%", "agent_s", "agentMB", "app_s", "shim_s", "cow"
+        "conv_s", "t90_s", "t99_s", "ksmd_s", "agent_s", "agentMB", "app_s", "extra_s", "whole_s",
+        "cow"
     );
     let mut notes = Vec::new();
     let mut prev = "";
@@ -56,7 +57,7 @@ pub fn table(cells: &[CellResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>7} {:>6} {:>7.3} {:>6} {:>7} {:>7} {:>6.2} {:>6} {:>6}{}",
+            "{:<3} {:<11} {:>5} {:>6} {:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>7} {:>6} {:>6} {:>7.3} {:>7} {:>7} {:>6.2} {:>7} {:>7} {:>6}{}",
             c.workload,
             c.approach,
             c.processes,
@@ -67,13 +68,14 @@ pub fn table(cells: &[CellResult]) -> String {
             c.process_profit as f64 / MIB,
             c.general_profit_delta as f64 / MIB,
             conv(c.converged, c.converge_secs, c.observed_secs),
+            opt(c.t90_secs, 1),
             opt(c.t99_secs, 1),
             c.ksmd_cpu_secs,
-            opt(c.ksmd_steady_pct, 1),
             opt(c.agent_cpu_secs, 2),
             opt(c.agent_hwm_kib.map(|k| k as f64 / 1024.0), 1),
             c.app_cpu_secs,
-            opt(c.shim_cpu_secs, 2),
+            opt(c.extra_app_secs, 2),
+            opt(c.whole_secs, 3),
             cow.unwrap_or_else(|| "-".into()),
             mark,
         );
@@ -84,6 +86,51 @@ pub fn table(cells: &[CellResult]) -> String {
             let _ = writeln!(s, "[{}] {}", i + 1, n);
         }
     }
+    s
+}
+
+/// The steady cost (issue 12), one row per cell that had a steady window, % of one core: ksmd,
+/// the agent, the programs, the programs beyond the same workload's `none` cell (`extra`),
+/// `whole` = ksmd + agent + extra, and the agent's context switches per second. Empty when no
+/// cell had a window; else ends with a blank line.
+pub fn steady(cells: &[CellResult]) -> String {
+    let mut s = String::new();
+    let with: Vec<&CellResult> = cells.iter().filter(|c| c.steady.is_some()).collect();
+    let Some(first) = with.first().and_then(|c| c.steady.as_ref()) else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "steady cost: {:.0} s right after convergence, processes alive and idle (% of one core; 1 % = 0.6 s per minute)",
+        first.secs
+    );
+    let _ = writeln!(
+        s,
+        "{:<3} {:<11} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}",
+        "wl", "approach", "ksmd%", "agent%", "progs%", "extra%", "whole%", "ctxsw/s"
+    );
+    let mut prev = "";
+    for c in with {
+        if c.workload != prev && !prev.is_empty() {
+            s.push('\n');
+        }
+        prev = &c.workload;
+        let st = c.steady.as_ref().expect("filtered");
+        let row = st.row(None);
+        let _ = writeln!(
+            s,
+            "{:<3} {:<11} {:>7.2} {:>7} {:>7.2} {:>7} {:>7} {:>8}",
+            c.workload,
+            c.approach,
+            row.ksmd,
+            opt(row.agent, 2),
+            row.progs,
+            opt(c.steady_extra_pct, 2),
+            opt(c.steady_whole_pct, 2),
+            opt(st.ctxsw_per_sec(), 1),
+        );
+    }
+    s.push('\n');
     s
 }
 
@@ -361,6 +408,20 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 4);
         assert!(svg.contains("W2 &lt;test&gt;"));
         assert!(table(&cells).contains("ksmplus"));
+        // No steady window in any cell: no steady table.
+        assert_eq!(steady(&cells), "");
+        let mut with = cells.clone();
+        with[1].steady = Some(crate::cost::Steady {
+            secs: 20.0,
+            ksmd_secs: 0.2,
+            agent_secs: Some(0.1),
+            agent_ctxsw: Some(50),
+            ..Default::default()
+        });
+        let st = steady(&with);
+        assert!(st.starts_with("steady cost: 20 s"), "{st}");
+        assert!(st.contains("W2  ksmplus        1.00    0.50"), "{st}");
+        assert!(st.trim_end().ends_with("2.5"), "{st}");
     }
 
     #[test]

@@ -95,24 +95,43 @@ pub fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
     Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
 }
 
-/// Runtime of the threads of `pid` whose comm starts with `prefix` (e.g. the shim's client
-/// thread), nanoseconds; `None` when there is no such thread.
-pub fn threads_runtime_ns(pid: u32, prefix: &str) -> Option<u64> {
-    let mut total = None;
-    for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let comm = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
-        if tid != pid && comm.starts_with(prefix) {
-            let ns = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0);
-            total = Some(total.unwrap_or(0) + ns);
-        }
-    }
-    total
+/// CPU time of every live thread of `pid` (`/proc/PID/task/*/schedstat`, nanosecond
+/// resolution); 0 when the process is gone.
+pub fn threads_cpu_ns(pid: u32) -> u64 {
+    tasks(pid)
+        .filter_map(|t| {
+            let s = fs::read_to_string(t.join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Context switches (voluntary + involuntary) of every live thread of `pid`, from
+/// `/proc/PID/task/*/status`: how often it ran; 0 when the process is gone.
+pub fn threads_ctx_switches(pid: u32) -> u64 {
+    tasks(pid)
+        .map(|t| {
+            let s = fs::read_to_string(t.join("status")).unwrap_or_default();
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// [`threads_cpu_ns`], `None` when the process is gone.
+pub fn live_threads_cpu_ns(pid: u32) -> Option<u64> {
+    pid_alive(pid).then(|| threads_cpu_ns(pid))
+}
+
+/// The `/proc/PID/task/TID` directories of `pid`.
+fn tasks(pid: u32) -> impl Iterator<Item = std::path::PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
 }
 
 /// A `Vm*:` line of `/proc/PID/status` in KiB (e.g. `VmHWM`).

@@ -5,11 +5,12 @@
 use super::ctx::{agent_status, json_out, root, set, user_of, Ctx};
 use super::longrun::Sampler;
 use super::procs::{self, exe, zombie};
-use super::results::{DeskCell, ProcResult, ProgResult, Sample, Steady};
+use super::results::{DeskCell, ProcResult, ProgResult, Sample};
 use super::running::{cell_procs, read_like_a_user, spawn, wait_ready, Running};
 use super::scenario::{Scenario, TRACK};
 use super::user::UserSide;
 use crate::approach::{Approach, Launch};
+use crate::cost::{self, Steady};
 use crate::sys;
 use ksmplus_common::ksm;
 use ksmplus_common::names::name_matches;
@@ -348,8 +349,8 @@ fn r_pids(procs_r: &BTreeMap<u32, ProcResult>) -> Vec<u32> {
 }
 
 /// The steady window: `ctx.steady_secs` with the programs open and idle, `ctx.steady_after`
-/// after convergence,
-/// measuring ksmd's, the agent's and the programs' CPU and the agent's wake-ups.
+/// after convergence, measuring ksmd's, the agent's and the programs' CPU and the agent's
+/// wake-ups (its own counter, through `ksmplusctl status`, and its context switches).
 fn steady_window(
     ctx: &Ctx,
     user: Option<&UserSide>,
@@ -358,42 +359,22 @@ fn steady_window(
     ksmd_ns: &dyn Fn() -> u64,
     notes: &mut Vec<String>,
 ) -> Result<Steady, String> {
-    let agent = launch
-        .agent
-        .as_ref()
-        .map(|a| (a.pid(), a.dir.join("agent.sock")));
-    let wakeups = |notes: &mut Vec<String>| {
-        let (_, sock) = agent.as_ref()?;
-        agent_status(ctx, user, sock, notes)?["agent"]["wakeups"].as_u64()
-    };
-    let agent_ns = || agent.as_ref().and_then(|(p, _)| sys::process_cpu_ns(*p));
-    let progs = || -> BTreeMap<u32, u64> {
-        pids.iter()
-            .filter_map(|&p| Some((p, sys::process_cpu_ns(p)?)))
-            .collect()
-    };
-    sys::sleep_checked(Duration::from_secs_f64(ctx.steady_after))?;
-    let w0 = wakeups(notes);
-    let (k0, a0, p0, t0) = (ksmd_ns(), agent_ns(), progs(), Instant::now());
-    sys::sleep_checked(Duration::from_secs_f64(ctx.steady_secs))?;
-    let (k1, a1, p1) = (ksmd_ns(), agent_ns(), progs());
-    let secs = t0.elapsed().as_secs_f64();
-    let w1 = wakeups(notes);
-    // Per process, so one that exits in the window does not count negative.
-    let programs_ns: u64 = p1
-        .iter()
-        .filter_map(|(p, b)| Some(b.saturating_sub(*p0.get(p)?)))
-        .sum();
-    let ns = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9;
-    Ok(Steady {
-        after: ctx.steady_after,
-        secs,
-        ksmd_secs: ns(k0, k1),
-        agent_secs: a0.zip(a1).map(|(a, b)| ns(a, b)),
-        programs_secs: programs_ns as f64 / 1e9,
-        // The first status call's own wake-up is inside the window.
-        agent_wakeups: w0.zip(w1).map(|(a, b)| b.saturating_sub(a + 1)),
-    })
+    let agent = launch.agent.as_ref().map(|a| a.pid());
+    let sock = launch.agent.as_ref().map(|a| a.dir.join("agent.sock"));
+    let mut wakeups =
+        || agent_status(ctx, user, sock.as_ref()?, notes)?["agent"]["wakeups"].as_u64();
+    cost::window(
+        ctx.steady_after,
+        ctx.steady_secs,
+        cost::Probes {
+            ksmd_ns,
+            agent,
+            programs: pids,
+            // Their threads come and go: utime + stime counts the exited ones too.
+            program_ns: sys::process_cpu_ns,
+            wakeups: Some(&mut wakeups),
+        },
+    )
 }
 
 /// `ksmplusctl --json scan --pid ...` over the programs' processes, unmerged (before ksmd

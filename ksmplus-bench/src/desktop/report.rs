@@ -260,22 +260,19 @@ pub fn steady(cells: &[DeskCell]) -> String {
     );
     for c in with {
         let st = c.steady.as_ref().unwrap();
-        let progs = st.pct(st.programs_secs);
         let none = find(cells, &c.scenario, "none").and_then(|n| n.steady.as_ref());
-        let extra = none.map(|n| progs - n.pct(n.programs_secs));
-        let (ksmd, agent) = (st.pct(st.ksmd_secs), st.agent_secs.map(|a| st.pct(a)));
-        let whole = extra.map(|e| ksmd + agent.unwrap_or(0.0) + e);
+        let row = st.row(none);
         let _ = writeln!(
             s,
             "{:<4} {:<11} {:>6} {:>7.2} {:>7} {:>7.2} {:>7} {:>7} {:>10}",
             c.scenario,
             c.approach,
             opt(c.t90(), 1),
-            ksmd,
-            opt(agent, 2),
-            progs,
-            opt(extra, 2),
-            opt(whole, 2),
+            row.ksmd,
+            opt(row.agent, 2),
+            row.progs,
+            opt(row.extra, 2),
+            opt(row.whole, 2),
             opt(st.agent_wakeups.map(|w| w as f64 / st.secs), 1),
         );
     }

@@ -2,6 +2,7 @@
 //! report and the JSON results show it.
 
 use super::procs::Mem;
+use crate::cost::{self, Steady};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -74,28 +75,6 @@ pub struct Sample {
     pub merging: u64,
     pub rmap_items: u64,
     pub pages_sharing: i64,
-}
-
-/// The cost of staying merged: a window after convergence with the programs open and idle.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Steady {
-    /// Seconds after convergence the window started, and its length.
-    pub after: f64,
-    pub secs: f64,
-    /// CPU seconds in the window.
-    pub ksmd_secs: f64,
-    pub agent_secs: Option<f64>,
-    /// Every process of the programs (their own work plus the shim's).
-    pub programs_secs: f64,
-    /// The agent's event-loop wake-ups (`status`' `agent.wakeups`), minus the status call's.
-    pub agent_wakeups: Option<u64>,
-}
-
-impl Steady {
-    /// Percent of one core over the window.
-    pub fn pct(&self, cpu_secs: f64) -> f64 {
-        100.0 * cpu_secs / self.secs.max(1e-9)
-    }
 }
 
 /// One sample of a long run (`--long-run`): the state at `t` and the CPU spent in the interval
@@ -226,14 +205,8 @@ impl DeskCell {
     /// Seconds from ksmd's start until the merging pages first reached 90 % of their final
     /// count (the last sample's).
     pub fn t90(&self) -> Option<f64> {
-        let last = self.series.last()?.merging;
-        if last == 0 {
-            return None;
-        }
-        self.series
-            .iter()
-            .find(|x| x.merging * 10 >= last * 9)
-            .map(|x| x.t)
+        let points: Vec<(f64, u64)> = self.series.iter().map(|x| (x.t, x.merging)).collect();
+        cost::t90(&points)
     }
 
     pub fn ran(&self) -> bool {
