@@ -51,6 +51,14 @@ pub fn may_advise() -> bool {
     !FILTERED.load(SeqCst)
 }
 
+/// No seccomp filter at all, as far as the shim knows: not exec'd under one, none coming. Only
+/// then does the cache use `madvise` advice beyond what every allocator needs (a filter may
+/// trap advice it does not expect: Firefox's allows a short list).
+#[inline]
+pub fn unfiltered() -> bool {
+    INHERITED.load(SeqCst) == 0 && !FILTERED.load(SeqCst)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
