@@ -125,8 +125,8 @@ pub struct Client {
 /// A shim cache unchanged this long is given back ([`Item::Trim`]).
 pub const CACHE_IDLE_MS: u64 = 2000;
 
-/// A client tracked this long is settled: its timers (maps checks, batches, sampling) wait for
-/// the agent's shared wake-up grid instead of waking it on their own.
+/// A client tracked this long is settled: its timers (maps checks, batches, round starts) wait
+/// for the agent's shared wake-up grid instead of waking it on their own.
 pub const SETTLE_MS: u64 = 15_000;
 
 /// The fastest and slowest pace of `map_gen` checks.

@@ -458,11 +458,13 @@ impl Engine {
     /// When [`Engine::tick`] next has something to do (a round due, work waiting for tokens),
     /// `None` if nothing is scheduled. Work blocked by a reply in flight is not due.
     pub fn next_due(&self, now: u64) -> Option<u64> {
-        self.dues(now).map(|(_, t)| t).min()
+        self.dues(now).map(|(_, t, _)| t).min()
     }
 
-    /// When each client's schedule next needs a tick (clients with nothing due are left out).
-    pub fn dues(&self, now: u64) -> impl Iterator<Item = (ClientId, u64)> + '_ {
+    /// When each client's schedule next needs a tick (clients with nothing due are left out),
+    /// and whether that is work in progress (a round being sampled, a run being grown, the next
+    /// round of a region still on its learning schedule) rather than a round at the floor.
+    pub fn dues(&self, now: u64) -> impl Iterator<Item = (ClientId, u64, bool)> + '_ {
         let starved = self.global.tokens == 0;
         self.procs.iter().filter_map(move |(&id, p)| {
             if p.dormant || p.inflight.is_some() {
@@ -473,19 +475,26 @@ impl Engine {
             } else {
                 now
             };
-            let mut due: Option<u64> = None;
-            let mut at = |t: u64| due = Some(due.map_or(t, |d| d.min(t)));
-            if !p.grows.is_empty() {
-                at(ready);
+            let busy = !p.grows.is_empty()
+                || p.regions
+                    .values()
+                    .any(|r| matches!(r.phase, Phase::Sampling { .. }));
+            if busy {
+                return Some((id, ready, true));
             }
-            for r in p.regions.values() {
-                match r.phase {
-                    Phase::Waiting { at: t } => at(t.max(now)),
-                    Phase::Sampling { .. } => at(ready),
-                    Phase::Dropped => {}
-                }
-            }
-            due.map(|t| (id, t))
+            // A round of a region still on its learning schedule counts as work in progress:
+            // put off, the schedule would only stretch.
+            let floor = self.cfg.sampling.floor;
+            p.regions
+                .values()
+                .filter_map(|r| match r.phase {
+                    Phase::Waiting { at: t } => {
+                        Some((t.max(now), r.rounds == 0 || r.coefficient > floor))
+                    }
+                    _ => None,
+                })
+                .min()
+                .map(|(t, learning)| (id, t, learning))
         })
     }
 

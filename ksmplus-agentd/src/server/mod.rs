@@ -192,7 +192,7 @@ fn grid(t: u64) -> u64 {
 /// When to wake for work due at `t`: at `t` itself only for a young client's work due within
 /// `urgent_ms`; anything else waits for the grid, where it shares a wake-up with the rest.
 fn wake_for(t: u64, now: u64, young: bool, urgent_ms: u64) -> u64 {
-    if young && t <= now + urgent_ms {
+    if young && t <= now.saturating_add(urgent_ms) {
         t
     } else {
         grid(t)
@@ -373,14 +373,17 @@ impl Agent {
             at(self.watchdog_at);
         }
         // A young client's work runs when due: the engine within a second (first rechecks),
-        // batches in flight, fast maps checks. A settled client's waits for the grid, so
-        // every settled client shares the same few wake-ups a second.
-        let young = |id: &ClientId| self.clients.get(id).is_some_and(|c| !c.settled(now));
-        for (id, t) in self.engine.dues(now) {
-            at(wake_for(t, now, young(&id), 1000));
+        // batches in flight, fast maps checks. So does work in progress for any client (a
+        // round being sampled, a run being grown: put off, it would only stretch, the same
+        // work later). A settled client's round starts, batches and maps checks wait for the
+        // grid, so every settled client shares the same few wake-ups a second.
+        let young = |c: &crate::client::Client| !c.settled(now);
+        for (id, t, busy) in self.engine.dues(now) {
+            let y = self.clients.get(&id).is_some_and(young);
+            at(if busy { t } else { wake_for(t, now, y, 1000) });
         }
         for c in self.clients.values() {
-            let young = !c.settled(now);
+            let young = young(c);
             if let Some(p) = &c.posted {
                 at(wake_for(p.check_ms.max(now + 1), now, young, u64::MAX));
             } else if !c.queue.is_empty() {
@@ -440,6 +443,7 @@ mod tests {
         let now = 10_123;
         // Young, due within the urgent span: exactly when due.
         assert_eq!(wake_for(now + 7, now, true, 1000), now + 7);
+        assert_eq!(wake_for(now + 7_000, now, true, u64::MAX), now + 7_000);
         // Young but not urgent, or settled: the next grid point, shared with everything else.
         assert_eq!(wake_for(now + 5_000, now, true, 1000), 15_500);
         assert_eq!(wake_for(now + 7, now, false, u64::MAX), 10_500);
