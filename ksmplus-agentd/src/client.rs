@@ -125,7 +125,7 @@ pub struct Client {
 /// A shim cache unchanged this long is given back ([`Item::Trim`]).
 pub const CACHE_IDLE_MS: u64 = 2000;
 
-/// A client tracked this long is settled: its timers (maps checks, batches, round starts) wait
+/// A client tracked this long is settled: its timers (maps checks, batches, round starts at the floor) wait
 /// for the agent's shared wake-up grid instead of waking it on their own.
 pub const SETTLE_MS: u64 = 15_000;
 

@@ -17,8 +17,8 @@
 //!   piece the calling thread stored (else of the largest fitting one) and puts the rest back,
 //!   or grows the largest piece with `mremap` so only the missing pages are new. Like glibc's
 //!   top chunk in a per-thread arena, this keeps each thread on the same warm pages and leaves
-//!   room after a block for realloc to grow into (`take_at`): no system call, so no wait on the
-//!   mmap lock, which a concurrent `fork` holds for as long as it copies the address space.
+//!   room after a block for realloc to grow into (`take_at`): no mmap/munmap, only the
+//!   `MADV_KEEPONFORK` below (which, like any advice, waits for a concurrent `fork`'s copy).
 //! - Cached memory is not zeroed: calloc never takes from here.
 //! - A fork does not copy cached pieces: they are `MADV_WIPEONFORK` while cached (a fork child
 //!   finds them zero-filled, which is as good as any content for free memory) and
@@ -210,7 +210,7 @@ impl Cache {
     }
 
     /// [`Cache::take`] without growth: a piece of at least `len` bytes cut to `len`, or `None`.
-    /// No system call unless a rest has no slot to go back to.
+    /// No mapping call unless a rest has no slot to go back to.
     pub fn take_fitting(&self, len: usize) -> Option<usize> {
         self.take_or_grow(len, false)
     }
@@ -276,7 +276,7 @@ impl Cache {
 
     /// Takes the `extra` bytes that start at `at` out of the cache if a cached piece begins
     /// exactly there and holds at least that much (its rest goes back): a block ending at `at`
-    /// then grows in place, like glibc's realloc into the free space after a chunk. No system
+    /// then grows in place, like glibc's realloc into the free space after a chunk. No mapping
     /// call unless the rest has no slot to go back to.
     pub fn take_at(&self, at: usize, extra: usize) -> bool {
         for s in &self.slots {

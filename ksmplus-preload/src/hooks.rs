@@ -269,9 +269,8 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     }
     let addr = p as usize;
     if new_len > old_len && CACHING.load(Relaxed) {
-        // Without a system call, so without waiting on the mmap lock (which a concurrent fork
-        // holds for its whole copy of the address space): grow into the cached piece that
-        // follows the block, else copy into a cached piece that fits.
+        // Without mapping a range (only the cache's one KEEPONFORK advice): grow into the
+        // cached piece that follows the block, else copy into a cached piece that fits.
         if CACHE.take_at(addr + old_len, new_len - old_len) {
             if TABLE.resize(addr, new_len) {
                 chan::set_cache_bytes();

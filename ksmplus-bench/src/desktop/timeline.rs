@@ -7,6 +7,7 @@
 //! `whole` = ksmd + agent + extra, as in the steady table.
 
 use super::results::DeskCell;
+use crate::cost;
 use crate::plot::{self, Line, Panel, Scale};
 use crate::table::opt;
 use std::fmt::Write as _;
@@ -50,7 +51,7 @@ pub fn rows(c: &DeskCell, none: Option<&DeskCell>) -> Vec<Row> {
             let programs = s.pct(s.programs_secs);
             let extra = base
                 .and_then(|b| b.samples.get(i))
-                .map(|n| programs - n.pct(n.programs_secs));
+                .map(|n| cost::extra(programs, n.pct(n.programs_secs)));
             let (ksmd, agent) = (s.pct(s.ksmd_secs), s.agent_secs.map(|a| s.pct(a)));
             let keys = lr
                 .turns
@@ -67,7 +68,7 @@ pub fn rows(c: &DeskCell, none: Option<&DeskCell>) -> Vec<Row> {
                 agent,
                 programs,
                 extra,
-                whole: extra.map(|e| ksmd + agent.unwrap_or(0.0) + e),
+                whole: extra.map(|e| cost::whole(ksmd, agent, e)),
                 wakeups_per_s: s.agent_wakeups.map(|w| w as f64 / s.secs.max(1e-9)),
                 keys,
             }
