@@ -8,6 +8,8 @@
  *   agent_work dense MIB        MIB MiB filled with byte i = i % 256 (thesis 5.1.1): all pages equal
  *   agent_work moved MIB        MIB MiB mmapped as in dense; on a line from stdin mremap moves it
  *                               (then mallocs a 1 MiB block) and prints `b=NEW c=BLOCK sum=S`
+ *   agent_work rewrite MIB      MIB MiB as in dense; on a line from stdin every page is rewritten
+ *                               with unique content and `sum=S` printed
  *   agent_work volatile MIB     MIB MiB of pages that are all equal at any instant but rewritten
  *                               continuously (a counter in every page) by a second thread
  *
@@ -78,7 +80,7 @@ int main(int argc, char **argv) {
         if (!a) { perror("malloc"); return 2; }
         fill_unique(a, size, 0xc0c0c0c0c0c0c0c0ull ^ (uint64_t)getpid() << 8);
         sum = checksum(a, size, sum);
-    } else if (strcmp(mode, "dense") == 0) {
+    } else if (strcmp(mode, "dense") == 0 || strcmp(mode, "rewrite") == 0) {
         a = malloc(size);
         if (!a) { perror("malloc"); return 2; }
         for (size_t i = 0; i < size; i++) a[i] = (unsigned char)(i % 256);
@@ -119,6 +121,13 @@ int main(int argc, char **argv) {
         uint64_t s2 = checksum(c, 1 << 20, checksum(m, size, 1469598103934665603ull));
         printf("b=0x%lx c=0x%lx sum=%016llx\n", (unsigned long)m, (unsigned long)c,
                (unsigned long long)s2);
+        fflush(stdout);
+    }
+    if (strcmp(mode, "rewrite") == 0) {
+        char line[64];
+        if (!fgets(line, sizeof line, stdin)) return 0;
+        fill_unique(a, size, 0xd0d0d0d0d0d0d0d0ull ^ (uint64_t)getpid() << 8);
+        printf("sum=%016llx\n", (unsigned long long)checksum(a, size, 1469598103934665603ull));
         fflush(stdout);
     }
     char tmp[256];

@@ -249,6 +249,58 @@ fn dense_thesis_program_in_two_processes_merges_99_percent() {
     m.finish("dense 2 x 20 MiB", vec![p1, p2]);
 }
 
+/// The kernel feedback end to end: runs that merge stay marked through several checks (the
+/// agent reads "merged" from the pagemap of each run: a merged page is mapped more than once),
+/// and once the program rewrites them with unique content they are unmarked, which frees their
+/// rmap_items.
+#[test]
+fn merging_runs_stay_marked_and_rewritten_ones_are_unmarked() {
+    let Some(m) = measured() else { return };
+    let (mut p, line) = m.agent.workload("agent_work", &["rewrite", "20"]);
+    let pid = p.pid();
+    let pages = (20u64 << 20) / page_size();
+    let mem = procfs::read_mem(pid, num_field(&line, "a"), 20 << 20);
+    assert!(mem.iter().enumerate().all(|(i, &x)| x == i as u8));
+    m.agent.wait("99 % of the buffer merging", LINE * 2, |_| {
+        (procfs::ksm_stat(pid).merging_pages * 100 >= pages * 99).then_some(())
+    });
+    // Checks are due 3 full scans after marking (FAST_POLICY), then 6, 12, ...
+    wait_full_scans(16, LINE * 2);
+    let st = m.agent.process(pid).unwrap();
+    assert_eq!(
+        u(&st["runs_unmarked"]),
+        0,
+        "a merging run was unmarked: {st}"
+    );
+    assert_eq!(
+        u(&st["runs_loosened"]),
+        0,
+        "a merging run was loosened: {st}"
+    );
+    assert!(
+        u(&st["marked_bytes"]) >= pages * page_size() * 99 / 100,
+        "{st}"
+    );
+    let out = p.cmd("rewrite", LINE);
+    assert!(out.starts_with("sum="), "{out}");
+    let st = m.agent.wait(
+        "the rewritten runs unmarked, their rmap_items freed",
+        LINE * 3,
+        |s| {
+            let p = s["processes"]
+                .as_array()?
+                .iter()
+                .find(|p| p["pid"].as_u64() == Some(pid as u64))?;
+            // The unmark is the shim's madvise, after the agent's decision.
+            let k = procfs::ksm_stat(pid);
+            (u(&p["marked_bytes"]) == 0 && k.rmap_items < pages / 100).then(|| p.clone())
+        },
+    );
+    assert!(u(&st["runs_unmarked"]) >= 1, "{st}");
+    assert_eq!(procfs::ksm_stat(pid).merging_pages, 0);
+    m.finish("rewritten after merging (20 MiB)", vec![p]);
+}
+
 fn ksmd_value(name: &str) -> String {
     std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{name}"))
         .unwrap()

@@ -24,8 +24,9 @@ impl Engine {
         }
     }
 
-    /// Marked runs due for a check against smaps (their `wait` of full scans since marked or
-    /// last seen merging). The caller reads the client's smaps and calls [`Engine::feedback`].
+    /// Clients with marked runs due for a check (their `wait` of full scans since marked or
+    /// last seen merging). The caller measures [`Engine::due_ranges`] and calls
+    /// [`Engine::feedback`].
     pub fn due_checks(&self) -> Vec<ClientId> {
         self.procs
             .iter()
@@ -41,8 +42,27 @@ impl Engine {
             .collect()
     }
 
-    /// Kernel feedback: the client's VMAs as `(start, end, ksm_kib)`. Due runs showing no merged
-    /// kB are marked UNMERGEABLE (freeing their rmap_items); merging ones are confirmed.
+    /// The address ranges `(start, end)` of `id`'s marked runs due for a check: what the I/O
+    /// layer measures (merged kB of each) before calling [`Engine::feedback`].
+    pub fn due_ranges(&self, id: ClientId) -> Vec<(u64, u64)> {
+        let Some(p) = self.procs.get(&id) else {
+            return Vec::new();
+        };
+        let ps = p.page_size;
+        p.regions
+            .iter()
+            .flat_map(|(s, r)| r.runs.iter().map(move |x| (*s, x)))
+            .filter(|(_, x)| {
+                matches!(x.state, RunState::Marked { checked_at: Some(c), wait, .. }
+                    if self.full_scans > c + wait)
+            })
+            .map(|(s, x)| (s + x.lo * ps, s + x.hi * ps))
+            .collect()
+    }
+
+    /// Kernel feedback: merged kB over address ranges, `(start, end, ksm_kib)` (the due runs'
+    /// ranges, [`Engine::due_ranges`], or the client's VMAs). Due runs showing no merged kB are
+    /// marked UNMERGEABLE (freeing their rmap_items); merging ones are confirmed.
     pub fn feedback(&mut self, id: ClientId, vmas: &[(u64, u64, u64)]) {
         let n = self.cfg.sampling.unmerge_after_full_scans.max(1);
         let scans = self.full_scans;

@@ -15,8 +15,9 @@
 //! duplicate; runs closer than `coalesce_gap_pages` are coalesced, then marked MERGEABLE through
 //! the shim. After each round `c` decreases by `step`; a region whose round at the floor ends
 //! with nothing marked is dropped: its fingerprints are forgotten and it is not sampled again
-//! unless it grows or is replaced. A marked run whose VMAs show no `KSM:` kB after
-//! `unmerge_after_full_scans` full ksmd scans is marked UNMERGEABLE again.
+//! unless it grows or is replaced. A marked run with no merged page after
+//! `unmerge_after_full_scans` full ksmd scans is marked UNMERGEABLE again (merged: mapped more
+//! than once, by the pagemap of the run; `server::turn::feedback`).
 //!
 //! Files: `state` (regions, runs, growth jobs, commands in flight), `regions` (events from the
 //! maps), `schedule` (rounds and rate limits), `replies` (residency, fingerprints, growth,
@@ -244,9 +245,6 @@ impl Rng {
         }
     }
 }
-
-/// One marked run the I/O layer must check against smaps: `(client, start, end)` byte addresses.
-pub type RunToCheck = (ClientId, u64, u64);
 
 pub struct Engine {
     cfg: Config,

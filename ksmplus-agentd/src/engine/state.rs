@@ -8,9 +8,9 @@ pub(super) enum RunState {
     Marking(u32),
     /// Marked; `checked_at` is the full_scans count first read after marking, or when last
     /// confirmed merging (`None` until the I/O layer next reads the counter). The next check
-    /// against smaps is due `wait` full scans later: `unmerge_after_full_scans` after marking,
+    /// of its merged pages is due `wait` full scans later: `unmerge_after_full_scans` after marking,
     /// doubled by each confirmation (up to [`CHECK_BACKOFF_MAX`] times that), so a run that
-    /// keeps merging costs fewer and fewer smaps reads.
+    /// keeps merging is looked at less and less often.
     Marked {
         checked_at: Option<u64>,
         merged: bool,

@@ -69,9 +69,6 @@ pub const DOORBELL_YOUNG_MS: u64 = 100;
 pub const FAMILY_WALK_MS: u64 = 5000;
 /// Kernel feedback pace.
 pub const FEEDBACK_MS: u64 = 1000;
-/// A process's smaps (feedback and coverage: the agent's costliest read of a big process) is
-/// read at most this often for feedback; a due check waits for it.
-pub const FEEDBACK_MIN_INTERVAL_MS: u64 = 10_000;
 /// Background coverage figures: one process at most this often, each at most this old.
 pub const COVERAGE_EVERY_MS: u64 = 1000;
 pub const COVERAGE_MAX_AGE_MS: u64 = 60_000;
