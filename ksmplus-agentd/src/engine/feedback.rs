@@ -73,7 +73,8 @@ impl Engine {
         let mut cmds = Vec::new();
         for (s, r) in p.regions.iter_mut() {
             let mut keep = Vec::new();
-            for mut x in r.runs.drain(..) {
+            let mut restart = Vec::new();
+            for mut x in std::mem::take(&mut r.runs) {
                 if let RunState::Marked {
                     checked_at: Some(c),
                     wait,
@@ -100,11 +101,8 @@ impl Engine {
                             cmds.push((a, b - a));
                             r.loosened += 1;
                             p.stats.runs_loosened += 1;
-                            // The region's schedule starts over.
-                            r.rounds = 0;
-                            if matches!(r.phase, Phase::Waiting { .. }) {
-                                r.phase = Phase::Waiting { at: 0 };
-                            }
+                            // The region's schedule starts over, on this run's pages.
+                            restart.push((x.lo, x.hi));
                             continue;
                         }
                         x.state = RunState::Marked {
@@ -117,6 +115,9 @@ impl Engine {
                 keep.push(x);
             }
             r.runs = keep;
+            for (lo, hi) in restart {
+                r.restart_on(lo, hi);
+            }
         }
         for (start, len) in cmds {
             self.next_id = self.next_id.wrapping_add(1).max(1);

@@ -63,6 +63,7 @@ impl Engine {
         if pages > r.pages {
             r.rounds = 0;
             r.coefficient = 0;
+            r.focus = None;
             r.phase = Phase::Waiting { at: now };
         } else if matches!(r.phase, Phase::Sampling { .. }) {
             r.phase = Phase::Waiting { at: now };
@@ -136,6 +137,10 @@ impl Engine {
                 rr.hashes = rh;
                 rr.runs = clip(&r.runs, right_first, r.pages);
                 rr.rejected.clear();
+                // In the right piece's pages (possibly empty: its rounds then end at once).
+                rr.focus = r
+                    .focus
+                    .map(|(a, b)| (a.saturating_sub(right_first), b.saturating_sub(right_first)));
                 pieces.push((right_lo, rr));
             }
             r.runs.clear();

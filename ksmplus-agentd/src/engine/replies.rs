@@ -40,7 +40,7 @@ impl Engine {
                     return;
                 };
                 let round_done = matches!(r.phase,
-                    Phase::Sampling { m, next, scan, .. } if next >= m && scan >= r.pages);
+                    Phase::Sampling { m, next, scan, .. } if next >= m && scan >= r.scan_range().1);
                 let piece_done = matches!(r.phase, Phase::Sampling { m, next, .. } if next >= m);
                 let nreg = r.pages;
                 let zero_ok = r.rounds >= ZERO_PAGE_MIN_ROUND;
@@ -211,7 +211,8 @@ impl Engine {
             // to sample in the rest of it this round.
             crate::debug!("client {id}: residency of region {region:#x}: {status:?}");
         }
-        let end = region + r.pages * ps;
+        let last_page = r.scan_range().1;
+        let end = region + last_page * ps;
         let mut piece = Vec::with_capacity(if status == Status::Ok { runs.len() } else { 0 });
         let mut resident = 0u64;
         let mut last = from;
@@ -238,9 +239,9 @@ impl Engine {
         };
         // A reply that covers nothing would ask the same forever: the rest counts as empty.
         let scan = if covered_pages == 0 {
-            r.pages
+            last_page
         } else {
-            (from + covered_pages).min(r.pages)
+            (from + covered_pages).min(last_page)
         };
         p.stats.resident_pages += resident;
         // m over the whole round is ceil(R·c/100): each piece gets its share of it.
@@ -253,7 +254,7 @@ impl Engine {
             seen: seen + resident,
         };
         if m == 0 {
-            if scan >= r.pages {
+            if scan >= last_page {
                 r.end_round(&self.cfg, now);
             }
         } else {

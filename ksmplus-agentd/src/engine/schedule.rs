@@ -66,7 +66,7 @@ impl Engine {
                 r.phase = Phase::Sampling {
                     m: 0,
                     next: 0,
-                    scan: 0,
+                    scan: r.scan_range().0,
                     seen: 0,
                 };
             }
@@ -171,7 +171,7 @@ impl Engine {
                         });
                         break;
                     }
-                    if scan < r.pages {
+                    if scan < r.scan_range().1 {
                         work = Some(Pending::Residency {
                             region: *s,
                             gen: r.gen,
@@ -199,11 +199,11 @@ impl Engine {
                 }
                 // A pagemap scan reads no page: no tokens.
                 Pending::Residency { region, from, .. } => {
-                    let pages = p.regions[region].pages;
+                    let end = p.regions[region].scan_range().1;
                     Command::Residency {
                         id: rid,
                         start: region + from * p.page_size,
-                        len: (pages - from) * p.page_size,
+                        len: end.saturating_sub(*from) * p.page_size,
                     }
                 }
             };

@@ -57,6 +57,10 @@ pub(super) struct Region {
     pub(super) rejected: Vec<(u64, u64)>,
     /// Runs unmarked for merging less than half their pages.
     pub(super) loosened: u32,
+    /// Pages `[lo, hi)` the rounds cover until the schedule next reaches the floor: the span of
+    /// the runs loosened since (a loosened run is grown again from its current content without
+    /// sampling the rest of the region from 100 % again). `None`: the whole region.
+    pub(super) focus: Option<(u64, u64)>,
     pub(super) last_sampled_ms: u64,
     /// A candidate was seeded in the current round.
     pub(super) found: bool,
@@ -82,6 +86,7 @@ impl Region {
             runs: Vec::new(),
             rejected: Vec::new(),
             loosened: 0,
+            focus: None,
             last_sampled_ms: now,
             found: false,
             quiet_rounds: 0,
@@ -94,6 +99,28 @@ impl Region {
     }
     pub(super) fn rejected(&self, idx: u64) -> bool {
         self.rejected.iter().any(|&(lo, hi)| lo <= idx && idx < hi)
+    }
+    /// The pages `[lo, hi)` a round covers: the focus, within the region, else all of it.
+    pub(super) fn scan_range(&self) -> (u64, u64) {
+        match self.focus {
+            Some((lo, hi)) => (lo.min(self.pages), hi.min(self.pages)),
+            None => (0, self.pages),
+        }
+    }
+    /// The run `[lo, hi)` was loosened: the region's schedule starts over on it (and on any
+    /// run loosened before that round reaches the floor), unless it already starts over whole.
+    pub(super) fn restart_on(&mut self, lo: u64, hi: u64) {
+        let whole_pending = self.rounds == 0 && self.focus.is_none();
+        if !whole_pending {
+            self.focus = Some(match self.focus {
+                Some((a, b)) => (a.min(lo), b.max(hi)),
+                None => (lo, hi),
+            });
+        }
+        self.rounds = 0;
+        if matches!(self.phase, Phase::Waiting { .. }) {
+            self.phase = Phase::Waiting { at: 0 };
+        }
     }
     /// Page index of the `j`-th resident page of the current piece (`j < piece_pages`).
     pub(super) fn piece_page(&self, j: u64) -> u64 {
@@ -108,6 +135,8 @@ impl Region {
         // found nothing new: the steady cost follows what changes, not what is tracked.
         // The second round comes sooner: a new region's duplicates need two samples.
         let pause = if self.coefficient <= cfg.sampling.floor {
+            // The focused schedule is over: floor rounds watch the whole region again.
+            self.focus = None;
             if std::mem::take(&mut self.found) {
                 self.quiet_rounds = 0;
             } else {

@@ -581,6 +581,55 @@ fn run_grown_over_initialising_buffer_is_loosened_then_regrown_tight() {
     assert_eq!(m, vec![(0x1000_0000, 256 * PS), (0x2000_0000, 256 * PS)]);
 }
 
+/// A loosened run in a big region is grown again from a schedule over its own pages, not over
+/// the whole region from 100 % again (gimp: 9 loosened runs made the agent fingerprint its
+/// 28 000 pages 25 times over).
+#[test]
+fn a_loosened_run_restarts_the_schedule_on_its_pages_only() {
+    let mut s = Sim::new(cfg());
+    let big = 16_384u64;
+    let mut a = unique(big, 1);
+    for p in a.iter_mut().take(512) {
+        *p = Some(7);
+    }
+    s.client(1, vec![(0x1000_0000, a), (0x5000_0000, vec![Some(7); 512])]);
+    s.run(10_000);
+    let mut m = s.eng.marked(1);
+    m.sort();
+    assert_eq!(m, vec![(0x1000_0000, 512 * PS), (0x5000_0000, 512 * PS)]);
+    // The program rewrites all but the first 128 pages of the run in the big region.
+    let v = s.mem.get_mut(&1).unwrap().get_mut(&0x1000_0000).unwrap();
+    for (i, p) in v.iter_mut().enumerate().take(512).skip(128) {
+        *p = Some((9 << 32) | i as u64);
+    }
+    s.eng.set_full_scans(10);
+    s.eng.set_full_scans(20);
+    s.eng.feedback(
+        1,
+        &[
+            (0x1000_0000, 0x1000_0000 + 512 * PS, 512),
+            (0x5000_0000, 0x5000_0000 + 512 * PS, 2048),
+        ],
+    );
+    let out = s.eng.take_output();
+    assert_eq!(
+        out.len(),
+        1,
+        "only the big region's run is loosened: {out:?}"
+    );
+    let before = s.eng.status(1).unwrap().counters.fingerprinted_pages;
+    s.run(20_000);
+    let spent = s.eng.status(1).unwrap().counters.fingerprinted_pages - before;
+    let mut m = s.eng.marked(1);
+    m.sort();
+    assert_eq!(m, vec![(0x1000_0000, 128 * PS), (0x5000_0000, 512 * PS)]);
+    // The whole region's first round at 100 % alone would be `big` pages.
+    assert!(
+        spent < big,
+        "{spent} pages fingerprinted after the loosening"
+    );
+}
+
 #[test]
 fn fingerprint_memory_is_bounded() {
     let mut c = cfg();
