@@ -8,8 +8,8 @@
 //! convergence loop calls `tick` while it runs (the usual figures at convergence are taken as
 //! without a long run); `finish` then carries the schedule on to `SECS`. The measurements are
 //! the cell's own: `ksm_stat` for merging pages and rmap items, `procs::ksm_pages` (pagemap +
-//! kpageflags) for the saving, schedstat for ksmd, utime + stime for the agent and the
-//! programs, the agent's `status` for its wake-ups.
+//! kpageflags) for the saving, schedstat for ksmd and for every thread of the agent, utime +
+//! stime for the programs, the agent's `status` for its wake-ups.
 
 use super::ctx::{agent_status, root, Ctx, LongCfg};
 use super::procs;
@@ -140,10 +140,8 @@ impl<'a> Sampler<'a> {
                 .ksmd_pid
                 .and_then(sys::task_runtime_ns)
                 .unwrap_or(0),
-            agent: self
-                .agent
-                .as_ref()
-                .and_then(|(p, _)| sys::process_cpu_ns(*p)),
+            // Every live thread of the agent (schedstat), as the steady window reads it.
+            agent: self.agent.as_ref().map(|(p, _)| sys::threads_cpu_ns(*p)),
             programs: pids
                 .iter()
                 .filter_map(|&p| Some((p, sys::process_cpu_ns(p)?)))

@@ -92,8 +92,8 @@ pub struct LongSample {
     /// Σ `ksm_merging_pages`, Σ `ksm_rmap_items` of the programs' processes at `t`.
     pub merging: u64,
     pub rmap_items: u64,
-    /// CPU seconds in the interval: ksmd (schedstat), the agent, every process of the programs
-    /// alive at both ends of the interval (utime + stime).
+    /// CPU seconds in the interval: ksmd (schedstat), the agent (schedstat of its threads),
+    /// every process of the programs alive at both ends of the interval (utime + stime).
     pub ksmd_secs: f64,
     pub agent_secs: Option<f64>,
     pub programs_secs: f64,
