@@ -31,7 +31,7 @@ pub struct Steady {
 impl Steady {
     /// Percent of one core over the window.
     pub fn pct(&self, cpu_secs: f64) -> f64 {
-        100.0 * cpu_secs / self.secs.max(1e-9)
+        pct(cpu_secs, self.secs)
     }
 
     /// The agent's context switches per second over the window.
@@ -54,6 +54,11 @@ impl Steady {
             whole: extra.map(|e| whole(ksmd, agent, e)),
         }
     }
+}
+
+/// `cpu_secs` of CPU over `secs` as percent of one core (0 s counts as 1 ns).
+pub fn pct(cpu_secs: f64, secs: f64) -> f64 {
+    100.0 * cpu_secs / secs.max(1e-9)
 }
 
 /// One row of a steady-cost table, % of one core.
@@ -358,6 +363,13 @@ mod tests {
         // Read the wrong way round: the counters count 0, the length 0.
         let back = between(&b, &a);
         assert_eq!((back.secs, back.ksmd_secs), (0.0, 0.0));
+    }
+
+    #[test]
+    fn percent_of_a_core() {
+        assert_eq!(pct(0.5, 10.0), 5.0);
+        assert_eq!(pct(0.0, 0.0), 0.0);
+        assert!(pct(1.0, 0.0).is_finite());
     }
 
     #[test]

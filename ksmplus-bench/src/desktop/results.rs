@@ -106,7 +106,7 @@ pub struct LongSample {
 impl LongSample {
     /// Percent of one core over the interval.
     pub fn pct(&self, cpu_secs: f64) -> f64 {
-        100.0 * cpu_secs / self.secs.max(1e-9)
+        cost::pct(cpu_secs, self.secs)
     }
 }
 
