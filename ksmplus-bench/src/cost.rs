@@ -1,7 +1,8 @@
 //! The whole cost of an approach (issue 12), shared by the head-to-head and the desktop
 //! benchmarks: the steady window after convergence (ksmd's, the agent's and the programs' CPU,
 //! the agent's wake-ups), the programs' CPU beyond the `none` cell's, and the time to a
-//! fraction of the merging.
+//! fraction of the merging. The window's [`Reading`]s and [`between`] are the desktop long run's
+//! too: every figure of CPU between two moments is read and subtracted the same way.
 
 use crate::sys;
 use serde::Serialize;
@@ -30,7 +31,7 @@ pub struct Steady {
 impl Steady {
     /// Percent of one core over the window.
     pub fn pct(&self, cpu_secs: f64) -> f64 {
-        100.0 * cpu_secs / self.secs.max(1e-9)
+        pct(cpu_secs, self.secs)
     }
 
     /// The agent's context switches per second over the window.
@@ -53,6 +54,11 @@ impl Steady {
             whole: extra.map(|e| whole(ksmd, agent, e)),
         }
     }
+}
+
+/// `cpu_secs` of CPU over `secs` as percent of one core (0 s counts as 1 ns).
+pub fn pct(cpu_secs: f64, secs: f64) -> f64 {
+    100.0 * cpu_secs / secs.max(1e-9)
 }
 
 /// One row of a steady-cost table, % of one core.
@@ -116,7 +122,7 @@ pub fn rate(before: u64, after: u64, secs: f64) -> f64 {
     after.saturating_sub(before) as f64 / secs.max(1e-9)
 }
 
-/// What the window reads.
+/// What a [`Reading`] reads.
 pub struct Probes<'a> {
     /// ksmd's CPU, nanoseconds.
     pub ksmd_ns: &'a dyn Fn() -> u64,
@@ -125,43 +131,126 @@ pub struct Probes<'a> {
     /// gone).
     pub programs: &'a [u32],
     pub program_ns: fn(u32) -> Option<u64>,
-    /// The agent's own wake-up counter, when the bench can read it.
+    /// The agent's own wake-up counter, when the bench can read it (a status call).
     pub wakeups: Option<&'a mut dyn FnMut() -> Option<u64>>,
+}
+
+impl Probes<'_> {
+    fn wakeups(&mut self) -> Option<u64> {
+        self.wakeups.as_mut().and_then(|w| w())
+    }
+}
+
+/// The CPU counters at one moment; two of them give an [`Interval`] ([`between`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    /// When the counters had been read.
+    pub at: Instant,
+    /// ksmd's CPU, nanoseconds.
+    pub ksmd_ns: u64,
+    /// Every live thread of the agent (schedstat, nanoseconds), 0 when it is gone.
+    pub agent_ns: Option<u64>,
+    /// Context switches (voluntary + involuntary) of every live thread of the agent.
+    pub agent_ctxsw: Option<u64>,
+    /// Each process of the programs that could be read, nanoseconds.
+    pub programs_ns: BTreeMap<u32, u64>,
+    /// The agent's wake-up counter, when read.
+    pub wakeups: Option<u64>,
+}
+
+impl Reading {
+    /// The agent's wake-up counter (a status call of the bench, whose CPU is then the
+    /// interval's that ends here), then the counters.
+    pub fn take(p: &mut Probes) -> Reading {
+        let wakeups = p.wakeups();
+        Reading {
+            wakeups,
+            ..Reading::counters(p)
+        }
+    }
+
+    /// The counters only, without the agent's wake-ups (no status call).
+    pub fn counters(p: &Probes) -> Reading {
+        // Read in this order, the instant last.
+        let ksmd_ns = (p.ksmd_ns)();
+        let agent_ns = p.agent.map(sys::threads_cpu_ns);
+        let agent_ctxsw = p.agent.map(sys::threads_ctx_switches);
+        let programs_ns = p
+            .programs
+            .iter()
+            .filter_map(|&pid| Some((pid, (p.program_ns)(pid)?)))
+            .collect();
+        Reading {
+            at: Instant::now(),
+            ksmd_ns,
+            agent_ns,
+            agent_ctxsw,
+            programs_ns,
+            wakeups: None,
+        }
+    }
+}
+
+/// What was spent between two readings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Interval {
+    pub secs: f64,
+    /// CPU seconds.
+    pub ksmd_secs: f64,
+    pub agent_secs: Option<f64>,
+    /// The processes of the programs read at both ends.
+    pub programs_secs: f64,
+    /// The agent's wake-ups, less the one status call of the bench the interval holds.
+    pub agent_wakeups: Option<u64>,
+    pub agent_ctxsw: Option<u64>,
+}
+
+/// The interval from `a` to `b`. A counter that went back (a thread that exited) counts 0. A
+/// program process counts only when read at both ends, so one that exits is not negative and
+/// one that appears is counted from the next interval. With one status call per reading, the
+/// wake-ups between two readings hold one of the bench's calls, which is not the agent's own
+/// work and is left out.
+pub fn between(a: &Reading, b: &Reading) -> Interval {
+    let secs = |x: u64, y: u64| y.saturating_sub(x) as f64 / 1e9;
+    let programs_ns: u64 = b
+        .programs_ns
+        .iter()
+        .filter_map(|(pid, nb)| Some(nb.saturating_sub(*a.programs_ns.get(pid)?)))
+        .sum();
+    Interval {
+        secs: b.at.saturating_duration_since(a.at).as_secs_f64(),
+        ksmd_secs: secs(a.ksmd_ns, b.ksmd_ns),
+        agent_secs: a.agent_ns.zip(b.agent_ns).map(|(x, y)| secs(x, y)),
+        programs_secs: programs_ns as f64 / 1e9,
+        agent_wakeups: a
+            .wakeups
+            .zip(b.wakeups)
+            .map(|(x, y)| y.saturating_sub(x + 1)),
+        agent_ctxsw: a
+            .agent_ctxsw
+            .zip(b.agent_ctxsw)
+            .map(|(x, y)| y.saturating_sub(x)),
+    }
 }
 
 /// The steady window: waits `after` seconds, then measures `secs` seconds.
 pub fn window(after: f64, secs: f64, mut p: Probes) -> Result<Steady, String> {
-    let agent_ns = |a: Option<u32>| a.map(sys::threads_cpu_ns);
-    let ctxsw = |a: Option<u32>| a.map(sys::threads_ctx_switches);
-    let progs = || -> BTreeMap<u32, u64> {
-        p.programs
-            .iter()
-            .filter_map(|&pid| Some((pid, (p.program_ns)(pid)?)))
-            .collect()
-    };
     sys::sleep_checked(Duration::from_secs_f64(after))?;
-    let w0 = p.wakeups.as_mut().and_then(|w| w());
-    let (k0, a0, x0, p0) = ((p.ksmd_ns)(), agent_ns(p.agent), ctxsw(p.agent), progs());
-    let t0 = Instant::now();
+    let a = Reading::take(&mut p);
     sys::sleep_checked(Duration::from_secs_f64(secs))?;
-    let (k1, a1, x1, p1) = ((p.ksmd_ns)(), agent_ns(p.agent), ctxsw(p.agent), progs());
-    let secs = t0.elapsed().as_secs_f64();
-    let w1 = p.wakeups.as_mut().and_then(|w| w());
-    // Per process, so one that exits in the window does not count negative.
-    let programs_ns: u64 = p1
-        .iter()
-        .filter_map(|(pid, b)| Some(b.saturating_sub(*p0.get(pid)?)))
-        .sum();
-    let ns = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9;
+    // The end's status call after the counters: the window's CPU and context switches hold no
+    // status call of the bench (its wake-ups one, which `between` leaves out).
+    let mut b = Reading::counters(&p);
+    b.wakeups = p.wakeups();
+    let i = between(&a, &b);
     Ok(Steady {
         after,
-        secs,
-        ksmd_secs: ns(k0, k1),
-        agent_secs: a0.zip(a1).map(|(a, b)| ns(a, b)),
-        programs_secs: programs_ns as f64 / 1e9,
-        // The first status call's own wake-up is inside the window.
-        agent_wakeups: w0.zip(w1).map(|(a, b)| b.saturating_sub(a + 1)),
-        agent_ctxsw: x0.zip(x1).map(|(a, b)| b.saturating_sub(a)),
+        secs: i.secs,
+        ksmd_secs: i.ksmd_secs,
+        agent_secs: i.agent_secs,
+        programs_secs: i.programs_secs,
+        agent_wakeups: i.agent_wakeups,
+        agent_ctxsw: i.agent_ctxsw,
     })
 }
 
@@ -223,6 +312,64 @@ mod tests {
         assert_eq!(time_to_pct(s, 0, 99), Some(0.1));
         assert_eq!(t90(&[(0.1, 0), (0.2, 0)]), None);
         assert_eq!(t90(&[]), None);
+    }
+
+    #[test]
+    fn between_counts_what_was_read_at_both_ends() {
+        let t = Instant::now();
+        let a = Reading {
+            at: t,
+            ksmd_ns: 1_000_000_000,
+            agent_ns: Some(700_000_000),
+            agent_ctxsw: Some(500),
+            programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
+            wakeups: Some(40),
+        };
+        let b = Reading {
+            at: t + Duration::from_secs(20),
+            ksmd_ns: 3_000_000_000,
+            // A thread of the agent exited: its counters went back.
+            agent_ns: Some(600_000_000),
+            agent_ctxsw: Some(450),
+            // 1 ran 0.1 s, 2 went back (counts 0), 3 exited, 4 appeared.
+            programs_ns: [(1, 100_000_100), (2, 1_000_000_000), (4, 9_000_000_000)].into(),
+            wakeups: Some(61),
+        };
+        let i = between(&a, &b);
+        let close = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(close(i.secs, 20.0) && close(i.ksmd_secs, 2.0));
+        assert_eq!((i.agent_secs, i.agent_ctxsw), (Some(0.0), Some(0)));
+        assert!(close(i.programs_secs, 0.1));
+        // 21, one of them the bench's status call.
+        assert_eq!(i.agent_wakeups, Some(20));
+        // The same reading twice: the wake-up counter did not move, 0 and not an underflow.
+        let same = between(&a, &a);
+        assert_eq!(same.agent_wakeups, Some(0));
+        assert_eq!((same.secs, same.programs_secs), (0.0, 0.0));
+        // No agent, or wake-ups read at one end only: no figure.
+        let none = between(
+            &Reading {
+                agent_ns: None,
+                agent_ctxsw: None,
+                wakeups: None,
+                ..a.clone()
+            },
+            &b,
+        );
+        assert_eq!(
+            (none.agent_secs, none.agent_ctxsw, none.agent_wakeups),
+            (None, None, None)
+        );
+        // Read the wrong way round: the counters count 0, the length 0.
+        let back = between(&b, &a);
+        assert_eq!((back.secs, back.ksmd_secs), (0.0, 0.0));
+    }
+
+    #[test]
+    fn percent_of_a_core() {
+        assert_eq!(pct(0.5, 10.0), 5.0);
+        assert_eq!(pct(0.0, 0.0), 0.0);
+        assert!(pct(1.0, 0.0).is_finite());
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! convergence loop calls `tick` while it runs (the usual figures at convergence are taken as
 //! without a long run); `finish` then carries the schedule on to `SECS`. The measurements are
 //! the cell's own: `ksm_stat` for merging pages and rmap items, `procs::ksm_pages` (pagemap +
-//! kpageflags) for the saving, schedstat for ksmd, utime + stime for the agent and the
-//! programs, the agent's `status` for its wake-ups.
+//! kpageflags) for the saving; for the CPU the steady window's `cost::Reading` and
+//! `cost::between` (schedstat for ksmd and for every thread of the agent, utime + stime for the
+//! programs, the agent's `status` for its wake-ups).
 
 use super::ctx::{agent_status, root, Ctx, LongCfg};
 use super::procs;
@@ -18,46 +19,46 @@ use super::running::read_like_a_user;
 use super::scenario::Scenario;
 use super::user::UserSide;
 use crate::approach::Launch;
+use crate::cost::{self, Probes, Reading};
 use crate::sys;
 use ksmplus_common::ksm;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// CPU counters at one instant (nanoseconds), and the agent's wake-up count.
-#[derive(Clone, Debug, Default)]
-pub struct Cpu {
-    pub at: f64,
-    pub ksmd: u64,
-    pub agent: Option<u64>,
-    pub programs: BTreeMap<u32, u64>,
-    pub wakeups: Option<u64>,
-}
-
-/// The CPU of the interval from `a` to `b` as a sample's CPU fields (`t`, `secs` and the CPU
-/// figures; the rest left at zero). A program process counts only when alive at both ends, so
-/// one that exits is not negative and one that appears is counted from the next interval.
-/// Each interval holds one status call of the sampler (the one that read `a.wakeups`), whose
-/// wake-up is not the agent's own.
-pub fn interval(a: &Cpu, b: &Cpu) -> LongSample {
-    let s = |x: u64, y: u64| y.saturating_sub(x) as f64 / 1e9;
-    let programs: u64 = b
-        .programs
-        .iter()
-        .filter_map(|(p, nb)| Some(nb.saturating_sub(*a.programs.get(p)?)))
-        .sum();
+/// The sample of the interval from `a` to `b` with its CPU figures ([`cost::between`]), at `t`
+/// = `b`'s seconds since `t0`; the rest left at zero.
+fn cpu_sample(t0: Instant, a: &Reading, b: &Reading) -> LongSample {
+    let cpu = cost::between(a, b);
     LongSample {
-        t: b.at,
-        secs: b.at - a.at,
-        ksmd_secs: s(a.ksmd, b.ksmd),
-        agent_secs: a.agent.zip(b.agent).map(|(x, y)| s(x, y)),
-        programs_secs: programs as f64 / 1e9,
-        agent_wakeups: a
-            .wakeups
-            .zip(b.wakeups)
-            .map(|(x, y)| y.saturating_sub(x + 1)),
+        t: b.at.saturating_duration_since(t0).as_secs_f64(),
+        secs: cpu.secs,
+        ksmd_secs: cpu.ksmd_secs,
+        agent_secs: cpu.agent_secs,
+        programs_secs: cpu.programs_secs,
+        agent_wakeups: cpu.agent_wakeups,
         ..Default::default()
     }
+}
+
+/// The cell's CPU counters (ksmd's, the agent's threads', those of `pids`, utime + stime) and
+/// the agent's wake-ups, read through its status call.
+fn read(
+    ctx: &Ctx,
+    user: Option<&UserSide>,
+    agent: Option<&(u32, PathBuf)>,
+    pids: &[u32],
+    notes: &mut Vec<String>,
+) -> Reading {
+    let ksmd_ns = || ctx.ksmd_pid.and_then(sys::task_runtime_ns).unwrap_or(0);
+    let mut wakeups = || agent_status(ctx, user, &agent?.1, notes)?["agent"]["wakeups"].as_u64();
+    Reading::take(&mut Probes {
+        ksmd_ns: &ksmd_ns,
+        agent: agent.map(|(p, _)| *p),
+        programs: pids,
+        program_ns: sys::process_cpu_ns,
+        wakeups: Some(&mut wakeups),
+    })
 }
 
 /// When the next event of a schedule of period `every` is due after `done` of them, or never
@@ -77,7 +78,8 @@ pub struct Sampler<'a> {
     t0: Instant,
     /// Every process of the programs seen so far.
     known: BTreeSet<u32>,
-    prev: Cpu,
+    /// The reading at the end of the last interval.
+    prev: Reading,
     pub run: LongRun,
     pub notes: Vec<String>,
 }
@@ -98,25 +100,26 @@ impl<'a> Sampler<'a> {
             .agent
             .as_ref()
             .map(|a| (a.pid(), a.dir.join("agent.sock")));
-        let mut s = Sampler {
+        let t0 = Instant::now();
+        let mut notes = Vec::new();
+        let prev = read(ctx, user, agent.as_ref(), &procs, &mut notes);
+        Sampler {
             ctx,
             sc,
             user,
             agent,
             known: windows.iter().chain(&procs).copied().collect(),
             windows,
-            t0: Instant::now(),
-            prev: Cpu::default(),
+            t0,
+            prev,
             run: LongRun {
                 secs: cfg.secs,
                 turn_every: cfg.turn_every,
                 sample_every: cfg.sample_every,
                 ..Default::default()
             },
-            notes: Vec::new(),
-        };
-        s.prev = s.cpu(&procs);
-        s
+            notes,
+        }
     }
 
     pub fn t0(&self) -> Instant {
@@ -125,31 +128,6 @@ impl<'a> Sampler<'a> {
 
     fn elapsed(&self) -> f64 {
         self.t0.elapsed().as_secs_f64()
-    }
-
-    fn cpu(&mut self, pids: &[u32]) -> Cpu {
-        let wakeups = match &self.agent {
-            Some((_, sock)) => agent_status(self.ctx, self.user, sock, &mut self.notes)
-                .and_then(|v| v["agent"]["wakeups"].as_u64()),
-            None => None,
-        };
-        Cpu {
-            at: self.elapsed(),
-            ksmd: self
-                .ctx
-                .ksmd_pid
-                .and_then(sys::task_runtime_ns)
-                .unwrap_or(0),
-            agent: self
-                .agent
-                .as_ref()
-                .and_then(|(p, _)| sys::process_cpu_ns(*p)),
-            programs: pids
-                .iter()
-                .filter_map(|&p| Some((p, sys::process_cpu_ns(p)?)))
-                .collect(),
-            wakeups,
-        }
     }
 
     fn next_sample(&self) -> Option<f64> {
@@ -217,8 +195,14 @@ impl<'a> Sampler<'a> {
         let probe = Instant::now();
         let own = procs::ksm_pages(&pids).map(|(mapped, distinct)| mapped.saturating_sub(distinct));
         self.run.probe_secs += probe.elapsed().as_secs_f64();
-        let now = self.cpu(&pids);
-        let mut s = interval(&self.prev, &now);
+        let now = read(
+            self.ctx,
+            self.user,
+            self.agent.as_ref(),
+            &pids,
+            &mut self.notes,
+        );
+        let mut s = cpu_sample(self.t0, &self.prev, &now);
         self.prev = now;
         s.own_sharing = own.unwrap_or(0);
         s.saved_mib = s.own_sharing as f64 * 4096.0 / 1048576.0;
@@ -267,22 +251,25 @@ mod tests {
 
     #[test]
     fn interval_cpu_counts_processes_alive_at_both_ends() {
-        let a = Cpu {
-            at: 10.0,
-            ksmd: 1_000_000_000,
-            agent: Some(500_000_000),
-            programs: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
+        let t0 = Instant::now();
+        let a = Reading {
+            at: t0 + Duration::from_secs(10),
+            ksmd_ns: 1_000_000_000,
+            agent_ns: Some(500_000_000),
+            agent_ctxsw: Some(1_000),
+            programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
             wakeups: Some(40),
         };
-        let b = Cpu {
-            at: 20.0,
-            ksmd: 3_000_000_000,
-            agent: Some(600_000_000),
+        let b = Reading {
+            at: t0 + Duration::from_secs(20),
+            ksmd_ns: 3_000_000_000,
+            agent_ns: Some(600_000_000),
+            agent_ctxsw: Some(1_200),
             // 3 exited, 4 appeared (its start-up is not this interval's).
-            programs: [(1, 100_000_100), (2, 2_400_000_000), (4, 9_000_000_000)].into(),
+            programs_ns: [(1, 100_000_100), (2, 2_400_000_000), (4, 9_000_000_000)].into(),
             wakeups: Some(61),
         };
-        let s = interval(&a, &b);
+        let s = cpu_sample(t0, &a, &b);
         assert_eq!((s.t, s.secs), (20.0, 10.0));
         assert!((s.ksmd_secs - 2.0).abs() < 1e-9);
         assert!((s.agent_secs.unwrap() - 0.1).abs() < 1e-9);
@@ -290,15 +277,16 @@ mod tests {
         // 21 wake-ups, one of them the sampler's status call.
         assert_eq!(s.agent_wakeups, Some(20));
         assert!((s.pct(s.ksmd_secs) - 20.0).abs() < 1e-9);
+        // The state fields are the sampler's to fill.
+        assert_eq!((s.own_sharing, s.merging, s.processes), (0, 0, 0));
         // No agent (approach none / merge_any): no agent figures.
-        let none = interval(
-            &Cpu {
-                agent: None,
-                wakeups: None,
-                ..a.clone()
-            },
-            &b,
-        );
+        let no_agent = Reading {
+            agent_ns: None,
+            agent_ctxsw: None,
+            wakeups: None,
+            ..a.clone()
+        };
+        let none = cpu_sample(t0, &no_agent, &b);
         assert_eq!((none.agent_secs, none.agent_wakeups), (None, None));
     }
 

@@ -92,8 +92,8 @@ pub struct LongSample {
     /// Σ `ksm_merging_pages`, Σ `ksm_rmap_items` of the programs' processes at `t`.
     pub merging: u64,
     pub rmap_items: u64,
-    /// CPU seconds in the interval: ksmd (schedstat), the agent, every process of the programs
-    /// alive at both ends of the interval (utime + stime).
+    /// CPU seconds in the interval: ksmd (schedstat), the agent (schedstat of its threads),
+    /// every process of the programs alive at both ends of the interval (utime + stime).
     pub ksmd_secs: f64,
     pub agent_secs: Option<f64>,
     pub programs_secs: f64,
@@ -106,7 +106,7 @@ pub struct LongSample {
 impl LongSample {
     /// Percent of one core over the interval.
     pub fn pct(&self, cpu_secs: f64) -> f64 {
-        100.0 * cpu_secs / self.secs.max(1e-9)
+        cost::pct(cpu_secs, self.secs)
     }
 }
 
