@@ -101,6 +101,8 @@ pub struct Client {
     pub map_gen_seen: u64,
     pub moves_seen: u64,
     pub maps_read_ms: u64,
+    /// How old the maps may get before an unprompted refresh ([`next_maps_age`]).
+    pub maps_age_ms: u64,
     /// When to look at the channel's `map_gen` next, and the current interval.
     pub check_at_ms: u64,
     pub check_every_ms: u64,
@@ -132,8 +134,22 @@ pub const SETTLE_MS: u64 = 15_000;
 /// The fastest and slowest pace of `map_gen` checks.
 pub const CHECK_MIN_MS: u64 = 50;
 pub const CHECK_MAX_MS: u64 = 2000;
-/// A maps refresh even without a `map_gen` change (brk growth, raw system calls).
-pub const MAPS_MAX_AGE_MS: u64 = 10_000;
+/// A maps refresh even without a `map_gen` change (brk growth, raw system calls) comes this
+/// long after the last one, twice as long after each such refresh that found nothing new, up
+/// to [`MAPS_AGE_MAX_MS`]: reading a big program's maps costs (a path per file mapping), and a
+/// settled program rarely maps anything the shim does not see.
+pub const MAPS_AGE_MIN_MS: u64 = 10_000;
+pub const MAPS_AGE_MAX_MS: u64 = 80_000;
+
+/// The age the next unprompted maps refresh waits for, after one that `found` something new
+/// (or was prompted by a `map_gen` change) or not.
+pub fn next_maps_age(age: u64, found: bool) -> u64 {
+    if found {
+        MAPS_AGE_MIN_MS
+    } else {
+        (age * 2).clamp(MAPS_AGE_MIN_MS, MAPS_AGE_MAX_MS)
+    }
+}
 
 impl Client {
     /// Under a seccomp filter that may kill it for KSM advice: one it installed itself, or
@@ -198,6 +214,7 @@ impl Client {
                 map_gen_seen: snap.map_gen,
                 moves_seen: snap.moves_head,
                 maps_read_ms: 0,
+                maps_age_ms: MAPS_AGE_MIN_MS,
                 check_at_ms: 0,
                 check_every_ms: CHECK_MIN_MS,
                 queue: VecDeque::new(),
@@ -489,6 +506,18 @@ pub fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unprompted_maps_refreshes_back_off_while_nothing_changes() {
+        let mut age = MAPS_AGE_MIN_MS;
+        let mut ages = Vec::new();
+        for _ in 0..5 {
+            age = next_maps_age(age, false);
+            ages.push(age);
+        }
+        assert_eq!(ages, [20_000, 40_000, 80_000, 80_000, 80_000]);
+        assert_eq!(next_maps_age(age, true), MAPS_AGE_MIN_MS);
+    }
 
     #[test]
     fn range_arithmetic() {

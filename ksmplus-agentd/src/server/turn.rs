@@ -84,7 +84,7 @@ impl Agent {
             c.trim_if_idle(now);
             if now >= c.check_at_ms {
                 let changed = c.last.map_gen != c.map_gen_seen;
-                if changed || now >= c.maps_read_ms + crate::client::MAPS_MAX_AGE_MS {
+                if changed || now >= c.maps_read_ms + c.maps_age_ms {
                     c.map_gen_seen = c.last.map_gen;
                     c.maps_read_ms = now;
                     match procfs::read_maps(&root, c.pid()) {
@@ -96,6 +96,8 @@ impl Agent {
                                 self.engine.on_event(id, ev, now);
                             }
                             let c = self.clients.get_mut(&id).unwrap();
+                            c.maps_age_ms =
+                                crate::client::next_maps_age(c.maps_age_ms, busy || changed);
                             c.check_every_ms = if busy || changed {
                                 crate::client::CHECK_MIN_MS
                             } else {
