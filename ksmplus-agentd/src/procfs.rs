@@ -520,6 +520,7 @@ pub fn shared_inode_at(maps: &str, addr: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::mman::munmap;
 
     #[test]
     fn status_parses_the_fields_the_agent_uses() {
@@ -574,17 +575,19 @@ mod tests {
         assert_eq!(shared_inode_at(m, 0x7f01), None);
     }
 
-    /// A page is shared while a fork child still maps it and private again once written
-    /// (copy-on-write broken); a never-touched page is not counted, one only read (the shared
-    /// zero page) is. KSM's merged pages are checked end to end in `tests/` (`feedback`).
-    #[test]
-    fn shared_pages_are_those_mapped_more_than_once() {
+    /// A handle on this very process and a fresh private anonymous mapping of `pages` pages
+    /// in it (the caller unmaps it).
+    fn own_mapping(
+        pages: usize,
+    ) -> (
+        ProcHandle,
+        std::ptr::NonNull<core::ffi::c_void>,
+        std::num::NonZeroUsize,
+    ) {
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
         let h = ProcHandle::open(Path::new("/"), std::process::id()).unwrap();
-        let ps = 4096u64;
-        let n = 16usize;
-        use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
-        let len = std::num::NonZeroUsize::new(n * ps as usize).unwrap();
-        // SAFETY: a fresh private anonymous mapping owned by this test.
+        let len = std::num::NonZeroUsize::new(pages * 4096).unwrap();
+        // SAFETY: a fresh private anonymous mapping owned by the calling test.
         let map = unsafe {
             mmap_anonymous(
                 None,
@@ -594,6 +597,17 @@ mod tests {
             )
         }
         .unwrap();
+        (h, map, len)
+    }
+
+    /// A page is shared while a fork child still maps it and private again once written
+    /// (copy-on-write broken); a never-touched page is not counted, one only read (the shared
+    /// zero page) is. KSM's merged pages are checked end to end in `tests/` (`feedback`).
+    #[test]
+    fn shared_pages_are_those_mapped_more_than_once() {
+        let ps = 4096u64;
+        let n = 16usize;
+        let (h, map, len) = own_mapping(n);
         let a = map.as_ptr() as u64;
         let page = |i: u64| (a + i * ps) as *mut u8;
         for i in 0..8 {
@@ -652,21 +666,9 @@ mod tests {
     /// touched pages are reported absent and stay absent.
     #[test]
     fn residency_and_hashes_of_a_live_process() {
-        let h = ProcHandle::open(Path::new("/"), std::process::id()).unwrap();
         let ps = 4096u64;
         let n = 64usize;
-        use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
-        let len = std::num::NonZeroUsize::new(n * ps as usize).unwrap();
-        // SAFETY: a fresh private anonymous mapping owned by this test.
-        let map = unsafe {
-            mmap_anonymous(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
-            )
-        }
-        .unwrap();
+        let (h, map, len) = own_mapping(n);
         let a = map.as_ptr() as u64;
         for i in (0..n).step_by(4) {
             // SAFETY: inside the mapping above.
