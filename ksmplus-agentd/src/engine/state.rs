@@ -130,6 +130,15 @@ impl Region {
     }
     /// The round is over: the next starts after a pause.
     pub(super) fn end_round(&mut self, cfg: &Config, now: u64) {
+        if self.rounds == 0 {
+            // A run was loosened during this round ([`Region::restart_on`]): the schedule
+            // starts over now, on the focus it set (not after a floor pause, focus dropped).
+            self.found = false;
+            self.phase = Phase::Waiting { at: now };
+            self.piece = Vec::new();
+            self.piece_pages = 0;
+            return;
+        }
         // Past the schedule (kept for its marked runs) a region is only watched for new
         // duplicates, at a tenth of the pace, and half as often again after each round that
         // found nothing new: the steady cost follows what changes, not what is tracked.

@@ -630,6 +630,31 @@ fn a_loosened_run_restarts_the_schedule_on_its_pages_only() {
     );
 }
 
+/// A run loosened while its region's round at the floor is in progress: when that round ends
+/// the focused schedule starts at once (not after a floor pause, and not over the whole region);
+/// the focused schedule's own last round at the floor gives the whole region back.
+#[test]
+fn a_loosening_during_a_floor_round_restarts_on_the_focus_at_once() {
+    let c = cfg();
+    let mut r = Region::new(1000, 1, 0);
+    r.rounds = 10;
+    r.coefficient = c.sampling.floor;
+    r.phase = Phase::Sampling {
+        m: 0,
+        next: 0,
+        scan: 0,
+        seen: 0,
+    };
+    r.restart_on(100, 200);
+    r.end_round(&c, 5_000);
+    assert_eq!(r.phase, Phase::Waiting { at: 5_000 });
+    assert_eq!(r.scan_range(), (100, 200));
+    r.rounds = 10;
+    r.end_round(&c, 6_000);
+    assert_eq!(r.scan_range(), (0, 1000));
+    assert!(matches!(r.phase, Phase::Waiting { at } if at > 6_000));
+}
+
 #[test]
 fn fingerprint_memory_is_bounded() {
     let mut c = cfg();
