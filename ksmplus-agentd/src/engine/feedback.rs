@@ -31,12 +31,9 @@ impl Engine {
         self.procs
             .iter()
             .filter(|(_, p)| {
-                p.regions.values().any(|r| {
-                    r.runs.iter().any(|x| {
-                        matches!(x.state, RunState::Marked { checked_at: Some(c), wait, .. }
-                            if self.full_scans > c + wait)
-                    })
-                })
+                p.regions
+                    .values()
+                    .any(|r| r.runs.iter().any(|x| x.state.check_due(self.full_scans)))
             })
             .map(|(id, _)| *id)
             .collect()
@@ -52,10 +49,7 @@ impl Engine {
         p.regions
             .iter()
             .flat_map(|(s, r)| r.runs.iter().map(move |x| (*s, x)))
-            .filter(|(_, x)| {
-                matches!(x.state, RunState::Marked { checked_at: Some(c), wait, .. }
-                    if self.full_scans > c + wait)
-            })
+            .filter(|(_, x)| x.state.check_due(self.full_scans))
             .map(|(s, x)| (s + x.lo * ps, s + x.hi * ps))
             .collect()
     }
@@ -75,14 +69,9 @@ impl Engine {
             let mut keep = Vec::new();
             let mut restart = Vec::new();
             for mut x in std::mem::take(&mut r.runs) {
-                if let RunState::Marked {
-                    checked_at: Some(c),
-                    wait,
-                    ..
-                } = x.state
-                {
+                if let RunState::Marked { wait, .. } = x.state {
                     // The scan in progress when the run was marked does not count.
-                    if scans > c + wait {
+                    if x.state.check_due(scans) {
                         let (a, b) = (s + x.lo * ps, s + x.hi * ps);
                         let over: Vec<_> = vmas.iter().filter(|v| v.0 < b && v.1 > a).collect();
                         let ksm: u64 = over.iter().map(|v| v.2).sum();

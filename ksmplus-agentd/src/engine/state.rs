@@ -18,6 +18,13 @@ pub(super) enum RunState {
     },
 }
 
+impl RunState {
+    /// Marked, and its check is due: `wait` full scans have passed since `checked_at`.
+    pub(super) fn check_due(&self, full_scans: u64) -> bool {
+        matches!(*self, RunState::Marked { checked_at: Some(c), wait, .. } if full_scans > c + wait)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct Run {
     pub(super) lo: u64,
@@ -130,20 +137,15 @@ impl Region {
     }
     /// The round is over: the next starts after a pause.
     pub(super) fn end_round(&mut self, cfg: &Config, now: u64) {
-        if self.rounds == 0 {
-            // A run was loosened during this round ([`Region::restart_on`]): the schedule
-            // starts over now, on the focus it set (not after a floor pause, focus dropped).
-            self.found = false;
-            self.phase = Phase::Waiting { at: now };
-            self.piece = Vec::new();
-            self.piece_pages = 0;
-            return;
-        }
         // Past the schedule (kept for its marked runs) a region is only watched for new
         // duplicates, at a tenth of the pace, and half as often again after each round that
         // found nothing new: the steady cost follows what changes, not what is tracked.
         // The second round comes sooner: a new region's duplicates need two samples.
-        let pause = if self.coefficient <= cfg.sampling.floor {
+        let pause = if self.rounds == 0 {
+            // A run was loosened during this round ([`Region::restart_on`]): the schedule
+            // starts over now, on the focus it set (not after a floor pause, focus dropped).
+            0
+        } else if self.coefficient <= cfg.sampling.floor {
             // The focused schedule is over: floor rounds watch the whole region again.
             self.focus = None;
             if std::mem::take(&mut self.found) {
