@@ -489,18 +489,24 @@ mod tests {
         let mut k = ran("W5", "ksmplus", 2.5, 8.0);
         (k.ksmd_cpu_secs, k.agent_cpu_secs) = (0.1, Some(0.2));
         k.steady = Some(Steady {
-            secs: 10.0,
-            ksmd_secs: 0.5,
-            agent_secs: Some(0.1),
-            programs_secs: 0.3,
+            spent: crate::cost::Interval {
+                secs: 10.0,
+                ksmd_secs: 0.5,
+                agent_secs: Some(0.1),
+                programs_secs: 0.3,
+                ..Default::default()
+            },
             ..Default::default()
         });
         let mut m = ran("W5", "merge_any", 2.0, 8.0);
         m.ksmd_cpu_secs = 0.4;
         let mut cells = vec![none.clone(), k, m, ran("W1", "ksmplus", 0.5, 6.0)];
         cells[0].steady = Some(Steady {
-            secs: 10.0,
-            programs_secs: 0.1,
+            spent: crate::cost::Interval {
+                secs: 10.0,
+                programs_secs: 0.1,
+                ..Default::default()
+            },
             ..Default::default()
         });
         cost_vs_none(&mut cells);

@@ -12,40 +12,39 @@ use std::time::{Duration, Instant};
 /// The cost of staying merged: a window after convergence with the programs open and idle.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Steady {
-    /// Seconds after convergence the window started, and its length.
+    /// Seconds after convergence the window started.
     pub after: f64,
-    pub secs: f64,
-    /// CPU seconds in the window.
-    pub ksmd_secs: f64,
-    pub agent_secs: Option<f64>,
-    /// Every process of the programs (their own work plus the shim's).
-    pub programs_secs: f64,
-    /// The agent's event-loop wake-ups (`status`' `agent.wakeups`), minus the status call's,
-    /// where the bench reads them (desktop).
-    pub agent_wakeups: Option<u64>,
-    /// Context switches (voluntary + involuntary) of all the agent's threads in the window: its
-    /// wake-ups as the kernel counts them.
-    pub agent_ctxsw: Option<u64>,
+    /// What the window spent (its fields are the window's in the JSON).
+    #[serde(flatten)]
+    pub spent: Interval,
 }
 
 impl Steady {
     /// Percent of one core over the window.
     pub fn pct(&self, cpu_secs: f64) -> f64 {
-        pct(cpu_secs, self.secs)
+        pct(cpu_secs, self.spent.secs)
     }
 
     /// The agent's context switches per second over the window.
     pub fn ctxsw_per_sec(&self) -> Option<f64> {
-        self.agent_ctxsw.map(|n| n as f64 / self.secs.max(1e-9))
+        let s = &self.spent;
+        s.agent_ctxsw.map(|n| n as f64 / s.secs.max(1e-9))
+    }
+
+    /// The agent's own wake-ups per second over the window, where the bench read them.
+    pub fn wakeups_per_sec(&self) -> Option<f64> {
+        let s = &self.spent;
+        s.agent_wakeups.map(|n| n as f64 / s.secs.max(1e-9))
     }
 
     /// The steady cost in % of one core, with `none` (the same workload's `none` cell's
     /// window) as the reference for the programs' CPU.
     pub fn row(&self, none: Option<&Steady>) -> SteadyRow {
-        let progs = self.pct(self.programs_secs);
-        let ksmd = self.pct(self.ksmd_secs);
-        let agent = self.agent_secs.map(|a| self.pct(a));
-        let extra = none.map(|n| extra(progs, n.pct(n.programs_secs)));
+        let s = &self.spent;
+        let progs = self.pct(s.programs_secs);
+        let ksmd = self.pct(s.ksmd_secs);
+        let agent = s.agent_secs.map(|a| self.pct(a));
+        let extra = none.map(|n| extra(progs, n.pct(n.spent.programs_secs)));
         SteadyRow {
             ksmd,
             agent,
@@ -192,16 +191,20 @@ impl Reading {
 }
 
 /// What was spent between two readings.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Interval {
+    /// Its length.
     pub secs: f64,
     /// CPU seconds.
     pub ksmd_secs: f64,
     pub agent_secs: Option<f64>,
-    /// The processes of the programs read at both ends.
+    /// The processes of the programs read at both ends (their own work plus the shim's).
     pub programs_secs: f64,
-    /// The agent's wake-ups, less the one status call of the bench the interval holds.
+    /// The agent's event-loop wake-ups (`status`' `agent.wakeups`), less the one status call of
+    /// the bench the interval holds, where the bench reads them (desktop).
     pub agent_wakeups: Option<u64>,
+    /// Context switches (voluntary + involuntary) of all the agent's threads: its wake-ups as
+    /// the kernel counts them.
     pub agent_ctxsw: Option<u64>,
 }
 
@@ -242,15 +245,9 @@ pub fn window(after: f64, secs: f64, mut p: Probes) -> Result<Steady, String> {
     // status call of the bench (its wake-ups one, which `between` leaves out).
     let mut b = Reading::counters(&p);
     b.wakeups = p.wakeups();
-    let i = between(&a, &b);
     Ok(Steady {
         after,
-        secs: i.secs,
-        ksmd_secs: i.ksmd_secs,
-        agent_secs: i.agent_secs,
-        programs_secs: i.programs_secs,
-        agent_wakeups: i.agent_wakeups,
-        agent_ctxsw: i.agent_ctxsw,
+        spent: between(&a, &b),
     })
 }
 
@@ -270,19 +267,54 @@ mod tests {
         assert_eq!(extra_scaled(2.5, 8.0, 1.0, 0.0), 1.5);
     }
 
+    /// The window's JSON keeps its flat field names (results files of earlier runs use them).
+    #[test]
+    fn steady_json_is_flat() {
+        let st = Steady {
+            after: 20.0,
+            spent: Interval {
+                secs: 30.0,
+                agent_ctxsw: Some(7),
+                ..Default::default()
+            },
+        };
+        let v = serde_json::to_value(&st).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "after",
+                "agent_ctxsw",
+                "agent_secs",
+                "agent_wakeups",
+                "ksmd_secs",
+                "programs_secs",
+                "secs"
+            ]
+        );
+        assert_eq!(v["secs"], 30.0);
+    }
+
     #[test]
     fn steady_row_in_percent_of_a_core() {
         let none = Steady {
-            secs: 20.0,
-            programs_secs: 0.2,
+            spent: Interval {
+                secs: 20.0,
+                programs_secs: 0.2,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let st = Steady {
-            secs: 20.0,
-            ksmd_secs: 2.0,
-            agent_secs: Some(0.4),
-            programs_secs: 0.6,
-            agent_ctxsw: Some(100),
+            spent: Interval {
+                secs: 20.0,
+                ksmd_secs: 2.0,
+                agent_secs: Some(0.4),
+                programs_secs: 0.6,
+                agent_ctxsw: Some(100),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let r = st.row(Some(&none));

@@ -102,7 +102,7 @@ pub fn steady(cells: &[CellResult]) -> String {
     let _ = writeln!(
         s,
         "steady cost: {:.0} s right after convergence, processes alive and idle (% of one core; 1 % = 0.6 s per minute)",
-        first.secs
+        first.spent.secs
     );
     let _ = writeln!(
         s,
@@ -412,10 +412,13 @@ mod tests {
         assert_eq!(steady(&cells), "");
         let mut with = cells.clone();
         with[1].steady = Some(crate::cost::Steady {
-            secs: 20.0,
-            ksmd_secs: 0.2,
-            agent_secs: Some(0.1),
-            agent_ctxsw: Some(50),
+            spent: crate::cost::Interval {
+                secs: 20.0,
+                ksmd_secs: 0.2,
+                agent_secs: Some(0.1),
+                agent_ctxsw: Some(50),
+                ..Default::default()
+            },
             ..Default::default()
         });
         let st = steady(&with);

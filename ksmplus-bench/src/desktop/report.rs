@@ -252,7 +252,7 @@ pub fn steady(cells: &[DeskCell]) -> String {
     let _ = writeln!(
         s,
         "steady cost: {:.0} s from {:.0} s after convergence, programs open and idle (% of one core)",
-        first.secs, first.after
+        first.spent.secs, first.after
     );
     let _ = writeln!(
         s,
@@ -273,7 +273,7 @@ pub fn steady(cells: &[DeskCell]) -> String {
             row.progs,
             opt(row.extra, 2),
             opt(row.whole, 2),
-            opt(st.agent_wakeups.map(|w| w as f64 / st.secs), 1),
+            opt(st.wakeups_per_sec(), 1),
         );
     }
     s
