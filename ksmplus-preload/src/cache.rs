@@ -1,24 +1,34 @@
 //! A cache of freed shim-owned mappings, so a program that repeatedly allocates and frees large
 //! buffers reuses warm pages (as glibc's heap would) instead of paying mmap, a page fault per
-//! page, and munmap every time.
+//! page, and munmap every time — and so a freed block's address stays readable, as it does in
+//! glibc's heap.
 //!
 //! Invariants:
 //! - Fixed slots in `.bss`, each claimed with a CAS (FREE → BUSY → FULL → BUSY → FREE): no lock,
 //!   no allocation; every operation scans the `SLOTS` slots a bounded number of times.
 //! - Cached ranges are disjoint page-aligned pieces of shim mappings that no registry entry and
-//!   no caller holds; at most `MAX_BYTES` of them.
+//!   no caller holds. A piece is **warm** (its pages as the program left them; at most
+//!   `MAX_BYTES` of them) or **cold** (its memory given back with `MADV_DONTNEED`, its address
+//!   range still mapped and reading as zeros; at most `COLD_MAX_BYTES` of address space).
+//!   Adjacent pieces of the same kind are coalesced.
+//! - A freed block is not unmapped while it fits the cache: programs read memory after freeing
+//!   it (WebKit's compositor thread does, through Mesa's software rasteriser), and glibc, which
+//!   keeps blocks up to its mmap threshold in its heap, lets them; an unmapped block would crash
+//!   them (issue 9: "no crash"). Only blocks above `MAX_PIECE` (which glibc unmaps too), the
+//!   oldest cold pieces past `COLD_MAX_BYTES` or a full slot table, and every cold piece when a
+//!   new mapping fails ([`Cache::release_cold`]) are unmapped.
 //! - Only blocks of at most `MAX_PIECE` bytes are kept, and only requests of at most `MAX_PIECE`
-//!   are served. A cached piece keeps its old owner's resident pages, and a request served from
+//!   are served. A warm piece keeps its old owner's resident pages, and a request served from
 //!   it pays for all of them, touched or not, where a fresh mapping faults in only what the
 //!   program touches. glibc never reuses a freed block above its mmap threshold, which it raises
 //!   to at most 32 MiB (`DEFAULT_MMAP_THRESHOLD_MAX`); neither does the cache. (Without this
 //!   bound GIMP grew a freed 47 MiB buffer into a sparsely used 48 MiB one: +14 MiB Pss.)
-//! - Adjacent pieces are coalesced on `put`; `take` cuts from the start of the largest fitting
-//!   piece the calling thread stored (else of the largest fitting one) and puts the rest back,
-//!   or grows the largest piece with `mremap` so only the missing pages are new. Like glibc's
-//!   top chunk in a per-thread arena, this keeps each thread on the same warm pages and leaves
-//!   room after a block for realloc to grow into (`take_at`): no mmap/munmap, only the
-//!   `MADV_KEEPONFORK` below (which, like any advice, waits for a concurrent `fork`'s copy).
+//! - `take` cuts from the start of the largest fitting piece the calling thread stored (warm
+//!   first), else of the largest fitting one, and puts the rest back, or grows the largest piece
+//!   in place (a mapping right after it) so only the missing pages are new. Like glibc's top chunk in a per-thread
+//!   arena, this keeps each thread on the same warm pages and leaves room after a block for
+//!   realloc to grow into (`take_at`): no mmap/munmap, only the `MADV_KEEPONFORK` below (which,
+//!   like any advice, waits for a concurrent `fork`'s copy).
 //! - Cached memory is not zeroed: calloc never takes from here.
 //! - A fork does not copy cached pieces: they are `MADV_WIPEONFORK` while cached (a fork child
 //!   finds them zero-filled, which is as good as any content for free memory) and
@@ -26,16 +36,20 @@
 //!   tables of resident memory, and the cache holds about as much as the program's live large
 //!   blocks (issue 12: 200 forks beside 4 allocating threads took 1.5x glibc's CPU without
 //!   this). Not under a seccomp filter, which may trap advice it does not expect.
-//! - A piece not reused within one to two `trim` periods (one to two seconds) goes back to the
-//!   kernel, so the cache speeds up allocate/free loops without holding idle memory. The rest of
-//!   a split piece keeps the piece's age (serving part of it does not make the rest young); a
-//!   piece coalesced with a newly freed block is as young as that block.
+//!   `MADV_DONTNEED`, which every allocator uses (glibc's `free` among them), is used under one.
+//! - A warm piece not reused within one to two `trim` periods (one to two seconds) turns cold,
+//!   so the cache speeds up allocate/free loops without holding idle memory. The rest of a split
+//!   piece keeps the piece's age (serving part of it does not make the rest young); a piece
+//!   coalesced with a newly freed block is as young as that block.
 
 use crate::sys;
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 
 pub const SLOTS: usize = 32;
+/// The most warm (resident) memory cached.
 pub const MAX_BYTES: usize = 64 << 20;
+/// The most address space held by cold pieces (no memory: their pages were given back).
+pub const COLD_MAX_BYTES: usize = 256 << 20;
 /// The largest block kept, and the largest request served (see the module invariants).
 pub const MAX_PIECE: usize = 32 << 20;
 const FREE: u8 = 0;
@@ -44,14 +58,25 @@ const FULL: u8 = 2;
 
 struct Slot {
     state: AtomicU8,
-    /// Trims survived while cached (see `trim`).
+    /// Trims survived while cached (see `trim`), at most 255.
     age: AtomicU8,
+    /// The piece's memory was given back (see the module invariants).
+    cold: AtomicBool,
     addr: AtomicUsize,
     len: AtomicUsize,
     /// [`thread_tag`] of the thread that stored the piece: a thread is served from its own
     /// pieces first, so each thread keeps reusing the same warm pages (glibc's per-thread
     /// arenas do the same).
     tag: AtomicUsize,
+}
+
+/// A cached piece as claimed out of its slot.
+#[derive(Clone, Copy)]
+struct Piece {
+    addr: usize,
+    len: usize,
+    age: u8,
+    cold: bool,
 }
 
 /// A cheap identity of the calling thread: the 1 MiB granule of its stack. No system call and
@@ -79,9 +104,28 @@ fn fork_wipes(addr: usize, len: usize, wipe: bool) {
     }
 }
 
+/// Gives the memory of a range the cache owns back to the kernel, keeping the range mapped
+/// (it then reads as zeros). False if the kernel refused (a seccomp filter could).
+#[inline]
+fn give_back(addr: usize, len: usize) -> bool {
+    // SAFETY: a range of a shim mapping that no one but the cache holds: its contents are free
+    // memory, and MADV_DONTNEED only replaces them with zeros.
+    unsafe { sys::madvise(addr, len, libc::MADV_DONTNEED) }.is_ok()
+}
+
+/// Unmaps a range the cache owns.
+#[inline]
+fn unmap(addr: usize, len: usize) {
+    // SAFETY: a range of a shim mapping that no one but the cache holds.
+    let _ = unsafe { sys::munmap(addr, len) };
+}
+
 pub struct Cache {
     slots: [Slot; SLOTS],
+    /// Bytes of warm pieces.
     bytes: AtomicUsize,
+    /// Bytes of cold pieces.
+    cold_bytes: AtomicUsize,
     /// Monotonic milliseconds of the next due trim (0: not started).
     next_trim_ms: AtomicU64,
 }
@@ -93,6 +137,7 @@ pub const TRIM_PERIOD_MS: u64 = 1000;
 const NEW_SLOT: Slot = Slot {
     state: AtomicU8::new(FREE),
     age: AtomicU8::new(0),
+    cold: AtomicBool::new(false),
     addr: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
     tag: AtomicUsize::new(0),
@@ -101,22 +146,28 @@ const NEW_SLOT: Slot = Slot {
 pub static CACHE: Cache = Cache::new();
 
 impl Slot {
-    /// Claims a FULL slot and empties it: its range and age.
-    fn claim(&self) -> Option<(usize, usize, u8)> {
+    /// Claims a FULL slot and empties it.
+    fn claim(&self) -> Option<Piece> {
         self.state
             .compare_exchange(FULL, BUSY, Acquire, Relaxed)
             .ok()?;
-        let r = (
-            self.addr.load(Relaxed),
-            self.len.load(Relaxed),
-            self.age.load(Relaxed),
-        );
+        let p = Piece {
+            addr: self.addr.load(Relaxed),
+            len: self.len.load(Relaxed),
+            age: self.age.load(Relaxed),
+            cold: self.cold.load(Relaxed),
+        };
         self.state.store(FREE, Release);
-        Some(r)
+        Some(p)
     }
     fn peek(&self) -> Option<(usize, usize)> {
         (self.state.load(Acquire) == FULL)
             .then(|| (self.addr.load(Relaxed), self.len.load(Relaxed)))
+    }
+    /// `peek` with the piece's kind (true: cold).
+    fn peek_kind(&self) -> Option<(usize, usize, bool)> {
+        let (a, l) = self.peek()?;
+        Some((a, l, self.cold.load(Relaxed)))
     }
 }
 
@@ -125,73 +176,133 @@ impl Cache {
         Cache {
             slots: [NEW_SLOT; SLOTS],
             bytes: AtomicUsize::new(0),
+            cold_bytes: AtomicUsize::new(0),
             next_trim_ms: AtomicU64::new(0),
         }
     }
 
-    /// Keeps a freed block `[addr, addr+len)` for reuse, merged with adjacent cached pieces;
-    /// `false` if it is larger than `MAX_PIECE` or would exceed `MAX_BYTES` (the caller unmaps
-    /// it). Takes ownership otherwise.
-    pub fn put(&self, addr: usize, len: usize) -> bool {
-        if len > MAX_PIECE || self.bytes.load(Relaxed) + len > MAX_BYTES {
+    fn counter(&self, cold: bool) -> &AtomicUsize {
+        if cold {
+            &self.cold_bytes
+        } else {
+            &self.bytes
+        }
+    }
+
+    /// Keeps a freed block `[addr, addr+len)` for reuse, merged with adjacent cached pieces of
+    /// its kind: warm, unless `warm` is false or `MAX_BYTES` would be exceeded (then cold: its
+    /// memory goes back to the kernel at once). `false` if it is larger than `MAX_PIECE` (the
+    /// caller unmaps it). Takes ownership otherwise.
+    pub fn put(&self, addr: usize, len: usize, warm: bool) -> bool {
+        if len > MAX_PIECE {
             return false;
         }
         fork_wipes(addr, len, true);
-        self.put_aged(addr, len, 0)
+        self.put_piece(Piece {
+            addr,
+            len,
+            age: 0,
+            cold: !warm,
+        });
+        true
     }
 
-    /// `put` of a range that has been cached for `age` trims already.
-    fn put_aged(&self, mut addr: usize, mut len: usize, mut age: u8) -> bool {
-        if self.bytes.fetch_add(len, AcqRel) + len > MAX_BYTES {
-            self.bytes.fetch_sub(len, AcqRel);
-            return false;
+    /// Caches a piece the cache owns (see `put`); unmaps it when it finds no room.
+    fn put_piece(&self, mut p: Piece) {
+        if !p.cold && self.bytes.fetch_add(p.len, AcqRel) + p.len > MAX_BYTES {
+            self.bytes.fetch_sub(p.len, AcqRel);
+            p.cold = true;
         }
-        // Coalesce with neighbours (bytes already counts them, so the sum stays right).
+        if p.cold {
+            if !give_back(p.addr, p.len) {
+                return unmap(p.addr, p.len);
+            }
+            if !self.make_cold_room(p.len) {
+                return unmap(p.addr, p.len);
+            }
+        }
+        // Coalesce with neighbours of the same kind (the counter already holds them, so the sum
+        // stays right).
         'merge: for _ in 0..2 {
             for s in &self.slots {
-                let Some((a, l)) = s.peek() else { continue };
-                if a + l != addr && addr + len != a {
+                let Some((a, l, cold)) = s.peek_kind() else {
+                    continue;
+                };
+                if cold != p.cold || a + l != p.addr && p.addr + p.len != a {
                     continue;
                 }
-                if let Some((a, l, g)) = s.claim() {
-                    if a + l == addr {
-                        addr = a;
-                        len += l;
-                        age = age.min(g);
-                        continue 'merge;
-                    } else if addr + len == a {
-                        len += l;
-                        age = age.min(g);
-                        continue 'merge;
-                    } else if !self.store(a, l, g) {
-                        // Raced with a change: put it back; if no slot, release it.
-                        // SAFETY: a cached range is ours alone.
-                        let _ = unsafe { sys::munmap(a, l) };
-                        self.bytes.fetch_sub(l, AcqRel);
-                    }
+                let Some(n) = s.claim() else { continue };
+                if n.cold == p.cold && (n.addr + n.len == p.addr || p.addr + p.len == n.addr) {
+                    p.addr = p.addr.min(n.addr);
+                    p.len += n.len;
+                    p.age = p.age.min(n.age);
+                    continue 'merge;
+                }
+                // Changed between the look and the claim: put it back.
+                if !self.store(n) {
+                    self.counter(n.cold).fetch_sub(n.len, AcqRel);
+                    unmap(n.addr, n.len);
                 }
             }
             break;
         }
-        if !self.store(addr, len, age) {
-            // Every slot taken meanwhile. The range may include merged neighbours, which the
-            // caller does not know of, so release it here.
-            // SAFETY: the caller's range and the claimed neighbours are ours alone.
-            let _ = unsafe { sys::munmap(addr, len) };
-            self.bytes.fetch_sub(len, AcqRel);
+        let stored = self.store(p) || self.evict_oldest_cold() && self.store(p);
+        if !stored {
+            // Every slot taken. The range may include merged neighbours, which the caller does
+            // not know of, so release it here.
+            self.counter(p.cold).fetch_sub(p.len, AcqRel);
+            unmap(p.addr, p.len);
         }
+    }
+
+    /// Counts `len` more cold bytes, unmapping the oldest cold pieces while the sum would exceed
+    /// `COLD_MAX_BYTES`. False (nothing counted) if that does not make room.
+    fn make_cold_room(&self, len: usize) -> bool {
+        for _ in 0..=SLOTS {
+            if self.cold_bytes.fetch_add(len, AcqRel) + len <= COLD_MAX_BYTES {
+                return true;
+            }
+            self.cold_bytes.fetch_sub(len, AcqRel);
+            if !self.evict_oldest_cold() {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// Unmaps the cold piece that has been cached longest. False if there is none.
+    fn evict_oldest_cold(&self) -> bool {
+        let oldest = self
+            .slots
+            .iter()
+            .filter(|s| s.peek_kind().is_some_and(|(_, _, cold)| cold))
+            .max_by_key(|s| s.age.load(Relaxed));
+        let Some(n) = oldest.and_then(Slot::claim) else {
+            return false;
+        };
+        if !n.cold {
+            // Turned warm meanwhile (claimed, cut and put back): keep it.
+            if !self.store(n) {
+                self.bytes.fetch_sub(n.len, AcqRel);
+                unmap(n.addr, n.len);
+            }
+            return true;
+        }
+        self.cold_bytes.fetch_sub(n.len, AcqRel);
+        unmap(n.addr, n.len);
         true
     }
 
-    fn store(&self, addr: usize, len: usize, age: u8) -> bool {
+    fn store(&self, p: Piece) -> bool {
         for s in &self.slots {
             if s.state
                 .compare_exchange(FREE, BUSY, Acquire, Relaxed)
                 .is_ok()
             {
-                s.addr.store(addr, Relaxed);
-                s.len.store(len, Relaxed);
-                s.age.store(age, Relaxed);
+                s.addr.store(p.addr, Relaxed);
+                s.len.store(p.len, Relaxed);
+                s.age.store(p.age, Relaxed);
+                s.cold.store(p.cold, Relaxed);
                 s.tag.store(thread_tag(), Relaxed);
                 s.state.store(FULL, Release);
                 return true;
@@ -200,11 +311,21 @@ impl Cache {
         false
     }
 
+    /// Puts back the rest `[at, at+len)` of a claimed piece `p`, its kind and age kept.
+    fn put_rest(&self, p: Piece, at: usize, len: usize) {
+        self.counter(p.cold).fetch_add(len, AcqRel);
+        if !self.store(Piece { addr: at, len, ..p }) {
+            self.counter(p.cold).fetch_sub(len, AcqRel);
+            unmap(at, len);
+        }
+    }
+
     /// A range of exactly `len` bytes built from cached memory: cut from the start of the
-    /// largest fitting piece the calling thread stored, else of the largest fitting piece (its
-    /// rest goes back, adjacent, so a realloc can grow into it: [`Cache::take_at`]), else the
-    /// largest piece grown with `mremap`. `None` if `len` is larger than `MAX_PIECE`, the cache
-    /// is empty or the growth fails.
+    /// largest fitting piece the calling thread stored (a warm one first), else of the largest
+    /// fitting piece (its rest goes back, adjacent, so a realloc can grow into it:
+    /// [`Cache::take_at`]), else the largest piece grown in place by a mapping right after it.
+    /// `None` if `len` is larger than `MAX_PIECE`, the cache is empty or there is no room to
+    /// grow.
     pub fn take(&self, len: usize) -> Option<usize> {
         self.take_or_grow(len, true)
     }
@@ -221,55 +342,49 @@ impl Cache {
         }
         let me = thread_tag();
         for _ in 0..4 {
-            // (slot, len) of the largest piece overall and of the largest this thread stored.
+            // (slot, len) of the largest piece overall, and (slot, warm, len) of the best this
+            // thread stored.
             let mut largest: Option<(usize, usize)> = None;
-            let mut mine: Option<(usize, usize)> = None;
+            let mut mine: Option<(usize, bool, usize)> = None;
             for (i, s) in self.slots.iter().enumerate() {
-                let Some((_, l)) = s.peek() else { continue };
+                let Some((_, l, cold)) = s.peek_kind() else {
+                    continue;
+                };
                 if largest.is_none_or(|(_, b)| l > b) {
                     largest = Some((i, l));
                 }
-                if l >= len && s.tag.load(Relaxed) == me && mine.is_none_or(|(_, b)| l > b) {
-                    mine = Some((i, l));
+                if l >= len
+                    && s.tag.load(Relaxed) == me
+                    && mine.is_none_or(|(_, w, b)| (!cold, l) > (w, b))
+                {
+                    mine = Some((i, !cold, l));
                 }
             }
-            let (i, l) = mine.or(largest)?;
+            let (i, l) = mine.map(|(i, _, l)| (i, l)).or(largest)?;
             if l < len && !grow {
                 return None;
             }
-            let Some((a, l, age)) = self.slots[i].claim() else {
+            let Some(p) = self.slots[i].claim() else {
                 continue;
             };
-            self.bytes.fetch_sub(l, AcqRel);
+            let (a, l) = (p.addr, p.len);
+            self.counter(p.cold).fetch_sub(l, AcqRel);
             if l >= len {
-                if l > len && !self.put_aged(a + len, l - len, age) {
-                    // SAFETY: the rest of a cached range is ours alone.
-                    let _ = unsafe { sys::munmap(a + len, l - len) };
+                if l > len {
+                    self.put_rest(p, a + len, l - len);
                 }
                 fork_wipes(a, len, false);
                 return Some(a);
             }
-            // Room right after the piece: extend it there (no move, and no failure when the
-            // piece spans two VMAs).
+            // Room right after the piece: extend it there. Never moved with `mremap`: that
+            // would unmap its old addresses (see the module invariants).
             if sys::mmap_anon_at(a + l, len - l) {
                 fork_wipes(a, l, false);
                 return Some(a);
             }
-            // SAFETY: [a, a+l) is ours alone; MAYMOVE lets the kernel find room.
-            match unsafe { sys::mremap(a, l, len, libc::MREMAP_MAYMOVE, 0) } {
-                Ok(new) => {
-                    fork_wipes(new, len, false);
-                    return Some(new);
-                }
-                Err(_) => {
-                    // E.g. the piece spans two VMAs: keep it for a request it fits.
-                    if !self.put_aged(a, l, age) {
-                        // SAFETY: as above.
-                        let _ = unsafe { sys::munmap(a, l) };
-                    }
-                    return None;
-                }
-            }
+            // Keep it for a request it fits.
+            self.put_rest(p, a, l);
+            return None;
         }
         None
     }
@@ -284,44 +399,43 @@ impl Cache {
             if a != at || l < extra {
                 continue;
             }
-            let Some((a, l, age)) = s.claim() else {
+            let Some(p) = s.claim() else {
                 return false;
             };
-            if a != at || l < extra {
+            self.counter(p.cold).fetch_sub(p.len, AcqRel);
+            if p.addr != at || p.len < extra {
                 // Changed between the look and the claim: put it back untouched.
-                if !self.store(a, l, age) {
-                    // SAFETY: a cached range is ours alone.
-                    let _ = unsafe { sys::munmap(a, l) };
-                    self.bytes.fetch_sub(l, AcqRel);
-                }
+                self.put_rest(p, p.addr, p.len);
                 return false;
             }
-            self.bytes.fetch_sub(l, AcqRel);
-            if l > extra && !self.put_aged(a + extra, l - extra, age) {
-                // SAFETY: the rest of a cached range is ours alone.
-                let _ = unsafe { sys::munmap(a + extra, l - extra) };
+            if p.len > extra {
+                self.put_rest(p, at + extra, p.len - extra);
             }
-            fork_wipes(a, extra, false);
+            fork_wipes(at, extra, false);
             return true;
         }
         false
     }
 
-    /// Gives back to the kernel every piece that stayed cached since the previous trim, so idle
-    /// freed memory does not linger (hooks call this about once a second through
+    /// Turns every warm piece that stayed cached since the previous trim cold, so idle freed
+    /// memory does not linger (hooks call this about once a second through
     /// [`Cache::maybe_trim`]; the agent's `TRIM_CACHE` command empties an idle process's cache).
     pub fn trim(&self) {
         for s in &self.slots {
             if s.state.load(Acquire) != FULL {
                 continue;
             }
-            if s.age.fetch_add(1, Relaxed) == 0 {
+            let age = s.age.load(Relaxed);
+            if age < u8::MAX {
+                // A racing claim may lose this tick: the age only orders trims and evictions.
+                let _ = s.age.compare_exchange(age, age + 1, Relaxed, Relaxed);
+            }
+            if age == 0 || s.cold.load(Relaxed) {
                 continue;
             }
-            if let Some((a, l, _)) = s.claim() {
-                self.bytes.fetch_sub(l, AcqRel);
-                // SAFETY: a cached range is ours alone.
-                let _ = unsafe { sys::munmap(a, l) };
+            if let Some(p) = s.claim() {
+                self.counter(p.cold).fetch_sub(p.len, AcqRel);
+                self.put_piece(Piece { cold: true, ..p });
             }
         }
     }
@@ -354,14 +468,34 @@ impl Cache {
         }
     }
 
-    /// Gives every cached piece back to the kernel.
+    /// Gives the memory of every cached piece back to the kernel (every piece turns cold).
     pub fn trim_all(&self) {
         self.trim();
         self.trim();
     }
 
+    /// Unmaps every cold piece: for a mapping that failed, perhaps for want of address space.
+    /// True if there was one.
+    pub fn release_cold(&self) -> bool {
+        let mut any = false;
+        for _ in 0..2 * SLOTS {
+            if !self.evict_oldest_cold() {
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// Bytes of warm (resident) pieces.
     pub fn bytes(&self) -> usize {
         self.bytes.load(Relaxed)
+    }
+
+    /// Bytes of cold pieces (address space only).
+    #[cfg(test)]
+    pub fn cold_bytes(&self) -> usize {
+        self.cold_bytes.load(Relaxed)
     }
 }
 
@@ -369,6 +503,13 @@ impl Cache {
 mod tests {
     use super::*;
     const P: usize = 4096;
+
+    /// One cache test at a time: some rely on the free address space after a mapping, which a
+    /// mapping made by a test running beside them could take.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
     fn map(len: usize) -> usize {
         sys::mmap_anon(len).unwrap()
@@ -405,7 +546,7 @@ mod tests {
     fn holding(n: usize, warm: bool) -> (Cache, usize) {
         let c = Cache::new();
         let a = if warm { touched(n) } else { map(n * P) };
-        assert!(c.put(a, n * P));
+        assert!(c.put(a, n * P, true));
         (c, a)
     }
 
@@ -433,6 +574,7 @@ mod tests {
 
     #[test]
     fn a_fork_copies_no_cached_piece_and_every_taken_block() {
+        let _serial = serial();
         // Cached: the child finds the piece zero-filled (not copied), the parent its bytes.
         let (c, a) = holding(8, true);
         assert_eq!(read_in_fork_child(a + 3 * P), 0);
@@ -446,19 +588,16 @@ mod tests {
         }
         // The rest, still cached, is still not copied.
         assert_eq!(read_in_fork_child(a + 5 * P), 0);
-        // Grown by mremap: the whole block is copied by a fork.
-        let b = c.take(12 * P).unwrap();
-        assert_eq!(read_in_fork_child(b + P), 0x0c);
-        unmap(a, 4 * P);
-        unmap(b, 12 * P);
+        unmap(a, 8 * P);
     }
 
     #[test]
     fn no_stale_pages_for_a_block_above_max_piece() {
+        let _serial = serial();
         // A freed, fully resident block that could be grown into a larger request.
         let (c, _) = holding(64, true);
         // A request above MAX_PIECE is not served from the cache (before the bound it got this
-        // piece grown with mremap, its 64 stale resident pages included)...
+        // piece grown, its 64 stale resident pages included)...
         let len = MAX_PIECE + P;
         assert_eq!(c.take(len), None);
         assert_eq!(
@@ -470,17 +609,14 @@ mod tests {
         let b = map(len);
         assert_eq!(resident(b, len / P), 0);
         // A freed block above MAX_PIECE is not kept: the caller unmaps it.
-        assert!(!c.put(b, len));
+        assert!(!c.put(b, len, true));
         assert_eq!(c.bytes(), 64 * P);
-        // Up to MAX_PIECE the warm piece is grown (only the missing pages are new).
-        let g = c.take(MAX_PIECE).unwrap();
-        assert_eq!(resident(g, MAX_PIECE / P), 64);
         unmap(b, len);
-        unmap(g, MAX_PIECE);
     }
 
     #[test]
     fn the_rest_of_a_split_piece_keeps_its_age() {
+        let _serial = serial();
         let (c, a) = holding(64, true);
         c.trim();
         // A small request served from the old piece does not make its rest young...
@@ -489,28 +625,33 @@ mod tests {
         assert_eq!(c.bytes(), 60 * P);
         c.trim();
         assert_eq!(c.bytes(), 0, "the unused rest went back at the next trim");
-        assert!(!mapped(a + 4 * P) && !mapped(a + 63 * P));
+        assert_eq!(c.cold_bytes(), 60 * P);
+        assert_eq!(resident(a + 4 * P, 60), 0);
         assert_eq!(resident(x, 4), 4, "the block handed out is untouched");
         // ... while a block freed next to an old piece keeps the coalesced piece alive.
         let b = touched(64);
-        assert!(c.put(b, 64 * P));
+        assert!(c.put(b, 64 * P, true));
         c.trim();
         let y = c.take(4 * P).unwrap();
-        assert!(c.put(y, 4 * P));
+        assert_eq!(y, b, "a warm piece is served before a cold one");
+        assert!(c.put(y, 4 * P, true));
         c.trim();
         assert_eq!(c.bytes(), 64 * P, "reused within the trim period");
         c.trim();
         assert_eq!(c.bytes(), 0);
-        assert!(!mapped(b));
+        assert_eq!(resident(b, 64), 0);
         unmap(x, 4 * P);
+        assert!(c.release_cold());
+        assert_eq!(c.cold_bytes(), 0);
     }
 
     #[test]
     fn take_at_grows_a_block_into_the_piece_after_it() {
+        let _serial = serial();
         let c = Cache::new();
         let a = touched(8);
         // Pages 4..8 are free (cached); a block holds 0..4.
-        assert!(c.put(a + 4 * P, 4 * P));
+        assert!(c.put(a + 4 * P, 4 * P, true));
         assert!(!c.take_at(a + 5 * P, P), "no piece starts there");
         assert!(!c.take_at(a + 4 * P, 5 * P), "the piece is too short");
         assert!(c.take_at(a + 4 * P, 3 * P));
@@ -523,13 +664,14 @@ mod tests {
 
     #[test]
     fn best_fit_split_and_coalesce() {
+        let _serial = serial();
         let (c, a) = holding(64, false);
         // Best fit takes the front and puts the rest back.
         let x = c.take(16 * P).unwrap();
         assert_eq!(x, a);
         assert_eq!(c.bytes(), 48 * P);
         // Giving it back coalesces into one piece again.
-        assert!(c.put(x, 16 * P));
+        assert!(c.put(x, 16 * P, true));
         assert_eq!(c.slots.iter().filter(|s| s.peek().is_some()).count(), 1);
         assert_eq!(c.take(64 * P), Some(a));
         assert_eq!(c.bytes(), 0);
@@ -538,76 +680,162 @@ mod tests {
     }
 
     #[test]
-    fn grows_the_largest_piece_and_keeps_contents() {
+    fn grows_the_largest_piece_in_place_only() {
+        let _serial = serial();
         let c = Cache::new();
-        let a = map(4 * P);
+        // Free address space after the piece: the test maps 256 pages and caches the first 4.
+        let a = map(256 * P);
+        unmap(a + 4 * P, 252 * P);
         // SAFETY: test mappings made above, owned by this test.
         unsafe { *(a as *mut u8) = 42 };
-        assert!(c.put(a, 4 * P));
+        assert!(c.put(a, 4 * P, true));
         let b = c.take(256 * P).unwrap();
+        assert_eq!(b, a, "grown where it is");
         // SAFETY: test mappings made above, owned by this test.
         assert_eq!(unsafe { *(b as *const u8) }, 42);
         // SAFETY: test mappings made above, owned by this test.
         unsafe { *((b + 255 * P) as *mut u8) = 1 };
         assert_eq!(c.bytes(), 0);
-        // SAFETY: test mappings made above, owned by this test.
-        unsafe { sys::munmap(b, 256 * P).unwrap() };
+        // No room after the piece: not moved (its old addresses would go), kept for later.
+        let g = map(5 * P);
+        assert!(c.put(g, 4 * P, true));
+        assert_eq!(c.take(8 * P), None);
+        assert!(mapped(g) && c.bytes() == 4 * P);
+        unmap(b, 256 * P);
+        unmap(g + 4 * P, P);
     }
 
     #[test]
-    fn trim_releases_pieces_that_stayed_idle() {
-        let (c, a) = holding(8, false);
+    fn trim_gives_idle_memory_back_and_keeps_the_block_readable() {
+        let _serial = serial();
+        let (c, a) = holding(8, true);
         c.trim();
         assert_eq!(c.bytes(), 8 * P, "a fresh piece survives one trim");
+        assert_eq!(resident(a, 8), 8);
         c.trim();
+        assert_eq!((c.bytes(), c.cold_bytes()), (0, 8 * P));
+        // A read after free finds zeros, not an unmapped page, and costs no memory.
+        assert!(mapped(a) && mapped(a + 7 * P));
+        assert_eq!(resident(a, 8), 0);
+        // SAFETY: the test owns the cache and so the piece: reading it is a read of free memory.
+        assert_eq!(unsafe { *((a + 3 * P) as *const u8) }, 0);
+        // A cold piece serves a request like a fresh mapping: nothing resident until touched.
+        assert_eq!(c.take(4 * P), Some(a));
+        assert_eq!(resident(a, 8), 1, "only the page read above");
+        assert_eq!(c.cold_bytes(), 4 * P);
+        assert!(c.release_cold());
+        assert!(!mapped(a + 4 * P));
+        assert!(!c.release_cold(), "nothing left");
+        unmap(a, 4 * P);
+    }
+
+    #[test]
+    fn a_block_freed_past_the_warm_budget_or_uncached_goes_cold_at_once() {
+        let _serial = serial();
+        let c = Cache::new();
+        let a = touched(4);
+        assert!(c.put(a, 4 * P, false));
+        assert_eq!((c.bytes(), c.cold_bytes()), (0, 4 * P));
+        assert!(mapped(a) && resident(a, 4) == 0);
+        // MAX_BYTES of warm pieces (untouched, so only address space), then one more.
+        let big: Vec<usize> = (0..MAX_BYTES / MAX_PIECE).map(|_| map(MAX_PIECE)).collect();
+        for &b in &big {
+            assert!(c.put(b, MAX_PIECE, true));
+        }
+        assert_eq!(c.bytes(), MAX_BYTES);
+        let d = touched(2);
+        assert!(c.put(d, 2 * P, true));
+        assert_eq!(c.bytes(), MAX_BYTES);
+        assert!(mapped(d) && resident(d, 2) == 0);
+        assert!(c.cold_bytes() >= 6 * P);
+        c.trim_all();
         assert_eq!(c.bytes(), 0);
-        let mut v = 0u8;
-        // SAFETY: mincore writes one byte into `v`; an unmapped page only gives ENOMEM.
-        assert_ne!(
-            unsafe { libc::mincore(a as *mut _, P, &mut v) },
-            0,
-            "unmapped"
-        );
+        c.release_cold();
+        for b in big.into_iter().chain([a, d]) {
+            assert!(!mapped(b));
+        }
+    }
+
+    /// Cold pieces: `n` pages each, with an uncached guard page on both sides so none coalesce.
+    fn guarded(n: usize) -> usize {
+        map((n + 2) * P) + P
+    }
+
+    #[test]
+    fn the_oldest_cold_pieces_go_past_the_cold_budget() {
+        let _serial = serial();
+        let c = Cache::new();
+        let n = MAX_PIECE / P;
+        let pieces: Vec<usize> = (0..COLD_MAX_BYTES / MAX_PIECE)
+            .map(|_| guarded(n))
+            .collect();
+        for &p in &pieces {
+            assert!(c.put(p, MAX_PIECE, false));
+            c.trim(); // ages the pieces already cached
+        }
+        assert_eq!(c.cold_bytes(), COLD_MAX_BYTES);
+        let last = guarded(n);
+        assert!(c.put(last, MAX_PIECE, false));
+        assert_eq!(c.cold_bytes(), COLD_MAX_BYTES);
+        assert!(!mapped(pieces[0]), "the oldest went");
+        assert!(pieces[1..].iter().chain([&last]).all(|&p| mapped(p)));
+        c.release_cold();
+        for p in pieces.into_iter().chain([last]) {
+            unmap(p - P, P);
+            unmap(p + MAX_PIECE, P);
+        }
     }
 
     #[test]
     fn maybe_trim_runs_once_per_period() {
-        let (c, _) = holding(8, false);
+        let _serial = serial();
+        let (c, a) = holding(8, false);
         c.maybe_trim(5000); // starts the clock
         c.maybe_trim(5000 + TRIM_PERIOD_MS); // first trim: the piece ages
         assert_eq!(c.bytes(), 8 * P);
         c.maybe_trim(5000 + TRIM_PERIOD_MS + 10); // not due yet
         assert_eq!(c.bytes(), 8 * P);
-        c.maybe_trim(5000 + 2 * TRIM_PERIOD_MS); // second trim: released
-        assert_eq!(c.bytes(), 0);
-        let b = map(4 * P);
-        assert!(c.put(b, 4 * P));
+        c.maybe_trim(5000 + 2 * TRIM_PERIOD_MS); // second trim: cold
+        assert_eq!((c.bytes(), c.cold_bytes()), (0, 8 * P));
+        let b = touched(4);
+        assert!(c.put(b, 4 * P, true));
         c.trim_all();
-        assert_eq!(c.bytes(), 0);
+        assert_eq!((c.bytes(), resident(b, 4)), (0, 0));
+        c.release_cold();
+        assert!(!mapped(a) && !mapped(b));
     }
 
     #[test]
-    fn bounded_bytes_and_slots() {
+    fn bounded_slots() {
+        let _serial = serial();
         let c = Cache::new();
-        assert!(!c.put(0x10_0000_0000, MAX_PIECE + P));
+        assert!(!c.put(0x10_0000_0000, MAX_PIECE + P, true));
         assert_eq!(c.bytes(), 0);
-        // At most MAX_BYTES in all (here: two non-adjacent pieces of MAX_PIECE).
-        assert_eq!(MAX_BYTES, 2 * MAX_PIECE);
-        assert!(c.put(0x10_0000_0000, MAX_PIECE));
-        assert!(c.put(0x18_0000_0000, MAX_PIECE));
-        assert_eq!(c.bytes(), MAX_BYTES);
-        assert!(!c.put(0x1c_0000_0000, P));
-        assert_eq!(c.bytes(), MAX_BYTES);
-        let c = Cache::new();
         // Non-adjacent pieces each take a slot.
         for i in 0..SLOTS {
-            assert!(c.put(0x20_0000_0000 + i * 2 * P, P));
+            assert!(c.put(0x20_0000_0000 + i * 2 * P, P, true));
         }
         assert_eq!(c.bytes(), SLOTS * P);
-        // With every slot taken, a new piece is released (here: a real mapping) and not counted.
+        // With every slot taken by a warm piece, a new piece is released (here: a real
+        // mapping) and not counted.
         let a = map(P);
-        assert!(c.put(a, P));
+        assert!(c.put(a, P, true));
         assert_eq!(c.bytes(), SLOTS * P);
         assert!(!mapped(a), "unmapped");
+        // With a cold piece among them, the oldest cold piece makes room.
+        let c = Cache::new();
+        let cold = guarded(1);
+        assert!(c.put(cold, P, false));
+        c.trim();
+        for i in 1..SLOTS {
+            assert!(c.put(0x20_0000_0000 + i * 2 * P, P, true));
+        }
+        let a = guarded(1);
+        assert!(c.put(a, P, true));
+        assert_eq!((c.bytes(), c.cold_bytes()), (SLOTS * P, 0));
+        assert!(mapped(a) && !mapped(cold));
+        unmap(cold - P, P);
+        unmap(cold + P, P);
+        unmap(a - P, 3 * P);
     }
 }

@@ -47,7 +47,12 @@ fn large_alloc(size: usize, align: usize, zeroed: bool) -> Option<*mut c_void> {
         .flatten();
     let addr = match cached {
         Some(a) => a,
-        None => map_aligned(len, align)?,
+        // A failed mapping may be for want of address space, some of it held by cold pieces.
+        None => match map_aligned(len, align) {
+            Some(a) => a,
+            None if CACHE.release_cold() => map_aligned(len, align)?,
+            None => return None,
+        },
     };
     if !TABLE.insert(addr, len) {
         registry_full();
@@ -114,7 +119,9 @@ fn release(addr: usize, len: usize) {
         c.blocks.fetch_sub(1, Relaxed);
         c.block_bytes.fetch_sub(len as u64, Relaxed);
     }
-    if !CACHING.load(Relaxed) || !CACHE.put(addr, len) {
+    // Not unmapped even when the cache is off (the agent ignores this process): the program
+    // may still read the block it freed, as glibc's heap lets it (see the cache's invariants).
+    if !CACHE.put(addr, len, CACHING.load(Relaxed)) {
         // SAFETY: the registry entry was just removed, so this mapping is ours alone.
         let _ = unsafe { sys::munmap(addr, len) };
     } else {
@@ -277,7 +284,7 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
                 grown_in_place(addr, old_len, new_len);
                 return p;
             }
-            if !CACHE.put(addr + old_len, new_len - old_len) {
+            if !CACHE.put(addr + old_len, new_len - old_len, true) {
                 // SAFETY: the range was a cached piece, ours alone.
                 let _ = unsafe { sys::munmap(addr + old_len, new_len - old_len) };
             }
@@ -293,7 +300,7 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
                 return q as *mut c_void;
             }
             // Registry full: the piece goes back where it came from.
-            if !CACHE.put(q, new_len) {
+            if !CACHE.put(q, new_len, true) {
                 // SAFETY: a piece taken from the cache is ours alone.
                 let _ = unsafe { sys::munmap(q, new_len) };
             }

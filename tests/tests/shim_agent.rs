@@ -392,3 +392,32 @@ fn fingerprint_matches_page_content_and_never_faults_pages_in() {
     assert_eq!(hashes, [PageHash::NotResident; 2]);
     assert!(p.finish(T).0.success());
 }
+
+/// A program may read a large block after freeing it (WebKit's compositor thread does, through
+/// Mesa): glibc's heap lets it, so the shim never unmaps a freed block the cache can hold. When
+/// the cache gives the memory back (here: the agent's TRIM_CACHE), the block holds no memory
+/// and reads as zeros in the program; a request of its size reuses its addresses.
+#[test]
+fn a_freed_block_stays_readable_after_its_memory_goes_back() {
+    let (_agent, mut p, ch) = tracked();
+    let ps = page_size();
+    let size: u64 = 1 << 20;
+    let x = num_field(&p.cmd(&format!("malloc {size}"), T), "ptr");
+    p.cmd(&format!("fill {x} {size} 9"), T);
+    let filled = procfs::read_mem(p.pid(), x, size as usize);
+    assert_eq!(p.cmd(&format!("free {x}"), T), "ok");
+    assert_eq!(ch.snapshot().cache_bytes, size);
+    // Right after free the block keeps what it held (as a chunk freed into glibc's heap does).
+    assert_eq!(procfs::read_mem(p.pid(), x, size as usize), filled);
+    let seq = ch.post(&[cmd(op::TRIM_CACHE, 0, 0)]);
+    assert_eq!(ch.wait_done(seq, T, true), vec![0]);
+    assert_eq!(ch.snapshot().cache_bytes, 0);
+    let present = procfs::pages_present(p.pid(), x, (size / ps) as usize);
+    assert!(!present.contains(&true), "memory given back: {present:?}");
+    // The program reads it (a fault would end the driver): zeros.
+    assert_eq!(p.cmd(&format!("zero {x} {size}"), T), "zero=1");
+    let y = num_field(&p.cmd(&format!("malloc {size}"), T), "ptr");
+    assert_eq!(y, x, "the freed addresses serve the next request");
+    assert_eq!(p.cmd(&format!("free {y}"), T), "ok");
+    drop(p);
+}
