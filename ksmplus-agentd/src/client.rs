@@ -124,8 +124,10 @@ pub struct Client {
     pub tracked_ms: u64,
 }
 
-/// A shim cache unchanged this long is given back ([`Item::Trim`]).
-pub const CACHE_IDLE_MS: u64 = 2000;
+/// A shim cache unchanged this long is given back ([`Item::Trim`]): an idle process's freed
+/// blocks, warm in the shim's cache, should not outlast the burst that freed them by much (at
+/// 2 s, epiphany's web processes held up to 64 MiB each when the desktop bench measured them).
+pub const CACHE_IDLE_MS: u64 = 500;
 
 /// A client tracked this long is settled: its timers (maps checks, batches, round starts at the floor) wait
 /// for the agent's shared wake-up grid instead of waking it on their own.
