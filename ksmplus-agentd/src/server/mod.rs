@@ -66,7 +66,14 @@ pub const DOORBELL_MS: u64 = 500;
 /// For its first [`YOUNG_FAMILY_MS`], a family's doorbell is read every [`DOORBELL_YOUNG_MS`].
 pub const YOUNG_FAMILY_MS: u64 = 10_000;
 pub const DOORBELL_YOUNG_MS: u64 = 100;
+/// A family's process tree is walked this often without a ring ([`Family::walk_pace`]) …
 pub const FAMILY_WALK_MS: u64 = 5000;
+/// … and this often for [`YOUNG_FAMILY_MS`] after it was born or its doorbell last rang: a
+/// fork child that execs a sandboxed program (bubblewrap's, for WebKit's web processes) starts
+/// a shim that cannot say Hello and does not ring, and is found by the walk. At 5 s epiphany's
+/// web processes went untracked (their freed blocks warm in the shim's cache, nothing marked)
+/// for 4-5 s after they started.
+pub const FAMILY_WALK_YOUNG_MS: u64 = 1000;
 /// Kernel feedback pace.
 pub const FEEDBACK_MS: u64 = 1000;
 /// Background coverage figures: one process at most this often, each at most this old (a
@@ -130,6 +137,8 @@ pub struct Family {
     pub doorbell: u64,
     pub channel: u64,
     pub rings_seen: u64,
+    /// When its doorbell last rang (agent clock; `born_ms` before the first ring).
+    pub rang_ms: u64,
     pub doorbell_at: u64,
     pub walk_at: u64,
     pub members: BTreeSet<ClientId>,
@@ -138,6 +147,17 @@ pub struct Family {
     /// Fork children still uninitialised after every try (idle since the fork): looked at
     /// again only when the doorbell rings (their first hook rings it).
     pub idle: BTreeSet<u32>,
+}
+
+impl Family {
+    /// The time from a walk of the family's tree to the next one without a ring.
+    pub fn walk_pace(&self, now: u64) -> u64 {
+        if now < self.born_ms.max(self.rang_ms) + YOUNG_FAMILY_MS {
+            FAMILY_WALK_YOUNG_MS
+        } else {
+            FAMILY_WALK_MS
+        }
+    }
 }
 
 /// Background figures of a client for `status`.
@@ -437,6 +457,32 @@ fn channel_fast() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_family_is_walked_every_second_while_young_or_after_a_ring() {
+        let mut f = Family {
+            socket_hash: 0,
+            born_ms: 1_000,
+            doorbell: 0,
+            channel: 0,
+            rings_seen: 0,
+            rang_ms: 1_000,
+            doorbell_at: 0,
+            walk_at: 0,
+            members: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            idle: BTreeSet::new(),
+        };
+        assert_eq!(f.walk_pace(1_000), FAMILY_WALK_YOUNG_MS);
+        assert_eq!(f.walk_pace(1_000 + YOUNG_FAMILY_MS), FAMILY_WALK_MS);
+        // A ring (a member forked: its child may exec a program that cannot say Hello).
+        f.rang_ms = 60_000;
+        assert_eq!(
+            f.walk_pace(60_000 + YOUNG_FAMILY_MS - 1),
+            FAMILY_WALK_YOUNG_MS
+        );
+        assert_eq!(f.walk_pace(60_000 + YOUNG_FAMILY_MS), FAMILY_WALK_MS);
+    }
 
     #[test]
     fn only_a_young_clients_urgent_work_wakes_off_the_grid() {

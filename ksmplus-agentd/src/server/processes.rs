@@ -172,8 +172,9 @@ impl Agent {
                 doorbell: c.doorbell,
                 channel: c.channel,
                 rings_seen: 0,
+                rang_ms: now,
                 doorbell_at: now,
-                walk_at: now + FAMILY_WALK_MS,
+                walk_at: now + FAMILY_WALK_YOUNG_MS,
                 members: BTreeSet::new(),
                 pending: BTreeMap::new(),
                 idle: BTreeSet::new(),
@@ -307,6 +308,7 @@ impl Agent {
                 if let Some(r) = rings {
                     if r != f.rings_seen {
                         f.rings_seen = r;
+                        f.rang_ms = now;
                         walk = true;
                         rang = true;
                     }
@@ -325,7 +327,7 @@ impl Agent {
         let Some(f) = self.families.get_mut(&key) else {
             return;
         };
-        f.walk_at = now + FAMILY_WALK_MS;
+        f.walk_at = now + f.walk_pace(now);
         let addr = f.channel;
         let family_hash = f.socket_hash;
         let nonces: BTreeSet<u64> = f
