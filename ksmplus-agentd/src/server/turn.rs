@@ -301,7 +301,8 @@ impl Agent {
             // (Firefox's utility processes trap MADV_MERGEABLE and die of SIGSYS), and there
             // is no way to ask a filter what it would do. A process may install one at any
             // time, so its state is read again right before each batch: under a filter,
-            // nothing but cache trims (munmap, which every allocator needs) is ever posted.
+            // nothing but cache trims (`MADV_DONTNEED` and munmap, which every allocator needs) is
+            // ever posted.
             // A filter the process was exec'd with (a launcher's: bubblewrap, flatpak) is the
             // exception, as long as the process adds none (its shim says so in the flags).
             match procfs::read_status(&root, c.pid()) {
