@@ -7,6 +7,11 @@ use super::*;
 impl Agent {
     pub(super) fn turn(&mut self) {
         let now = self.now_ms();
+        // Commands queued since the last turn go out before this turn's work (the engine alone
+        // may take TURN_BUDGET): above all a learned fork server's merge-any, queued at its
+        // Hello, which must run before the server forks the children that are to inherit it
+        // (Chromium's zygote host forks its zygote right after start).
+        self.post_batches(now);
         self.clients_turn(now);
         self.families_turn(now);
         self.engine_turn();
