@@ -441,7 +441,11 @@ fn sparse_regions_sample_resident_pages_only() {
 
 #[test]
 fn residency_in_pieces() {
-    let mut s = Sim::new(cfg());
+    // A gap wide enough to bridge the pages sampling has not found yet (the default, 2, leaves
+    // a few ranges): this test is about residency asked in pieces.
+    let mut c = cfg();
+    c.sampling.coalesce_gap_pages = 8;
+    let mut s = Sim::new(c);
     s.max_runs = 50;
     // Every other page resident: 1024 runs of one page, asked 50 at a time.
     let mut a: Vec<Option<u64>> = vec![None; 2048];
@@ -472,8 +476,10 @@ fn residency_in_pieces() {
 fn runs_coalesce_within_gap() {
     let mut s = Sim::new(cfg());
     let mut a = unique(1024, 1);
-    // Two dup runs 4 pages apart (coalesced, gap 8) and one far away.
-    for i in (100..200).chain(204..300).chain(600..650) {
+    // Dup runs 1 page apart (coalesced at the default gap, 2), 4 pages apart (not), and one
+    // far away.
+    assert_eq!(s.eng.config().sampling.coalesce_gap_pages, 2);
+    for i in (100..200).chain(201..300).chain(304..350).chain(600..650) {
         a[i] = Some(0xaa);
     }
     s.client(1, vec![(0x1000_0000, a)]);
@@ -484,6 +490,7 @@ fn runs_coalesce_within_gap() {
         m,
         vec![
             (0x1000_0000 + 100 * PS, 200 * PS),
+            (0x1000_0000 + 304 * PS, 46 * PS),
             (0x1000_0000 + 600 * PS, 50 * PS)
         ]
     );
