@@ -25,10 +25,10 @@
 //!   bound GIMP grew a freed 47 MiB buffer into a sparsely used 48 MiB one: +14 MiB Pss.)
 //! - `take` cuts from the start of the largest fitting piece the calling thread stored (warm
 //!   first), else of the largest fitting one, and puts the rest back, or grows the largest piece
-//!   in place (a mapping right after it) so only the missing pages are new. Like glibc's top chunk in a per-thread
-//!   arena, this keeps each thread on the same warm pages and leaves room after a block for
-//!   realloc to grow into (`take_at`): no mmap/munmap, only the `MADV_KEEPONFORK` below (which,
-//!   like any advice, waits for a concurrent `fork`'s copy).
+//!   in place (a mapping right after it) so only the missing pages are new. Like glibc's top
+//!   chunk in a per-thread arena, this keeps each thread on the same warm pages and leaves room
+//!   after a block for realloc to grow into (`take_at`): no mmap/munmap, only the
+//!   `MADV_KEEPONFORK` below (which, like any advice, waits for a concurrent `fork`'s copy).
 //! - Cached memory is not zeroed: calloc never takes from here.
 //! - A fork does not copy cached pieces: they are `MADV_WIPEONFORK` while cached (a fork child
 //!   finds them zero-filled, which is as good as any content for free memory) and
@@ -40,8 +40,9 @@
 //! - A warm piece not reused within one to two `trim` periods (a quarter to half a second)
 //!   turns cold, so the cache speeds up allocate/free loops without holding idle memory; a
 //!   process that stops calling the allocator is trimmed by the agent (`TRIM_CACHE` after half a
-//!   second without a change). At 1 s and 2 s, epiphany's web processes each held 7-27 MiB
-//!   more than under glibc when the bench measured them (1 s after its keys). The rest of a
+//!   second without a change). With a 1 s trim period and the agent's trim after 2 s,
+//!   epiphany's web processes each held 7-27 MiB more than under glibc when the desktop bench
+//!   measured them (1 s after its keys). The rest of a
 //!   split piece keeps the piece's age (serving part of it does not make the rest young); a
 //!   piece coalesced with a newly freed block is as young as that block.
 
