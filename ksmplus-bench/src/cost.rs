@@ -27,14 +27,17 @@ impl Steady {
 
     /// The agent's context switches per second over the window.
     pub fn ctxsw_per_sec(&self) -> Option<f64> {
-        let s = &self.spent;
-        s.agent_ctxsw.map(|n| n as f64 / s.secs.max(1e-9))
+        self.per_sec(self.spent.agent_ctxsw)
     }
 
     /// The agent's own wake-ups per second over the window, where the bench read them.
     pub fn wakeups_per_sec(&self) -> Option<f64> {
-        let s = &self.spent;
-        s.agent_wakeups.map(|n| n as f64 / s.secs.max(1e-9))
+        self.per_sec(self.spent.agent_wakeups)
+    }
+
+    /// A count over the window, per second (a zero-length window counts as a nanosecond).
+    fn per_sec(&self, n: Option<u64>) -> Option<f64> {
+        n.map(|n| n as f64 / self.spent.secs.max(1e-9))
     }
 
     /// The steady cost in % of one core, with `none` (the same workload's `none` cell's

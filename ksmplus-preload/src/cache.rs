@@ -243,19 +243,15 @@ impl Cache {
                     continue 'merge;
                 }
                 // Changed between the look and the claim: put it back.
-                if !self.store(n) {
-                    self.counter(n.cold).fetch_sub(n.len, AcqRel);
-                    unmap(n.addr, n.len);
-                }
+                self.keep_or_unmap(n);
             }
             break;
         }
-        let stored = self.store(p) || self.evict_oldest_cold() && self.store(p);
-        if !stored {
-            // Every slot taken. The range may include merged neighbours, which the caller does
-            // not know of, so release it here.
-            self.counter(p.cold).fetch_sub(p.len, AcqRel);
-            unmap(p.addr, p.len);
+        if !self.store(p) {
+            // Every slot taken: the oldest cold piece makes room. Failing that, the range is
+            // released here (it may include merged neighbours the caller does not know of).
+            self.evict_oldest_cold();
+            self.keep_or_unmap(p);
         }
     }
 
@@ -286,10 +282,7 @@ impl Cache {
         };
         if !n.cold {
             // Turned warm meanwhile (claimed, cut and put back): keep it.
-            if !self.store(n) {
-                self.bytes.fetch_sub(n.len, AcqRel);
-                unmap(n.addr, n.len);
-            }
+            self.keep_or_unmap(n);
             return true;
         }
         self.cold_bytes.fetch_sub(n.len, AcqRel);
@@ -318,9 +311,14 @@ impl Cache {
     /// Puts back the rest `[at, at+len)` of a claimed piece `p`, its kind and age kept.
     fn put_rest(&self, p: Piece, at: usize, len: usize) {
         self.counter(p.cold).fetch_add(len, AcqRel);
-        if !self.store(Piece { addr: at, len, ..p }) {
-            self.counter(p.cold).fetch_sub(len, AcqRel);
-            unmap(at, len);
+        self.keep_or_unmap(Piece { addr: at, len, ..p });
+    }
+
+    /// Stores a claimed piece its counter still holds; with no free slot, uncounts and unmaps it.
+    fn keep_or_unmap(&self, p: Piece) {
+        if !self.store(p) {
+            self.counter(p.cold).fetch_sub(p.len, AcqRel);
+            unmap(p.addr, p.len);
         }
     }
 
@@ -406,12 +404,12 @@ impl Cache {
             let Some(p) = s.claim() else {
                 return false;
             };
-            self.counter(p.cold).fetch_sub(p.len, AcqRel);
             if p.addr != at || p.len < extra {
                 // Changed between the look and the claim: put it back untouched.
-                self.put_rest(p, p.addr, p.len);
+                self.keep_or_unmap(p);
                 return false;
             }
+            self.counter(p.cold).fetch_sub(p.len, AcqRel);
             if p.len > extra {
                 self.put_rest(p, at + extra, p.len - extra);
             }
@@ -422,7 +420,7 @@ impl Cache {
     }
 
     /// Turns every warm piece that stayed cached since the previous trim cold, so idle freed
-    /// memory does not linger (hooks call this about once a second through
+    /// memory does not linger (hooks call this about every `TRIM_PERIOD_MS` through
     /// [`Cache::maybe_trim`]; the agent's `TRIM_CACHE` command empties an idle process's cache).
     pub fn trim(&self) {
         for s in &self.slots {
