@@ -65,10 +65,11 @@ pub struct Sampling {
     /// `round_interval_ms`): the checksum rule needs two samples of a page, so this sets how
     /// soon a new region's duplicates can be marked.
     pub first_recheck_ms: u64,
-    /// Marked runs closer than this many pages are coalesced into one (bounds VMA splits).
-    /// Every page of a marked range costs ksmd a visit per pass, merged or not: 2 rather than
-    /// 8 halved ksmd's CPU on the desktop scenarios at fast settings, same saving, ~3 % more
-    /// VMAs (docs/DESKTOP-BENCH.md, session 7).
+    /// Marked runs closer than this many pages are coalesced into one (bounds VMA splits; 0:
+    /// only touching runs). Every page of a marked range costs ksmd a visit per pass, merged or
+    /// not, and a page that did not merge costs it a checksum each time: 2 rather than 8 halved
+    /// ksmd's CPU on the desktop scenarios at fast settings (session 7), 0 rather than 2 halved
+    /// it again on D3 for ~70 % more marked VMAs there (docs/DESKTOP-BENCH.md, session 8).
     pub coalesce_gap_pages: u64,
     /// A marked run with nothing merged after this many full ksmd scans is unmarked.
     pub unmerge_after_full_scans: u64,
@@ -124,7 +125,7 @@ impl Default for Sampling {
             floor: 10,
             round_interval_ms: 1000,
             first_recheck_ms: 150,
-            coalesce_gap_pages: 2,
+            coalesce_gap_pages: 0,
             unmerge_after_full_scans: 3,
         }
     }

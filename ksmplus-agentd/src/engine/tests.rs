@@ -441,7 +441,7 @@ fn sparse_regions_sample_resident_pages_only() {
 
 #[test]
 fn residency_in_pieces() {
-    // A gap wide enough to bridge the pages sampling has not found yet (the default, 2, leaves
+    // A gap wide enough to bridge the pages sampling has not found yet (the default, 0, leaves
     // a few ranges): this test is about residency asked in pieces.
     let mut c = cfg();
     c.sampling.coalesce_gap_pages = 8;
@@ -474,26 +474,27 @@ fn residency_in_pieces() {
 
 #[test]
 fn runs_coalesce_within_gap() {
-    let mut s = Sim::new(cfg());
-    let mut a = unique(1024, 1);
-    // Dup runs 1 page apart (coalesced at the default gap, 2), 4 pages apart (not), and one
-    // far away.
-    assert_eq!(s.eng.config().sampling.coalesce_gap_pages, 2);
-    for i in (100..200).chain(201..300).chain(304..350).chain(600..650) {
-        a[i] = Some(0xaa);
+    // Dup runs 1 page apart (coalesced at gap 2, not at the default, 0), 4 pages apart (not),
+    // and one far away.
+    assert_eq!(Config::default().sampling.coalesce_gap_pages, 0);
+    let r = |lo: u64, hi: u64| (0x1000_0000 + lo * PS, (hi - lo) * PS);
+    for (gap, want) in [
+        (0, vec![r(100, 200), r(201, 300), r(304, 350), r(600, 650)]),
+        (2, vec![r(100, 300), r(304, 350), r(600, 650)]),
+    ] {
+        let mut c = cfg();
+        c.sampling.coalesce_gap_pages = gap;
+        let mut s = Sim::new(c);
+        let mut a = unique(1024, 1);
+        for i in (100..200).chain(201..300).chain(304..350).chain(600..650) {
+            a[i] = Some(0xaa);
+        }
+        s.client(1, vec![(0x1000_0000, a)]);
+        s.run(5_000);
+        let mut m = s.eng.marked(1);
+        m.sort();
+        assert_eq!(m, want, "gap {gap}");
     }
-    s.client(1, vec![(0x1000_0000, a)]);
-    s.run(5_000);
-    let mut m = s.eng.marked(1);
-    m.sort();
-    assert_eq!(
-        m,
-        vec![
-            (0x1000_0000 + 100 * PS, 200 * PS),
-            (0x1000_0000 + 304 * PS, 46 * PS),
-            (0x1000_0000 + 600 * PS, 50 * PS)
-        ]
-    );
 }
 
 /// Two clients with the same 256 pages at 0x1000_0000 and 0x5000_0000, run until client 1's
