@@ -63,6 +63,16 @@ pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
         })
 }
 
+/// What [`ProcHandle::sharing`] found in a range.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sharing {
+    /// Present anonymous pages mapped more than once (merged by KSM, or shared with a fork).
+    pub shared: u64,
+    /// Address ranges `(start, end)` of the stretches of present anonymous pages mapped once,
+    /// of at least the length asked.
+    pub lone: Vec<(u64, u64)>,
+}
+
 /// Open descriptors on one process.
 #[derive(Debug)]
 pub struct ProcHandle {
@@ -140,31 +150,56 @@ impl ProcHandle {
         pagemap_scan(&self.pagemap, start, len, max_runs)
     }
 
-    /// Present pages of `[start, end)` (page-aligned) that are mapped more than once: the
-    /// pagemap's "exclusively mapped" bit (56) is clear on a present anonymous page. A page
-    /// KSM merged is mapped by every duplicate it replaced, so this counts what a marked run
-    /// saves, at 8 bytes read per page of the range, where `smaps` walks every page of the
-    /// process. Also counted: pages still shared with a fork child (copy-on-write not yet
-    /// broken) and the shared zero page (a page only read) — both occupy no memory of their
-    /// own either. Not counted: file pages (bit 61), absent and swapped pages.
-    pub fn shared_pages(&self, start: u64, end: u64, page_size: u64) -> io::Result<u64> {
+    /// How `[start, end)` (page-aligned) is shared: its present pages that are mapped more than
+    /// once, and its stretches of at least `min_lone` present pages mapped once. The pagemap's
+    /// "exclusively mapped" bit (56) is clear on a present anonymous page mapped more than once.
+    /// A page KSM merged is mapped by every duplicate it replaced, so `shared` counts what a
+    /// marked run saves, at 8 bytes read per page of the range, where `smaps` walks every page
+    /// of the process. Also counted as shared: pages still shared with a fork child
+    /// (copy-on-write not yet broken) and the shared zero page (a page only read) — both occupy
+    /// no memory of their own either. Neither shared nor lone: file pages (bit 61), absent and
+    /// swapped pages (an absent page ends a lone stretch).
+    pub fn sharing(
+        &self,
+        start: u64,
+        end: u64,
+        page_size: u64,
+        min_lone: u64,
+    ) -> io::Result<Sharing> {
         const CHUNK: u64 = 4096;
         let mut buf = vec![0u8; 8 * CHUNK as usize];
-        let mut shared = 0;
+        let mut out = Sharing::default();
+        // First page of the lone stretch in progress.
+        let mut lone_from = None;
+        let close = |out: &mut Sharing, from: &mut Option<u64>, at: u64| {
+            if let Some(f) = from.take() {
+                if at - f >= min_lone.max(1) {
+                    out.lone.push((f * page_size, at * page_size));
+                }
+            }
+        };
         let mut at = start / page_size;
         let last = end.div_ceil(page_size);
         while at < last {
             let n = (last - at).min(CHUNK) as usize;
             let b = &mut buf[..n * 8];
             self.pagemap.read_exact_at(b, at * 8)?;
-            shared += b
-                .chunks_exact(8)
-                .map(|e| u64::from_le_bytes(e.try_into().unwrap()))
-                .filter(|e| e >> 63 & 1 == 1 && e >> 61 & 1 == 0 && e >> 56 & 1 == 0)
-                .count() as u64;
+            for (i, e) in b.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().unwrap());
+                let page = at + i as u64;
+                let anon = e >> 63 & 1 == 1 && e >> 61 & 1 == 0;
+                if anon && e >> 56 & 1 == 0 {
+                    out.shared += 1;
+                } else if anon {
+                    lone_from.get_or_insert(page);
+                    continue;
+                }
+                close(&mut out, &mut lone_from, page);
+            }
             at += n as u64;
         }
-        Ok(shared)
+        close(&mut out, &mut lone_from, last);
+        Ok(out)
     }
 
     /// Hashes of the pages at `pages` (page-aligned addresses): `NotResident` for a page the
@@ -604,7 +639,7 @@ mod tests {
     /// (copy-on-write broken); a never-touched page is not counted, one only read (the shared
     /// zero page) is. KSM's merged pages are checked end to end in `tests/` (`feedback`).
     #[test]
-    fn shared_pages_are_those_mapped_more_than_once() {
+    fn shared_pages_are_those_mapped_more_than_once_and_lone_ones_are_found() {
         let ps = 4096u64;
         let n = 16usize;
         let (h, map, len) = own_mapping(n);
@@ -618,10 +653,18 @@ mod tests {
         let z = unsafe { page(8).read_volatile() };
         assert_eq!(z, 0);
         let end = a + n as u64 * ps;
+        let before = h.sharing(a, end, ps, 1).unwrap();
+        assert_eq!(before.shared, 1, "private until a fork");
         assert_eq!(
-            h.shared_pages(a, end, ps).unwrap(),
-            1,
-            "private until a fork"
+            before.lone,
+            vec![(a, a + 8 * ps)],
+            "the written pages; the zero page and the absent ones end the stretch"
+        );
+        assert!(h.sharing(a, end, ps, 9).unwrap().lone.is_empty());
+        assert_eq!(
+            h.sharing(a + 2 * ps, a + 5 * ps, ps, 3).unwrap().lone,
+            vec![(a + 2 * ps, a + 5 * ps)],
+            "a stretch reaching the end of the range"
         );
         let (r, w) = nix::unistd::pipe().unwrap();
         // SAFETY: the child only blocks on a read and exits (async-signal-safe calls only).
@@ -637,13 +680,14 @@ mod tests {
                 }
             }
             nix::unistd::ForkResult::Parent { child } => {
-                let shared = h.shared_pages(a, end, ps).unwrap();
+                let shared = h.sharing(a, end, ps, 1).unwrap().shared;
                 for i in 0..3 {
                     // SAFETY: inside the mapping; breaks copy-on-write for pages 0..3.
                     unsafe { page(i).write_volatile(0x55) };
                 }
-                let after = h.shared_pages(a, end, ps).unwrap();
-                let part = h.shared_pages(a + 4 * ps, a + 6 * ps, ps).unwrap();
+                let after = h.sharing(a, end, ps, 1).unwrap().shared;
+                let part = h.sharing(a + 4 * ps, a + 6 * ps, ps, 1).unwrap().shared;
+                let lone = h.sharing(a, end, ps, 1).unwrap().lone;
                 drop(w);
                 nix::sys::wait::waitpid(child, None).unwrap();
                 assert_eq!(
@@ -655,9 +699,18 @@ mod tests {
                     "3 pages written after the fork are the parent's own"
                 );
                 assert_eq!(part, 2, "only the range asked is read");
+                assert_eq!(
+                    lone,
+                    vec![(a, a + 3 * ps)],
+                    "the pages written since the fork"
+                );
             }
         }
-        assert_eq!(h.shared_pages(a, end, ps).unwrap(), 1, "the child exited");
+        assert_eq!(
+            h.sharing(a, end, ps, 1).unwrap().shared,
+            1,
+            "the child exited"
+        );
         // SAFETY: unmapping the test's own mapping.
         unsafe { munmap(map, len.get()).unwrap() };
     }

@@ -187,6 +187,9 @@ pub struct ProcessStatus {
     pub runs_marked: u64,
     pub runs_unmarked: u64,
     pub runs_loosened: u64,
+    /// Pages cut out of merging runs because they did not merge (agents before 2026-11-29: 0).
+    #[serde(default)]
+    pub pages_trimmed: u64,
     pub marks_refused: u64,
     pub madvise_errors: u64,
 }

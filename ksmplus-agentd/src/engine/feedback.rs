@@ -55,21 +55,25 @@ impl Engine {
     }
 
     /// Kernel feedback: merged kB over address ranges, `(start, end, ksm_kib)` (the due runs'
-    /// ranges, [`Engine::due_ranges`], or the client's VMAs). Due runs showing no merged kB are
-    /// marked UNMERGEABLE (freeing their rmap_items); merging ones are confirmed.
-    pub fn feedback(&mut self, id: ClientId, vmas: &[(u64, u64, u64)]) {
+    /// ranges, [`Engine::due_ranges`], or the client's VMAs), and the address ranges in them
+    /// of at least [`MIN_TRIM_PAGES`] present pages that did not merge (`lone`). Due runs
+    /// showing no merged kB are marked UNMERGEABLE (freeing their rmap_items); merging ones
+    /// are confirmed, less their lone stretches, which are unmarked and not marked again.
+    pub fn feedback(&mut self, id: ClientId, vmas: &[(u64, u64, u64)], lone: &[(u64, u64)]) {
         let n = self.cfg.sampling.unmerge_after_full_scans.max(1);
+        let max_runs = self.cfg.limits.max_marked_ranges;
         let scans = self.full_scans;
         let Some(p) = self.procs.get_mut(&id) else {
             return;
         };
         let ps = p.page_size;
+        let mut total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
         let mut cmds = Vec::new();
         for (s, r) in p.regions.iter_mut() {
             let mut keep = Vec::new();
             let mut restart = Vec::new();
             for mut x in std::mem::take(&mut r.runs) {
-                if let RunState::Marked { wait, .. } = x.state {
+                if let RunState::Marked { wait, merged, .. } = x.state {
                     // The scan in progress when the run was marked does not count.
                     if x.state.check_due(scans) {
                         let (a, b) = (s + x.lo * ps, s + x.hi * ps);
@@ -99,6 +103,44 @@ impl Engine {
                             merged: true,
                             wait: (wait * 2).min(n * CHECK_BACKOFF_MAX),
                         };
+                        // Merging as a whole, but with stretches that did not merge by its
+                        // second check (grown over pages that changed, or whose twin went
+                        // away): ksmd would checksum them on every pass for nothing. The
+                        // thesis stops tracking pages that never merge; here they are cut out
+                        // of the run. Not at the first check: content still settling then
+                        // (a page being loaded) may merge a few scans later.
+                        let lone = if merged { lone } else { &[] };
+                        let cuts = lone
+                            .iter()
+                            .map(|&(la, lb)| (la.max(a), lb.min(b)))
+                            .filter(|&(la, lb)| lb >= la + MIN_TRIM_PAGES * ps)
+                            .map(|(la, lb)| ((la - s) / ps, (lb - s) / ps));
+                        let mut rest = x;
+                        let mut cut_before = false;
+                        for (lo, hi) in cuts {
+                            if lo < rest.lo || hi > rest.hi {
+                                continue;
+                            }
+                            let splits = lo > rest.lo && hi < rest.hi;
+                            if splits && total_runs >= max_runs {
+                                continue;
+                            }
+                            cmds.push((s + lo * ps, (hi - lo) * ps));
+                            r.rejected.push((lo, hi));
+                            p.stats.pages_trimmed += hi - lo;
+                            if lo > rest.lo {
+                                keep.push(Run { hi: lo, ..rest });
+                                cut_before = true;
+                                total_runs += u64::from(splits);
+                            }
+                            rest.lo = hi;
+                        }
+                        if rest.lo < rest.hi {
+                            keep.push(rest);
+                        } else if !cut_before {
+                            total_runs -= 1;
+                        }
+                        continue;
                     }
                 }
                 keep.push(x);

@@ -230,6 +230,8 @@ pub struct ProcCounters {
     pub runs_marked: u64,
     pub runs_unmarked: u64,
     pub runs_loosened: u64,
+    /// Pages cut out of merging runs for not merging ([`MIN_TRIM_PAGES`]).
+    pub pages_trimmed: u64,
     pub marks_refused: u64,
     pub regions_dropped: u64,
     pub madvise_errors: u64,

@@ -521,9 +521,9 @@ fn unmerged_run_is_unmarked_after_full_scans() {
     assert_eq!(due, vec![1, 2]);
     // Client 1 merged something, client 2 nothing.
     s.eng
-        .feedback(1, &[(0x1000_0000, 0x1000_0000 + 256 * PS, 1024)]);
+        .feedback(1, &[(0x1000_0000, 0x1000_0000 + 256 * PS, 1024)], &[]);
     s.eng
-        .feedback(2, &[(0x5000_0000, 0x5000_0000 + 256 * PS, 0)]);
+        .feedback(2, &[(0x5000_0000, 0x5000_0000 + 256 * PS, 0)], &[]);
     let out = s.eng.take_output();
     assert_eq!(out.len(), 1);
     assert!(matches!(
@@ -579,6 +579,7 @@ fn run_grown_over_initialising_buffer_is_loosened_then_regrown_tight() {
             (0x1000_0000, 0x1000_0000 + 2560 * PS, 1024),
             (0x2000_0000, 0x2000_0000 + 2560 * PS, 1024),
         ],
+        &[],
     );
     let out = s.eng.take_output();
     assert_eq!(out.len(), 2, "{out:?}");
@@ -618,6 +619,7 @@ fn a_loosened_run_restarts_the_schedule_on_its_pages_only() {
             (0x1000_0000, 0x1000_0000 + 512 * PS, 512),
             (0x5000_0000, 0x5000_0000 + 512 * PS, 2048),
         ],
+        &[],
     );
     let out = s.eng.take_output();
     assert_eq!(
@@ -822,10 +824,88 @@ fn a_run_that_keeps_merging_is_checked_ever_less_often() {
         assert!(!s.eng.due_checks().contains(&1), "not due at {}", at + wait);
         s.eng.set_full_scans(at + wait + 1);
         assert!(s.eng.due_checks().contains(&1), "due at {}", at + wait + 1);
-        s.eng.feedback(1, &merged);
+        s.eng.feedback(1, &merged, &[]);
         assert!(s.eng.take_output().is_empty(), "a merging run stays marked");
         at += wait + 1;
         wait = (wait * 2).min(n * CHECK_BACKOFF_MAX);
     }
     assert_eq!(wait, n * CHECK_BACKOFF_MAX, "the wait reaches its cap");
+}
+
+/// A run that merges as a whole but not in a stretch of MIN_TRIM_PAGES or more at its second
+/// check has that stretch cut out (unmarked, not marked again); shorter stretches stay.
+#[test]
+fn stretches_of_a_merging_run_that_did_not_merge_are_cut_out() {
+    let mut s = marked_pair();
+    let a = 0x1000_0000u64;
+    let at = |p: u64| a + p * PS;
+    assert_eq!(s.eng.marked(1), vec![(a, 256 * PS)]);
+    s.eng.set_full_scans(2);
+    s.eng.set_full_scans(6);
+    assert!(s.eng.due_checks().contains(&1));
+    let lone = [
+        (at(100), at(100 + MIN_TRIM_PAGES + 12)),
+        (at(200), at(200 + MIN_TRIM_PAGES - 1)),
+        (at(240), at(256)),
+    ];
+    // The first check only confirms the run: its content may still be settling.
+    s.eng.feedback(1, &[(a, at(256), 200 * 4)], &lone);
+    assert!(s.eng.take_output().is_empty());
+    assert_eq!(s.eng.marked(1), vec![(a, 256 * PS)]);
+    s.eng
+        .set_full_scans(6 + 2 * s.eng.config().sampling.unmerge_after_full_scans + 1);
+    assert!(s.eng.due_checks().contains(&1));
+    s.eng.feedback(1, &[(a, at(256), 200 * 4)], &lone);
+    let mut out: Vec<(u64, u64)> = s
+        .eng
+        .take_output()
+        .into_iter()
+        .map(|(c, m)| match m {
+            Command::Madvise {
+                start,
+                len,
+                advice: Advice::Unmergeable,
+                ..
+            } if c == 1 => (start, len),
+            other => panic!("unexpected command {other:?}"),
+        })
+        .collect();
+    out.sort();
+    let cut = MIN_TRIM_PAGES + 12;
+    assert_eq!(out, vec![(at(100), cut * PS), (at(240), 16 * PS)]);
+    let pieces = vec![(a, 100 * PS), (at(100 + cut), (140 - cut) * PS)];
+    let mut m = s.eng.marked(1);
+    m.sort();
+    assert_eq!(m, pieces, "the short stretch stays in the run");
+    assert_eq!(s.eng.status(1).unwrap().counters.pages_trimmed, cut + 16);
+    // The pages cut out are duplicates still, but not marked again.
+    s.run(30_000);
+    let mut m = s.eng.marked(1);
+    m.sort();
+    assert_eq!(m, pieces);
+}
+
+/// At `max_marked_ranges`, a stretch inside a run is not cut (that would split it in two);
+/// one at its end still is.
+#[test]
+fn no_cut_splits_a_run_past_the_range_limit() {
+    let mut c = cfg();
+    c.limits.max_marked_ranges = 1;
+    let mut s = Sim::new(c);
+    s.client(1, vec![(0x1000_0000, vec![Some(7); 256])]);
+    s.run(1_000);
+    let a = 0x1000_0000u64;
+    let at = |p: u64| a + p * PS;
+    assert_eq!(s.eng.marked(1), vec![(a, 256 * PS)]);
+    let lone = [(at(100), at(120)), (at(236), at(256))];
+    s.eng.set_full_scans(2);
+    s.eng.set_full_scans(6);
+    s.eng.feedback(1, &[(a, at(256), 200 * 4)], &lone);
+    assert!(s.eng.take_output().is_empty());
+    s.eng
+        .set_full_scans(6 + 2 * s.eng.config().sampling.unmerge_after_full_scans + 1);
+    s.eng.feedback(1, &[(a, at(256), 200 * 4)], &lone);
+    let out = s.eng.take_output();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(s.eng.marked(1), vec![(a, 236 * PS)]);
 }

@@ -335,6 +335,7 @@ fn status(agent: &mut Agent) -> StatusReply {
             runs_marked: st.counters.runs_marked,
             runs_unmarked: st.counters.runs_unmarked,
             runs_loosened: st.counters.runs_loosened,
+            pages_trimmed: st.counters.pages_trimmed,
             marks_refused: st.counters.marks_refused,
             madvise_errors: st.counters.madvise_errors,
         });

@@ -343,7 +343,8 @@ impl Agent {
     }
 
     /// Kernel feedback: ksmd's full_scans and, for clients with runs due, how much of each due
-    /// run is merged, from the pagemap of the run alone ([`procfs::ProcHandle::shared_pages`]):
+    /// run is merged and where it did not merge, from the pagemap of the run alone
+    /// ([`procfs::ProcHandle::sharing`]):
     /// a check costs in proportion to the runs checked, not to the process (smaps, which this
     /// read before, walks and formats all of it: 40 % of the agent's CPU once converged on D1).
     pub(super) fn feedback(&mut self) {
@@ -357,17 +358,22 @@ impl Agent {
                 continue;
             };
             let ps = c.page_size;
+            let mut lone = Vec::new();
             let merged: io::Result<Vec<(u64, u64, u64)>> = self
                 .engine
                 .due_ranges(id)
                 .into_iter()
-                .map(|(a, b)| Ok((a, b, c.proc.shared_pages(a, b, ps)? * ps / 1024)))
+                .map(|(a, b)| {
+                    let s = c.proc.sharing(a, b, ps, crate::engine::MIN_TRIM_PAGES)?;
+                    lone.extend(s.lone);
+                    Ok((a, b, s.shared * ps / 1024))
+                })
                 .collect();
             match merged {
                 Ok(_) if !c.proc.alive() => {
                     debug!("pid {}: exited while its pagemap was read", c.pid())
                 }
-                Ok(v) => self.engine.feedback(id, &v),
+                Ok(v) => self.engine.feedback(id, &v, &lone),
                 Err(e) => debug!("pid {}: pagemap: {e}", c.pid()),
             }
         }
