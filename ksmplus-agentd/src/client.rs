@@ -294,14 +294,14 @@ impl Client {
         ));
     }
 
-    /// Posts the next batch if none is in flight. True if one was posted.
+    /// Posts the next batch if none is in flight. True if one was posted. On failure the
+    /// commands stay queued.
     pub fn post(&mut self, now: u64) -> std::io::Result<bool> {
         if self.posted.is_some() || self.queue.is_empty() {
             return Ok(false);
         }
         let n = self.queue.len().min(MAX_CMDS);
-        let items: Vec<_> = self.queue.drain(..n).collect();
-        let cmds: Vec<channel::Command> = items.iter().map(|x| x.1).collect();
+        let cmds: Vec<channel::Command> = self.queue.iter().take(n).map(|x| x.1).collect();
         let seq = self.last.done_seq.max(self.seq) + 1;
         self.proc.write(
             self.channel + offsets::CMDS as u64,
@@ -314,6 +314,7 @@ impl Client {
         self.proc
             .write(self.channel + offsets::CMD_SEQ as u64, &seq.to_ne_bytes())?;
         self.seq = seq;
+        let items: Vec<_> = self.queue.drain(..n).collect();
         self.posted = Some(Posted {
             seq,
             at_ms: now,

@@ -8,7 +8,15 @@
 //!   system call in a fork child: only `getpid`, `madvise`, `munmap`, `mremap`, `prctl` — and
 //!   `prctl` only when the agent asks, which it does only for a process without seccomp).
 //! - A hook executes at most [`HOOK_BUDGET`] commands per call, so no allocation waits behind a
-//!   long batch; the signal handler executes the whole batch.
+//!   long batch; the signal handler executes the whole batch, and so does [`before_fork`].
+//! - The one wait: before a fork ([`before_fork`]: the `pthread_atfork` prepare handler, and
+//!   the `syscall` hook for a raw fork or clone without `CLONE_VM`), a process whose own Hello
+//!   reached an agent and whose verdict is still `PENDING` sleeps for it in ~1 ms steps (raw
+//!   `nanosleep`), at most [`VERDICT_WAIT_MS`] over its whole life; then it applies the
+//!   verdict and runs the batch the agent posted before it (a learned fork server's
+//!   merge-any, which only children forked afterwards inherit). Never in a fork child (it
+//!   said no Hello: `fork_child` clears the flag, and a page not set up yet is left alone),
+//!   once the verdict is known, once ignored or dormant, nor under a seccomp filter.
 //! - The channel page is `MADV_WIPEONFORK`: a zero `magic` in a hook means "this is a new
 //!   process forked from ours" (fork, or a raw `clone` that bypasses `pthread_atfork`). Its first
 //!   hook re-initialises the page with a new nonce and rings the family doorbell, which the
@@ -27,6 +35,10 @@ const _: () = assert!(crate::cache::SLOTS == ksmplus_common::channel::CACHE_PIEC
 
 /// Commands a hook executes per call.
 pub const HOOK_BUDGET: usize = 8;
+
+/// The longest a process waits for its verdict before its forks, over its whole life (in
+/// steps of about a millisecond).
+pub const VERDICT_WAIT_MS: u32 = 200;
 
 /// `prctl(PR_SET_MEMORY_MERGE)` (Linux 6.4).
 const PR_SET_MEMORY_MERGE: i32 = 67;
@@ -48,6 +60,10 @@ static MY_NONCE: AtomicU64 = AtomicU64::new(0);
 static SEEN_VERDICT: AtomicU32 = AtomicU32::new(u32::MAX);
 /// The family was ignored: a fork child stays dormant and does not ring the doorbell.
 static FAMILY_IGNORED: AtomicBool = AtomicBool::new(false);
+/// This process's own Hello reached an agent (a fork child's copy is cleared: it said none).
+static HELLO_SENT: AtomicBool = AtomicBool::new(false);
+/// What is left of [`VERDICT_WAIT_MS`] for this process.
+static WAIT_LEFT_MS: AtomicU32 = AtomicU32::new(VERDICT_WAIT_MS);
 /// Progress inside the current batch (only the thread holding `busy` touches these).
 static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
 static BATCH_POS: AtomicUsize = AtomicUsize::new(0);
@@ -222,6 +238,8 @@ fn fork_child(ch: &Channel) {
     let parent = MY_NONCE.load(Relaxed);
     let nonce = sys::entropy(parent);
     let bell = KSMPLUS_ANCHOR.doorbell.load(Relaxed);
+    // This process said no Hello: it never waits for a verdict before forking.
+    HELLO_SENT.store(false, Relaxed);
     // The parent's batch progress means nothing here.
     BATCH_SEQ.store(0, Relaxed);
     BATCH_POS.store(0, Relaxed);
@@ -297,10 +315,85 @@ pub fn set_cache_bytes() {
     });
 }
 
+/// The constructor's Hello reached an agent: forks wait for its verdict from now on.
+pub fn hello_reached_agent() {
+    HELLO_SENT.store(true, Relaxed);
+}
+
+/// Right before this process forks (the `pthread_atfork` prepare handler, the `syscall` hook
+/// for a raw clone without `CLONE_VM`): a child inherits `PR_SET_MEMORY_MERGE` only if it ran
+/// before the fork, and the agent posts a learned fork server's merge-any before its verdict.
+/// So when our own Hello reached an agent whose verdict has not come yet, wait for it (bounded
+/// by what is left of [`VERDICT_WAIT_MS`]), apply it, and run the whole waiting batch.
+///
+/// Does nothing in a fork child (it said no Hello), once the verdict is known but nothing
+/// waits, once ignored or dormant, and under a seccomp filter (not even a `nanosleep`: the
+/// agent sends merge-any only to a process without one).
+pub fn before_fork() {
+    if !HELLO_SENT.load(Relaxed) || !crate::filter::unfiltered() {
+        return;
+    }
+    let Some(ch) = channel() else { return };
+    let saved_errno = sys::errno();
+    before_fork_on(ch, &WAIT_LEFT_MS, sys::sleep_1ms);
+    sys::set_errno(saved_errno);
+}
+
+/// [`before_fork`] on `ch`, with `left` the wait budget and `sleep` one step of the wait.
+/// Returns the verdict it acted on (`PENDING`: none came, or none was waited for).
+fn before_fork_on(ch: &Channel, left: &AtomicU32, sleep: impl FnMut()) -> u32 {
+    if FAMILY_IGNORED.load(Relaxed) || ch.magic.load(Acquire) != CHANNEL_MAGIC {
+        // Ignored, or a fork child whose first hook has not set its page up yet.
+        return verdict::PENDING;
+    }
+    let v = await_verdict(ch, left, sleep);
+    if v == verdict::PENDING {
+        return v;
+    }
+    if v != SEEN_VERDICT.load(Relaxed) {
+        apply_verdict(ch, v);
+    }
+    if v == verdict::TRACK {
+        service_on(ch, usize::MAX, false);
+        if ch.cmd_seq.load(Acquire) != ch.done_seq.load(Acquire) {
+            // Another thread holds the batch (a hook runs 8 commands at a time): let it
+            // finish, then run the rest here.
+            wait_not_busy_on(ch);
+            service_on(ch, usize::MAX, false);
+        }
+    }
+    v
+}
+
+/// The channel's verdict, waiting for it while it is `PENDING` in steps of `sleep`, each
+/// taken from the budget `left` (never below zero, shared by every thread and every fork of
+/// the process's life).
+fn await_verdict(ch: &Channel, left: &AtomicU32, mut sleep: impl FnMut()) -> u32 {
+    loop {
+        // Acquire: the agent writes a batch before the verdict.
+        let v = ch.verdict.load(Acquire);
+        if v != verdict::PENDING {
+            return v;
+        }
+        if left
+            .fetch_update(Relaxed, Relaxed, |l| l.checked_sub(1))
+            .is_err()
+        {
+            return v;
+        }
+        sleep();
+    }
+}
+
 /// Executes up to `budget` commands of the waiting batch. Returns at once if another thread is
 /// executing it, or if there is none.
 pub fn service(budget: usize, from_signal: bool) {
     let Some(ch) = channel() else { return };
+    service_on(ch, budget, from_signal);
+}
+
+/// [`service`] on `ch`.
+fn service_on(ch: &Channel, budget: usize, from_signal: bool) {
     if ch.magic.load(Acquire) != CHANNEL_MAGIC {
         return;
     }
@@ -415,6 +508,10 @@ pub fn add_flags(f: u32) {
 /// its flag, no command that started before can still be running when the filter goes in.
 pub fn wait_not_busy() {
     let Some(ch) = channel() else { return };
+    wait_not_busy_on(ch);
+}
+
+fn wait_not_busy_on(ch: &Channel) {
     // A batch is at most MAX_CMDS madvise calls: far below this many spins.
     for _ in 0..50_000_000u32 {
         if ch.busy.load(SeqCst) == 0 {
@@ -455,6 +552,87 @@ mod tests {
         let p = sys::mmap_anon(CHANNEL_BYTES).unwrap();
         // SAFETY: a fresh zeroed page; Channel is atomics only.
         unsafe { &*(p as *const Channel) }
+    }
+
+    /// A test channel set up as `setup` would, with `n` PROBE commands posted (sequence 1).
+    fn posted_channel(n: usize) -> &'static Channel {
+        let ch = test_channel();
+        for c in &ch.cmds[..n] {
+            c.op.store(op::PROBE, Relaxed);
+        }
+        ch.n_cmds.store(n as u32, Relaxed);
+        ch.cmd_seq.store(1, Relaxed);
+        ch.magic.store(CHANNEL_MAGIC, Release);
+        ch
+    }
+
+    /// The fork-time wait, every case in one test: it changes the process-wide verdict state
+    /// (`SEEN_VERDICT`, `FAMILY_IGNORED`), which a parallel test must not see half-way.
+    #[test]
+    fn a_fork_waits_for_the_verdict_within_its_budget_and_runs_the_whole_batch() {
+        let sleeps = core::cell::Cell::new(0u32);
+        let count = || sleeps.set(sleeps.get() + 1);
+
+        // The verdict comes while waiting (on the 3rd step): three steps taken from the budget,
+        // and the whole batch (more than a hook's budget) runs before the fork.
+        let n = HOOK_BUDGET + 4;
+        let ch = posted_channel(n);
+        let left = AtomicU32::new(VERDICT_WAIT_MS);
+        let v = before_fork_on(ch, &left, || {
+            count();
+            if sleeps.get() == 3 {
+                ch.verdict.store(verdict::TRACK, Release);
+            }
+        });
+        assert_eq!(v, verdict::TRACK);
+        assert_eq!(sleeps.get(), 3);
+        assert_eq!(left.load(Relaxed), VERDICT_WAIT_MS - 3);
+        assert_eq!(ch.done_seq.load(Relaxed), 1, "the whole batch ran");
+        assert_eq!(ch.counters.cmds.load(Relaxed), n as u64);
+
+        // The verdict known already: no wait; a batch posted since runs whole.
+        sleeps.set(0);
+        ch.n_cmds.store(2, Relaxed);
+        ch.cmd_seq.store(2, Release);
+        assert_eq!(before_fork_on(ch, &left, count), verdict::TRACK);
+        assert_eq!(sleeps.get(), 0);
+        assert_eq!(ch.done_seq.load(Relaxed), 2);
+
+        // No verdict ever (a silent agent): the budget is spent once, then never waited again.
+        sleeps.set(0);
+        let ch = posted_channel(1);
+        let left = AtomicU32::new(5);
+        assert_eq!(before_fork_on(ch, &left, count), verdict::PENDING);
+        assert_eq!((sleeps.get(), left.load(Relaxed)), (5, 0));
+        assert_eq!(before_fork_on(ch, &left, count), verdict::PENDING);
+        assert_eq!(
+            sleeps.get(),
+            5,
+            "the budget is for the process's whole life"
+        );
+        assert_eq!(
+            ch.done_seq.load(Relaxed),
+            0,
+            "nothing runs without a verdict"
+        );
+
+        // A fork child's page, wiped and not set up yet: no wait.
+        let wiped = test_channel();
+        let left = AtomicU32::new(VERDICT_WAIT_MS);
+        assert_eq!(before_fork_on(wiped, &left, count), verdict::PENDING);
+        assert_eq!((sleeps.get(), left.load(Relaxed)), (5, VERDICT_WAIT_MS));
+
+        // Ignored: the verdict is applied, nothing runs, and no later fork waits.
+        let ch = posted_channel(1);
+        ch.verdict.store(verdict::IGNORE, Release);
+        assert_eq!(before_fork_on(ch, &left, count), verdict::IGNORE);
+        assert_eq!(ch.done_seq.load(Relaxed), 0);
+        assert!(ch.flags.load(Relaxed) & flag::DORMANT != 0);
+        let pending = posted_channel(1);
+        assert_eq!(before_fork_on(pending, &left, count), verdict::PENDING);
+        assert_eq!((sleeps.get(), left.load(Relaxed)), (5, VERDICT_WAIT_MS));
+        FAMILY_IGNORED.store(false, Relaxed);
+        SEEN_VERDICT.store(verdict::PENDING, Relaxed);
     }
 
     #[test]

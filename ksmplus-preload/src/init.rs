@@ -10,6 +10,10 @@
 //!   this user or root), one non-blocking send, close. Whatever fails, the program runs on
 //!   unchanged; an agent started later adopts the process through its anchor instead.
 //! - Diagnostics go to fd 2 with raw `write`, and only when `KSMPLUS_LOG` is set.
+//! - Once the Hello reached an agent, and only then, the constructor registers a
+//!   `pthread_atfork` prepare handler ([`chan::before_fork`]): a fork waits (bounded) for the
+//!   agent's verdict and runs the batch posted with it, so children inherit a learned fork
+//!   server's merge-any. Registering allocates nothing (see `wait_for_verdict_before_forks`).
 //! - Under Yama `ptrace_scope` 1 (Ubuntu's default) the agent, not being an ancestor, could not
 //!   open `/proc/PID/mem`: the constructor names the agent it reached (its pid from
 //!   `SO_PEERCRED`) with `PR_SET_PTRACER`, and a forked child does the same (the relation is
@@ -159,8 +163,39 @@ pub fn init() {
         flags: if madvise_all { flag::MADVISE_ALL } else { 0 },
     };
     match say_hello(&socket, &hello) {
-        Ok(agent) => allow_agent(agent, status.as_deref()),
+        Ok(agent) => {
+            allow_agent(agent, status.as_deref());
+            wait_for_verdict_before_forks();
+        }
         Err(why) => log(&format!("no agent reached at {socket}: {why}")),
+    }
+}
+
+/// The `pthread_atfork` prepare handler: see [`chan::before_fork`].
+unsafe extern "C" fn prepare_fork() {
+    chan::before_fork();
+}
+
+/// An agent has our Hello: a fork from now on first waits (bounded) for its verdict and runs
+/// the batch posted with it, so the children inherit a learned fork server's merge-any.
+///
+/// `pthread_atfork` is glibc's `libc_nonshared.a` wrapper around `__register_atfork` (linked
+/// into this library, with our `__dso_handle`), which takes glibc's `atfork_lock` and stores
+/// the handler in a dynarray whose first 48 entries are static storage (as read in glibc
+/// 2.36's `posix/register-atfork.c`; the same since 2.28): no allocation unless the process
+/// registered 48 handlers before us, and then a `malloc` that our hook serves like any other
+/// (it takes no lock and never forks). glibc's `fork` runs the prepare handlers first, before
+/// it takes stdio's and malloc's locks, and releases `atfork_lock` around each.
+fn wait_for_verdict_before_forks() {
+    chan::hello_reached_agent();
+    // SAFETY: registers a handler that never unwinds and is async-signal-safe (a fork from a
+    // signal handler runs it too); it stays valid for the life of the process (the shim is
+    // never unloaded: an LD_PRELOAD library).
+    let r = unsafe { sys::pthread_atfork(Some(prepare_fork), None, None) };
+    if r != 0 {
+        log(&format!(
+            "pthread_atfork failed ({r}): forks do not wait for the verdict"
+        ));
     }
 }
 

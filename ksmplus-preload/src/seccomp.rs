@@ -10,9 +10,14 @@
 //!
 //! Invariants:
 //! - The hooks behave exactly like glibc's functions: same arguments to the kernel, same return
-//!   value and errno. `syscall` is a leaf without a stack frame (as glibc's), so a
-//!   `syscall(SYS_vfork)` or `syscall(SYS_clone, CLONE_VM|CLONE_VFORK, …)` child cannot
-//!   clobber a frame its parent returns through; only the seccomp case calls into Rust.
+//!   value and errno. `syscall` makes the system call from its own body with the stack as on
+//!   entry and no frame (as glibc's), so a `syscall(SYS_vfork)` or
+//!   `syscall(SYS_clone, CLONE_VM|CLONE_VFORK, …)` child cannot clobber a frame its parent
+//!   returns through. It calls into Rust for the seccomp case (a tail jump) and, before
+//!   `SYS_fork` or a `SYS_clone` without `CLONE_VM` (a new process: Chromium's zygote forks
+//!   that way, and no `pthread_atfork` handler runs for it), for [`crate::chan::before_fork`]
+//!   — a call that returns before the system call is made. `clone3` and `vfork` are not
+//!   covered.
 //! - No allocation, lock or panic. The one wait — until a batch being executed on another
 //!   thread finishes, so no advice runs once the filter is in — is bounded.
 //! - Not covered: a filter installed with a raw `syscall` instruction (not through glibc); the
@@ -101,16 +106,25 @@ mod hooks {
         sys::errno_convention(r) as c_int
     }
 
-    /// glibc's `long syscall(long nr, ...)`, instruction for instruction, with one test in
-    /// front: `seccomp(2)` and `prctl(PR_SET_SECCOMP)` go through [`seccomp_call`].
+    /// glibc's `long syscall(long nr, ...)`, instruction for instruction, with tests in
+    /// front: `seccomp(2)` and `prctl(PR_SET_SECCOMP)` go through [`seccomp_call`]; `fork(2)`
+    /// and a `clone(2)` without `CLONE_VM` (a new process, as Chromium's zygote forks: no
+    /// `pthread_atfork` handler runs for it) first call [`before_fork`], as a prepare handler.
     // SAFETY (naked): the body is the whole function — it reads only its argument registers
-    // and the caller's seventh argument slot, keeps the stack as on entry and returns with
-    // `ret` or by a tail jump to an `extern "C"` function taking the same arguments.
+    // and the caller's seventh argument slot, returns with `ret` or by a tail jump to an
+    // `extern "C"` function taking the same arguments, and makes the system call with the
+    // stack as on entry (so a child returns exactly as from glibc's). The one call out, to
+    // `before_fork`, is made with a 16-byte aligned stack and the six argument registers saved
+    // around it and restored before the system call; it comes back before the fork.
     #[cfg(target_arch = "x86_64")]
     #[unsafe(naked)]
     #[no_mangle]
     pub unsafe extern "C" fn syscall(nr: c_long) -> c_long {
         core::arch::naked_asm!(
+            "cmp rdi, {sys_clone}",
+            "je 4f",
+            "cmp rdi, {sys_fork}",
+            "je 5f",
             "cmp rdi, {sys_seccomp}",
             "je 2f",
             "cmp rdi, {sys_prctl}",
@@ -120,6 +134,28 @@ mod hooks {
             "2:",
             // Same registers and stack as on entry: seccomp_call sees the caller's arguments.
             "jmp {seccomp_call}",
+            // clone(flags, ...): flags in rsi. With CLONE_VM (a thread, vfork) it is no fork.
+            "4:",
+            "test rsi, {clone_vm}",
+            "jnz 1f",
+            "5:",
+            // On entry rsp is 8 past a 16-byte boundary (the return address): six pushes and
+            // 8 more bytes make it aligned for the call.
+            "push rdi",
+            "push rsi",
+            "push rdx",
+            "push rcx",
+            "push r8",
+            "push r9",
+            "sub rsp, 8",
+            "call {before_fork}",
+            "add rsp, 8",
+            "pop r9",
+            "pop r8",
+            "pop rcx",
+            "pop rdx",
+            "pop rsi",
+            "pop rdi",
             "1:",
             "mov rax, rdi",
             "mov rdi, rsi",
@@ -135,6 +171,10 @@ mod hooks {
             "3:",
             "mov rdi, rax",
             "jmp {fail}",
+            sys_clone = const libc::SYS_clone,
+            sys_fork = const libc::SYS_fork,
+            clone_vm = const libc::CLONE_VM,
+            before_fork = sym before_fork,
             sys_seccomp = const libc::SYS_seccomp,
             sys_prctl = const libc::SYS_prctl,
             pr_set_seccomp = const PR_SET_SECCOMP,
@@ -162,6 +202,12 @@ mod hooks {
             prctl_installs(a2, a3)
         };
         sys::errno_convention(if installs { guarded(call) } else { call() })
+    }
+
+    /// `syscall(SYS_fork | SYS_clone without CLONE_VM, …)`: see [`crate::chan::before_fork`].
+    #[cfg(target_arch = "x86_64")]
+    extern "C" fn before_fork() {
+        crate::chan::before_fork();
     }
 
     /// The error tail of [`syscall`]: `-errno` from the kernel becomes errno and -1.

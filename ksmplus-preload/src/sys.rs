@@ -15,6 +15,13 @@ extern "C" {
     pub fn __libc_memalign(align: usize, size: usize) -> *mut c_void;
     pub fn __libc_valloc(size: usize) -> *mut c_void;
     pub fn __libc_pvalloc(size: usize) -> *mut c_void;
+    /// glibc's `pthread_atfork` (in `libc_nonshared.a`: it registers with this library's own
+    /// `__dso_handle`); the `libc` crate does not declare it for Linux.
+    pub fn pthread_atfork(
+        prepare: Option<unsafe extern "C" fn()>,
+        parent: Option<unsafe extern "C" fn()>,
+        child: Option<unsafe extern "C" fn()>,
+    ) -> libc::c_int;
 }
 
 /// Rounds `n` up to a whole number of pages; `None` on overflow.
@@ -200,6 +207,19 @@ pub fn getpid() -> u32 {
 pub fn errno() -> i32 {
     // SAFETY: __errno_location always returns this thread's errno slot.
     unsafe { *libc::__errno_location() }
+}
+
+/// Sleeps about one millisecond: a raw `nanosleep` (a signal may end it early; no errno is
+/// touched on x86-64).
+#[inline]
+pub fn sleep_1ms() {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 1_000_000,
+    };
+    let req = &ts as *const libc::timespec as libc::c_long;
+    // SAFETY: nanosleep only reads the live timespec; no remainder is asked for.
+    let _ = unsafe { raw_syscall6(libc::SYS_nanosleep, [req, 0, 0, 0, 0, 0]) };
 }
 
 /// Monotonic milliseconds (`CLOCK_MONOTONIC_COARSE`, served by the vDSO: no system call).

@@ -207,6 +207,67 @@ fn foreign_uid_agent_is_not_talked_to() {
     assert!(lines.iter().any(|l| l == "hellos=0"), "{lines:?}");
 }
 
+/// `key=N` in a program's output line.
+fn ms_field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Runs `shim_forkwait` under `mode`: `(child's fork, parent's first fork, its second)` in ms.
+fn fork_times(mode: &ShimMode) -> (u64, u64, u64) {
+    let mut p = Interactive::spawn(&mut command(compile("shim_forkwait"), mode));
+    let child = p.line(T);
+    let (st, rest) = p.finish(T);
+    assert!(st.success(), "{st:?} {rest:?}");
+    let parent = rest.first().cloned().unwrap_or_default();
+    assert_eq!(ms_field(&parent, "status"), 0, "{parent}");
+    (
+        ms_field(&child, "fork_ms"),
+        ms_field(&parent, "first_ms"),
+        ms_field(&parent, "second_ms"),
+    )
+}
+
+/// Before a fork the shim waits for the verdict of its own Hello (so a learned fork server's
+/// merge-any, posted with the verdict, runs before its children are made), within 200 ms for
+/// the process's whole life; a silent agent costs one program that much once. Never waited:
+/// with no agent, with a verdict known, in a fork child (it said no Hello).
+#[test]
+fn a_fork_waits_for_the_verdict_once_within_a_budget_and_never_in_a_child() {
+    // Far above a fork's own cost, far below the budget.
+    const QUICK_MS: u64 = 150;
+    let agent = HarnessAgent::start();
+    agent.set_answer(HelloAnswer::Silent);
+    let (child, first, second) = fork_times(&on(agent.socket_path()));
+    assert!(
+        (200..2000).contains(&first),
+        "the first fork waits out the budget (200 ms of 1 ms steps): {first} ms"
+    );
+    assert!(second < QUICK_MS, "the budget is spent: {second} ms");
+    assert!(child < QUICK_MS, "a fork child never waits: {child} ms");
+    for (what, mode) in [
+        (
+            "no agent",
+            on(&agent.socket_path().with_file_name("none.sock")),
+        ),
+        ("shim off", ShimMode::Off),
+    ] {
+        let (child, first, second) = fork_times(&mode);
+        assert!(
+            child.max(first).max(second) < QUICK_MS,
+            "{what}: {child} {first} {second} ms"
+        );
+    }
+    // An agent that answers: the fork waits only until the verdict comes.
+    agent.set_answer(HelloAnswer::Track);
+    let (child, first, second) = fork_times(&on(agent.socket_path()));
+    assert!(
+        child.max(first).max(second) < QUICK_MS,
+        "tracked: {child} {first} {second} ms"
+    );
+}
+
 /// A driver under the shim with a harness agent, tracked, and its channel.
 fn tracked() -> (HarnessAgent, Interactive, ShimChannel) {
     let agent = HarnessAgent::start();

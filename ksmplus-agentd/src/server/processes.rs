@@ -112,12 +112,28 @@ impl Agent {
             );
             return;
         }
+        let now = self.now_ms();
+        // A learned fork server (Chromium's zygote) forks its children right after start, and
+        // only children forked after it ran PR_SET_MEMORY_MERGE inherit the mode. Its shim waits
+        // for the verdict before a fork and then runs the whole waiting batch, so the batch is
+        // posted *before* the verdict: a shim that sees the verdict sees the batch too.
+        c.key = crate::learned::key_of(&self.root(), pid, &c.exe);
+        let merge_any = self.policy.sandbox_fallback == SandboxFallback::MergeAny
+            && c.seccomp == 0
+            && self.learned.is_fork_server(&c.key);
+        if merge_any {
+            c.queue_op(Item::MergeAny(true));
+            // On failure the op stays queued: `post_batches` tries again (and forgets a
+            // client whose channel cannot be written).
+            if let Err(e) = c.post(now) {
+                debug!("pid {pid}: cannot post its merge-any before the verdict: {e}");
+            }
+        }
         if let Err(e) = c.set_verdict(verdict::TRACK) {
             debug!("pid {pid}: cannot write its verdict: {e}");
             return;
         }
         let id = c.id;
-        let now = self.now_ms();
         if self
             .poll
             .registry()
@@ -154,16 +170,14 @@ impl Agent {
             // apply to the process it was forked from.
             c.queue_op(Item::Trim);
         }
-        c.key = crate::learned::key_of(&self.root(), pid, &c.exe);
-        if self.policy.sandbox_fallback == SandboxFallback::MergeAny
-            && c.seccomp == 0
-            && self.learned.is_fork_server(&c.key)
-        {
+        if merge_any {
             info!(
                 "pid {pid}: a fork server whose children refuse marks (learned): merge-any for them"
             );
-            c.queue_op(Item::MergeAny(true));
             self.fallback.insert(id, 0);
+        }
+        if c.posted.is_some() {
+            c.check_at_ms = c.check_at_ms.min(now + WAKE_AFTER_MS);
         }
         if c.family != 0 {
             let f = self.families.entry(c.family).or_insert_with(|| Family {

@@ -337,3 +337,16 @@ pub fn ksmd_pid() -> Option<u32> {
 pub fn figure(what: &str, v: impl std::fmt::Display) {
     eprintln!("FIGURE {what}: {v}");
 }
+
+impl Agent {
+    /// Restarts the agent with `key` in its learned store (`--state`): as if an earlier run had
+    /// learned that this executable (plus the names of its `--flags`) is a fork server whose
+    /// sandboxed children refuse marks.
+    pub fn learn_fork_server(&mut self, key: &str) {
+        self.stop(libc::SIGTERM);
+        let path = self.dir.path().join("state/learned");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, format!("{key}\n")).unwrap();
+        self.spawn();
+    }
+}
