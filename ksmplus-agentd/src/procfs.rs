@@ -233,7 +233,9 @@ impl ProcHandle {
         // Read consecutive pages together (up to 64 KiB at a time).
         let mut order: Vec<usize> = (0..pages.len()).collect();
         order.sort_by_key(|&i| pages[i]);
-        let mut buf = vec![0u8; 16 * page_size as usize];
+        // Grown to the longest chunk read (most calls read single pages: a 64 KiB buffer zeroed
+        // up front was 4.5 % of the agent's CPU once D3 had converged).
+        let mut buf = Vec::new();
         let mut k = 0;
         while k < order.len() {
             let first = pages[order[k]];
@@ -249,6 +251,9 @@ impl ProcHandle {
                 && is_present(pages[order[k + n]])
             {
                 n += 1;
+            }
+            if buf.len() < n * page_size as usize {
+                buf.resize(n * page_size as usize, 0u8);
             }
             let chunk = &mut buf[..n * page_size as usize];
             match self.read(first, chunk) {
