@@ -67,7 +67,9 @@ impl Engine {
             return;
         };
         let ps = p.page_size;
-        let mut total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
+        // Runs the process may still gain (by cuts that split one) below `max_marked_ranges`.
+        let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
+        let mut room = max_runs.saturating_sub(total_runs);
         let mut cmds = Vec::new();
         for (s, r) in p.regions.iter_mut() {
             let mut keep = Vec::new();
@@ -110,36 +112,19 @@ impl Engine {
                         // of the run. Not at the first check: content still settling then
                         // (a page being loaded) may merge a few scans later.
                         let lone = if merged { lone } else { &[] };
-                        let cuts = lone
+                        let cuts: Vec<(u64, u64)> = lone
                             .iter()
                             .map(|&(la, lb)| (la.max(a), lb.min(b)))
                             .filter(|&(la, lb)| lb >= la + MIN_TRIM_PAGES * ps)
-                            .map(|(la, lb)| ((la - s) / ps, (lb - s) / ps));
-                        let mut rest = x;
-                        let mut cut_before = false;
-                        for (lo, hi) in cuts {
-                            if lo < rest.lo || hi > rest.hi {
-                                continue;
-                            }
-                            let splits = lo > rest.lo && hi < rest.hi;
-                            if splits && total_runs >= max_runs {
-                                continue;
-                            }
+                            .map(|(la, lb)| ((la - s) / ps, (lb - s) / ps))
+                            .collect();
+                        let (pieces, cut) = split_run(x, &cuts, &mut room);
+                        for (lo, hi) in cut {
                             cmds.push((s + lo * ps, (hi - lo) * ps));
                             r.rejected.push((lo, hi));
                             p.stats.pages_trimmed += hi - lo;
-                            if lo > rest.lo {
-                                keep.push(Run { hi: lo, ..rest });
-                                cut_before = true;
-                                total_runs += u64::from(splits);
-                            }
-                            rest.lo = hi;
                         }
-                        if rest.lo < rest.hi {
-                            keep.push(rest);
-                        } else if !cut_before {
-                            total_runs -= 1;
-                        }
+                        keep.extend(pieces);
                         continue;
                     }
                 }
@@ -163,4 +148,35 @@ impl Engine {
             ));
         }
     }
+}
+
+/// Cuts the page ranges `cuts` (in page order, inside the region) out of the run `rest`: the
+/// pieces left (in order, each keeping the run's state) and the ranges cut. A cut that would
+/// split the run in two takes one of `room` and is skipped when there is none; a run cut away
+/// whole gives one back.
+fn split_run(mut rest: Run, cuts: &[(u64, u64)], room: &mut u64) -> (Vec<Run>, Vec<(u64, u64)>) {
+    let mut pieces = Vec::new();
+    let mut cut = Vec::new();
+    for &(lo, hi) in cuts {
+        if lo < rest.lo || hi > rest.hi {
+            continue;
+        }
+        if lo > rest.lo && hi < rest.hi {
+            if *room == 0 {
+                continue;
+            }
+            *room -= 1;
+        }
+        cut.push((lo, hi));
+        if lo > rest.lo {
+            pieces.push(Run { hi: lo, ..rest });
+        }
+        rest.lo = hi;
+    }
+    if rest.lo < rest.hi {
+        pieces.push(rest);
+    } else if pieces.is_empty() {
+        *room += 1;
+    }
+    (pieces, cut)
 }
