@@ -26,7 +26,7 @@
 use crate::cache::CACHE;
 use crate::sys::{self, PAGE};
 use crate::{CACHING, MADVISE_ALL, MIN_REGION, THRESHOLD};
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use ksmplus_common::channel::{
     flag, op, verdict, Anchor, Channel, Counters, Doorbell, ANCHOR_MAGIC, CHANNEL_BYTES,
     CHANNEL_MAGIC, CHANNEL_VERSION, DOORBELL_BYTES, DOORBELL_MAGIC, MAX_CMDS, MAX_MOVES,
@@ -54,6 +54,14 @@ pub static KSMPLUS_ANCHOR: Anchor = Anchor {
 
 /// Address of this process's channel page (0: none).
 static CHANNEL: AtomicUsize = AtomicUsize::new(0);
+/// A channel that never has a batch waiting: what [`pending`] reads until `setup` maps the
+/// real page, so the small-allocation fast path needs no null test.
+static IDLE: Channel = {
+    // SAFETY: a Channel is atomics only (repr(C)); all-zero is a valid value of each.
+    unsafe { core::mem::zeroed() }
+};
+/// The channel [`pending`] reads: [`IDLE`], then the real page once it is set up.
+static FAST: AtomicPtr<Channel> = AtomicPtr::new(core::ptr::addr_of!(IDLE) as *mut Channel);
 /// This process's nonce; a fork child's copy is its parent's until it re-initialises.
 static MY_NONCE: AtomicU64 = AtomicU64::new(0);
 /// The verdict the hooks act on now (`u32::MAX`: none applied yet).
@@ -121,6 +129,7 @@ pub fn setup(min_region: usize, madvise_all: bool) -> Option<(u64, u64, u64)> {
     fill(ch, nonce, 0, bell as u64, min_region, madvise_all, false);
     MY_NONCE.store(nonce, Relaxed);
     CHANNEL.store(page, Release);
+    FAST.store(page as *mut Channel, Release);
     SEEN_VERDICT.store(verdict::PENDING, Relaxed);
     KSMPLUS_ANCHOR.channel.store(page, Relaxed);
     KSMPLUS_ANCHOR.doorbell.store(bell, Release);
@@ -208,10 +217,14 @@ pub fn touch() {
     }
 }
 
-/// The small-allocation fast path's test: is a batch waiting? (three loads, no call.)
+/// The small-allocation fast path's test: is a batch waiting? (three loads, no branch but
+/// the answer's: before `setup`, [`FAST`] points at the idle channel.)
 #[inline(always)]
 pub fn pending() -> bool {
-    channel().is_some_and(|ch| ch.cmd_seq.load(Relaxed) != ch.done_seq.load(Relaxed))
+    // SAFETY: FAST points at IDLE (a static) or at the channel page mapped in `setup`, which is
+    // never unmapped; every field of a Channel is an atomic.
+    let ch = unsafe { &*FAST.load(Relaxed) };
+    ch.cmd_seq.load(Relaxed) != ch.done_seq.load(Relaxed)
 }
 
 /// The small-allocation fast path's share: only "is a batch waiting?" (two loads).
