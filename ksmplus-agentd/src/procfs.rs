@@ -411,6 +411,8 @@ pub fn read_maps(root: &Path, pid: u32) -> io::Result<String> {
 /// What the agent needs of `/proc/PID/status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {
+    /// The thread group (process) this task belongs to: its pid for a process, not for a thread.
+    pub tgid: u32,
     pub ppid: u32,
     /// Real uid.
     pub uid: u32,
@@ -437,6 +439,7 @@ pub fn parse_status(text: &str) -> Status {
         let v = v.trim();
         let hex = |v: &str| u64::from_str_radix(v, 16).unwrap_or(0);
         match k {
+            "Tgid" => s.tgid = v.parse().unwrap_or(0),
             "PPid" => s.ppid = v.parse().unwrap_or(0),
             "Uid" => {
                 s.uid = v
@@ -465,6 +468,28 @@ pub fn parse_status(text: &str) -> Status {
 
 pub fn read_status(root: &Path, pid: u32) -> io::Result<Status> {
     std::fs::read_to_string(root.join(format!("proc/{pid}/status"))).map(|t| parse_status(&t))
+}
+
+/// The last pid the kernel handed out in the agent's pid namespace (the last field of
+/// `/proc/loadavg`): it moves with every new process or thread anywhere, so while it stays put
+/// nothing was born.
+pub fn last_pid(root: &Path) -> Option<u32> {
+    let t = std::fs::read_to_string(root.join("proc/loadavg")).ok()?;
+    t.split_whitespace().nth(4)?.parse().ok()
+}
+
+/// Of the tasks `pids`, the processes (not threads) as `(pid, parent pid)`, and the pids with no
+/// task (exited, or not attached yet: a pid is handed out a little before its task appears).
+pub fn births(root: &Path, pids: impl IntoIterator<Item = u32>) -> (Vec<(u32, u32)>, Vec<u32>) {
+    let (mut procs, mut missing) = (Vec::new(), Vec::new());
+    for pid in pids {
+        match read_status(root, pid) {
+            Ok(s) if s.tgid == pid => procs.push((pid, s.ppid)),
+            Ok(_) => {} // a thread
+            Err(_) => missing.push(pid),
+        }
+    }
+    (procs, missing)
 }
 
 /// The threads of a process.
@@ -561,6 +586,44 @@ pub fn shared_inode_at(maps: &str, addr: u64) -> Option<u64> {
 mod tests {
     use super::*;
     use nix::sys::mman::munmap;
+
+    #[test]
+    fn births_tell_new_processes_from_threads_and_gone_pids() {
+        let root = Path::new("/");
+        let before = last_pid(root).expect("/proc/loadavg names the last pid");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(nix::unistd::gettid().as_raw() as u32).unwrap();
+            let _ = wait.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let after = last_pid(root).unwrap();
+        assert!(
+            after != before,
+            "a process and a thread were born: {before} → {after}"
+        );
+        let me = std::process::id();
+        let pid = child.id();
+        // A pid handed out and gone (or never used in this namespace) is missing.
+        let gone = (1..64)
+            .map(|i| after + i)
+            .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+            .unwrap();
+        let (procs, missing) = births(root, [pid, tid, gone]);
+        assert_eq!(procs, vec![(pid, me)], "the child, not the thread");
+        assert_eq!(missing, vec![gone]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        go.send(()).unwrap();
+        t.join().unwrap();
+        // Without /proc the agent cannot tell: no last pid.
+        assert_eq!(last_pid(Path::new("/nonexistent")), None);
+    }
 
     #[test]
     fn status_parses_the_fields_the_agent_uses() {

@@ -120,6 +120,12 @@ pub struct AgentInfo {
     pub reloads: u64,
     /// Wake-up signals sent to idle programs.
     pub wakes: u64,
+    /// Walks of families' process trees, and due walks skipped because no process was born
+    /// into the tree (absent from agents before session 9).
+    #[serde(default)]
+    pub family_walks: u64,
+    #[serde(default)]
+    pub family_walks_skipped: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

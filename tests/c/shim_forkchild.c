@@ -4,7 +4,8 @@
  * stdin to close. The parent reaps the child and prints `done status=S`.
  * argv[1] "idle": the child runs no hook after the fork: it prints `child pid=C` with write(2)
  * and blocks in read(2) on stdin; on a first line it allocates and writes 1 MiB, prints
- * `child active`, and waits for stdin to close (the parent only waits for it). */
+ * `child active`, and waits for stdin to close (the parent only waits for it).
+ * argv[1] "idle-later": as "idle", but the parent forks only once it reads a first line. */
 #define _GNU_SOURCE
 #include <sched.h>
 #include <signal.h>
@@ -26,7 +27,12 @@ int main(int argc, char **argv) {
     unsigned char *p = malloc(1 << 20);
     memset(p, 1, 1 << 20);
     printf("parent pid=%d\n", getpid());
-    int idle = argc > 1 && !strcmp(argv[1], "idle");
+    int later = argc > 1 && !strcmp(argv[1], "idle-later");
+    int idle = later || (argc > 1 && !strcmp(argv[1], "idle"));
+    if (later) {
+        char b[16];
+        if (read(0, b, sizeof b) <= 0) return 6;
+    }
     pid_t c = raw ? (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0) : fork();
     if (c < 0) { perror("fork"); return 3; }
     if (c == 0 && idle) {

@@ -370,6 +370,8 @@ fn status(agent: &mut Agent) -> StatusReply {
             excluded: s.excluded,
             adopted: s.adopted,
             reloads: s.reloads,
+            family_walks: s.walks,
+            family_walks_skipped: s.walks_skipped,
             wakes: s.wakes,
         },
         engine: EngineInfo {

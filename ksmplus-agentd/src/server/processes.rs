@@ -192,9 +192,16 @@ impl Agent {
                 members: BTreeSet::new(),
                 pending: BTreeMap::new(),
                 idle: BTreeSet::new(),
+                tree: BTreeSet::new(),
+                dirty: true,
+                walked_ms: now,
             });
             f.members.insert(id);
             f.pending.remove(&pid);
+            // Its children are the family's from now on (it may have some already).
+            if f.tree.insert(pid) {
+                f.dirty = true;
+            }
         }
         self.by_pid.insert(pid, id);
         self.clients.insert(id, c);
@@ -295,12 +302,23 @@ impl Agent {
     /// Reads each family's doorbell; a ring (or the periodic walk) looks for new processes
     /// among the descendants of its members.
     pub(super) fn families_turn(&mut self, now: u64) {
+        if self.families.values().any(|f| now >= f.walk_at && !f.dirty) {
+            self.look_at_births();
+        }
         let keys: Vec<u64> = self.families.keys().copied().collect();
         for key in keys {
-            let Some(f) = self.families.get(&key) else {
+            let Some(f) = self.families.get_mut(&key) else {
                 continue;
             };
-            let mut walk = now >= f.walk_at || !f.pending.is_empty() && now >= f.doorbell_at;
+            // A due walk with nothing born into the tree since the last one would find nothing
+            // new (a new process is a new pid): put it off, up to FAMILY_WALK_MAX_MS.
+            let due = now >= f.walk_at;
+            if due && !f.dirty && now < f.walked_ms + FAMILY_WALK_MAX_MS {
+                f.walk_at = now + f.walk_pace(now);
+                self.stats.walks_skipped += 1;
+            }
+            let f = &self.families[&key];
+            let mut walk = due && f.walk_at <= now || !f.pending.is_empty() && now >= f.doorbell_at;
             let mut rang = false;
             if now >= f.doorbell_at {
                 let rings = f.members.iter().find_map(|m| {
@@ -342,6 +360,9 @@ impl Agent {
             return;
         };
         f.walk_at = now + f.walk_pace(now);
+        f.walked_ms = now;
+        f.dirty = false;
+        self.stats.walks += 1;
         let addr = f.channel;
         let family_hash = f.socket_hash;
         let nonces: BTreeSet<u64> = f
@@ -400,6 +421,48 @@ impl Agent {
             idle.retain(|p| seen.contains(p));
             f.pending = pending;
             f.idle = idle;
+            f.tree = seen;
+        }
+    }
+
+    /// Marks `dirty` every family a process was born into since the last look (a new pid whose
+    /// parent is in its tree, or in the tree through another new pid); every family when the
+    /// agent cannot tell (no `/proc/loadavg`, the pids wrapped, too many births).
+    fn look_at_births(&mut self) {
+        let root = self.root();
+        let last = procfs::last_pid(&root);
+        let b = &mut self.births;
+        let fresh = match (b.cursor, last) {
+            (Some(c), Some(l)) if l >= c && l - c <= MAX_BIRTHS => Some(c + 1..=l),
+            _ => None,
+        };
+        b.cursor = last;
+        let Some(fresh) = fresh else {
+            b.recheck.clear();
+            for f in self.families.values_mut() {
+                f.dirty = true;
+            }
+            return;
+        };
+        let again = std::mem::take(&mut b.recheck);
+        let (mut born, _) = procfs::births(&root, again);
+        let (more, missing) = procfs::births(&root, fresh);
+        born.extend(more);
+        b.recheck = missing;
+        if born.is_empty() {
+            return;
+        }
+        born.sort_unstable();
+        for f in self.families.values_mut() {
+            let mut new_in_tree: Vec<u32> = Vec::new();
+            for &(pid, ppid) in &born {
+                if f.tree.contains(&ppid) || new_in_tree.contains(&ppid) {
+                    new_in_tree.push(pid);
+                }
+            }
+            if !new_in_tree.is_empty() {
+                f.dirty = true;
+            }
         }
     }
 }
