@@ -89,7 +89,15 @@ impl Agent {
             c.trim_if_idle(now);
             if now >= c.check_at_ms {
                 let changed = c.last.map_gen != c.map_gen_seen;
-                if changed || now >= c.maps_read_ms + c.maps_age_ms {
+                let moves = c.last.moves_head.saturating_sub(c.moves_seen);
+                if crate::client::maps_due(
+                    changed,
+                    moves,
+                    now,
+                    c.maps_read_ms,
+                    c.maps_gap_ms,
+                    c.maps_age_ms,
+                ) {
                     c.map_gen_seen = c.last.map_gen;
                     c.maps_read_ms = now;
                     match procfs::read_maps(&root, c.pid()) {
@@ -103,6 +111,9 @@ impl Agent {
                             let c = self.clients.get_mut(&id).unwrap();
                             c.maps_age_ms =
                                 crate::client::next_maps_age(c.maps_age_ms, busy || changed);
+                            c.maps_gap_ms =
+                                crate::client::next_maps_gap(c.maps_gap_ms, busy, c.settled(now));
+                            let changed = changed && c.maps_gap_ms == 0;
                             c.check_every_ms = if busy || changed {
                                 crate::client::CHECK_MIN_MS
                             } else {
