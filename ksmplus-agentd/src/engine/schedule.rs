@@ -147,15 +147,23 @@ impl Engine {
                         continue;
                     };
                     if next < m {
-                        // One random resident page in each gap of the piece.
+                        // One random resident page in each gap of the piece — unless it lies
+                        // in a marked run (already handed to ksmd, checked by the kernel's
+                        // feedback) or a range barred from marking: reading it again could
+                        // only make a candidate the growth would skip. A settled region that
+                        // is mostly marked costs its floor rounds next to nothing.
                         let n = r.piece_pages;
                         let k = budget.min(m - next);
                         let mut pages = Vec::with_capacity(k as usize);
+                        let done = r.settled_spans();
                         for g in next..next + k {
                             let lo = g * n / m;
                             let hi = ((g + 1) * n / m).max(lo + 1);
                             let j = lo + self.rng.below(hi - lo);
-                            pages.push(s + r.piece_page(j) * ps);
+                            let idx = r.piece_page(j);
+                            if !in_spans(&done, idx) {
+                                pages.push(s + idx * ps);
+                            }
                         }
                         r.phase = Phase::Sampling {
                             m,

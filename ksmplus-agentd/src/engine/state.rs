@@ -107,6 +107,21 @@ impl Region {
     pub(super) fn rejected(&self, idx: u64) -> bool {
         self.rejected.iter().any(|&(lo, hi)| lo <= idx && idx < hi)
     }
+    /// Marked runs and rejected ranges as sorted, merged `[lo, hi)` page spans (for
+    /// [`in_spans`]): the pages sampling has nothing left to learn from.
+    pub(super) fn settled_spans(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.runs.iter().map(|x| (x.lo, x.hi)).collect();
+        v.extend(self.rejected.iter().copied());
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (lo, hi) in v {
+            match out.last_mut() {
+                Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                _ => out.push((lo, hi)),
+            }
+        }
+        out
+    }
     /// The pages `[lo, hi)` a round covers: the focus, within the region, else all of it.
     pub(super) fn scan_range(&self) -> (u64, u64) {
         match self.focus {
@@ -254,4 +269,10 @@ pub struct ClientStatus {
     pub fingerprints: u64,
     pub min_coefficient: u32,
     pub counters: ProcCounters,
+}
+
+/// Whether page `idx` lies in one of `spans` (sorted, disjoint `[lo, hi)`).
+pub(super) fn in_spans(spans: &[(u64, u64)], idx: u64) -> bool {
+    let i = spans.partition_point(|&(lo, _)| lo <= idx);
+    i > 0 && idx < spans[i - 1].1
 }
