@@ -24,6 +24,22 @@ impl Engine {
         }
     }
 
+    /// [`Engine::tick`] for `ids` alone (the clients whose replies just came back: no other
+    /// client's work moved since the last tick). A turn's follow-up ticks cost in proportion
+    /// to the clients at work, not to every region of every client.
+    pub fn tick_clients(&mut self, now: u64, ids: &[ClientId]) {
+        self.global
+            .refill(self.cfg.limits.fingerprint_pages_per_sec_total, now);
+        for &id in ids {
+            if self.global.tokens == 0 {
+                break;
+            }
+            if self.procs.contains_key(&id) {
+                self.schedule_client(id, now);
+            }
+        }
+    }
+
     pub(super) fn chunk_limit(&self) -> u64 {
         (MAX_FINGERPRINT_PAGES as u64)
             .min((self.cfg.limits.fingerprint_pages_per_sec / 4).max(64))

@@ -977,3 +977,18 @@ fn no_cut_splits_a_run_past_the_range_limit() {
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(s.eng.marked(1), vec![(a, 236 * PS)]);
 }
+
+/// `tick_clients` schedules the clients it is given and no other (the agent's follow-up ticks
+/// within a turn); `tick` schedules everyone.
+#[test]
+fn tick_clients_schedules_only_the_clients_named() {
+    let mut s = Sim::new(cfg());
+    s.client(1, vec![(0x1000_0000, unique(64, 1))]);
+    s.client(2, vec![(0x2000_0000, unique(64, 2))]);
+    s.eng.tick_clients(0, &[1, 7]);
+    let out: Vec<ClientId> = s.eng.take_output().iter().map(|(c, _)| *c).collect();
+    assert_eq!(out, vec![1]);
+    s.eng.tick(0);
+    let out: Vec<ClientId> = s.eng.take_output().iter().map(|(c, _)| *c).collect();
+    assert_eq!(out, vec![2], "client 1 still waits for its reply");
+}

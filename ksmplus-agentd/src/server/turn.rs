@@ -252,13 +252,20 @@ impl Agent {
     /// marks into the client's mailbox. Bounded by [`TURN_BUDGET`].
     pub(super) fn engine_turn(&mut self) {
         let t0 = Instant::now();
+        // The first tick looks at every client; the next ones only at those that just got a
+        // reply (the rest had nothing to do a moment ago).
+        let mut replied: Option<Vec<ClientId>> = None;
         loop {
             let now = self.now_ms();
-            self.engine.tick(now);
+            match replied.take() {
+                None => self.engine.tick(now),
+                Some(ids) => self.engine.tick_clients(now, &ids),
+            }
             let out = self.engine.take_output();
             if out.is_empty() {
                 break;
             }
+            replied = Some(out.iter().map(|(id, _)| *id).collect());
             for (id, cmd) in out {
                 let Some(c) = self.clients.get_mut(&id) else {
                     continue;
