@@ -134,7 +134,8 @@ impl ProcHandle {
 
     /// The channel page at `addr`, decoded.
     pub fn snapshot(&self, addr: u64) -> io::Result<Snapshot> {
-        let mut page = vec![0u8; CHANNEL_BYTES];
+        // On the stack: a zeroed heap page per read showed in the agent's profile.
+        let mut page = [0u8; CHANNEL_BYTES];
         self.read(addr, &mut page)?;
         Snapshot::decode(&page).ok_or_else(|| io::ErrorKind::InvalidData.into())
     }
@@ -318,9 +319,40 @@ fn pagemap_scan(
     max_runs: usize,
 ) -> io::Result<(u64, Vec<(u64, u64)>)> {
     const _: () = assert!(core::mem::size_of::<PmScanArg>() == 96);
+    thread_local! {
+        /// The ioctl's output, kept between calls: up to 16 Ki runs are 384 KiB, which
+        /// allocated and zeroed per call (glibc maps and unmaps a block that size) was a tenth
+        /// of the agent's CPU once D3 had settled.
+        static RUNS: core::cell::RefCell<Vec<PageRegion>> = const { core::cell::RefCell::new(Vec::new()) };
+    }
     let end = start.saturating_add(len);
-    let mut v: Vec<PageRegion> = Vec::with_capacity(max_runs.clamp(1, 16 * 1024));
-    v.resize_with(v.capacity(), PageRegion::default);
+    // At most one run per two pages (a run needs a page not in it after it).
+    let want = max_runs
+        .clamp(1, 16 * 1024)
+        .min((len / 4096).div_ceil(2).max(1) as usize);
+    RUNS.with(|v| {
+        let mut v = v.borrow_mut();
+        if v.len() < want {
+            v.resize_with(want, PageRegion::default);
+        }
+        pagemap_scan_into(pagemap, start, end, &mut v[..want])
+    })
+    .or_else(|e| {
+        if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) {
+            pagemap_entries(pagemap, start, len, max_runs)
+        } else {
+            Err(e)
+        }
+    })
+}
+
+/// One `PAGEMAP_SCAN` over `[start, end)` into `v`.
+fn pagemap_scan_into(
+    pagemap: &File,
+    start: u64,
+    end: u64,
+    v: &mut [PageRegion],
+) -> io::Result<(u64, Vec<(u64, u64)>)> {
     let mut arg = PmScanArg {
         size: core::mem::size_of::<PmScanArg>() as u64,
         flags: 0,
@@ -338,11 +370,7 @@ fn pagemap_scan(
     // SAFETY: the ioctl writes at most vec_len PageRegions into v and updates arg.
     let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
     if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) {
-            return pagemap_entries(pagemap, start, len, max_runs);
-        }
-        return Err(e);
+        return Err(io::Error::last_os_error());
     }
     let runs = v[..n as usize]
         .iter()
