@@ -196,6 +196,10 @@ pub struct ProcessStatus {
     /// Pages cut out of merging runs because they did not merge (agents before 2026-11-29: 0).
     #[serde(default)]
     pub pages_trimmed: u64,
+    /// Residency reads: one or more per sampling round, also at the floor, where a region
+    /// that is all marked reads no page (agents before session 9: 0).
+    #[serde(default)]
+    pub residency_queries: u64,
     pub marks_refused: u64,
     pub madvise_errors: u64,
 }

@@ -162,11 +162,12 @@ fn default_exclusion_holds_for_a_track_all_agent() {
     });
     // A few more rounds of the agent (it marks what it tracks within them), then nothing of
     // ssh-agent is marked.
+    // (Rounds over agent_work's all-marked region read residency only, no page.)
     let w = agent.wait("two more rounds on agent_work", T, |s| {
-        find(s, work.pid()).map(|p| u(&p["fingerprinted_pages"]))
+        find(s, work.pid()).map(|p| u(&p["residency_queries"]))
     });
     agent.wait("agent_work sampled again", T, |s| {
-        find(s, work.pid()).and_then(|p| (u(&p["fingerprinted_pages"]) > w).then_some(()))
+        find(s, work.pid()).and_then(|p| (u(&p["residency_queries"]) > w).then_some(()))
     });
     assert_eq!(mergeable_vmas(secret.pid()), Vec::<String>::new());
     assert!(!any_mergeable(secret.pid(), num_field(&ls, "a"), 4 << 20));

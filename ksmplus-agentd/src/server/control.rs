@@ -336,6 +336,7 @@ fn status(agent: &mut Agent) -> StatusReply {
             runs_unmarked: st.counters.runs_unmarked,
             runs_loosened: st.counters.runs_loosened,
             pages_trimmed: st.counters.pages_trimmed,
+            residency_queries: st.counters.residency_queries,
             marks_refused: st.counters.marks_refused,
             madvise_errors: st.counters.madvise_errors,
         });
