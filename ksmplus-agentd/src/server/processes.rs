@@ -318,7 +318,8 @@ impl Agent {
                 self.stats.walks_skipped += 1;
             }
             let f = &self.families[&key];
-            let mut walk = due && f.walk_at <= now || !f.pending.is_empty() && now >= f.doorbell_at;
+            let mut walk = due && f.walk_at <= now;
+            let retry = !f.pending.is_empty() && now >= f.doorbell_at;
             let mut rang = false;
             if now >= f.doorbell_at {
                 let rings = f.members.iter().find_map(|m| {
@@ -348,6 +349,8 @@ impl Agent {
             }
             if walk {
                 self.walk_family(key, now, rang);
+            } else if retry {
+                self.retry_pending(key);
             }
         }
     }
@@ -363,13 +366,10 @@ impl Agent {
         f.walked_ms = now;
         f.dirty = false;
         self.stats.walks += 1;
-        let addr = f.channel;
-        let family_hash = f.socket_hash;
-        let nonces: BTreeSet<u64> = f
-            .members
-            .iter()
-            .filter_map(|m| self.clients.get(m).map(|c| c.nonce))
-            .collect();
+        let join = self.joining(key);
+        let Some(f) = self.families.get_mut(&key) else {
+            return;
+        };
         let mut frontier: Vec<u32> = f
             .members
             .iter()
@@ -384,36 +384,10 @@ impl Agent {
                     continue;
                 }
                 frontier.push(child);
-                if self.by_pid.contains_key(&child)
-                    || self.dormant.contains_key(&child)
-                    || self.known_no_shim(child)
-                    || idle.contains(&child) && !rang
-                {
+                if self.known(child) || idle.contains(&child) && !rang {
                     continue;
                 }
-                let id = self.new_id();
-                match Client::adopt(&root, id, child, addr, None) {
-                    Ok((c, maps))
-                        if nonces.contains(&c.parent_nonce)
-                            && c.last.socket_hash == family_hash =>
-                    {
-                        pending.remove(&child);
-                        idle.remove(&child);
-                        self.admit(c, &maps);
-                    }
-                    _ => {
-                        // Not initialised yet (no hook ran in it), or an exec'd program with a
-                        // channel of its own.
-                        if !self.adopt_by_anchor(child, Some(family_hash)) {
-                            let tries = pending.entry(child).or_insert(0);
-                            *tries += 1;
-                            if *tries > 20 {
-                                pending.remove(&child);
-                                idle.insert(child);
-                            }
-                        }
-                    }
-                }
+                self.consider_child(&root, child, &join, &mut pending, &mut idle);
             }
         }
         if let Some(f) = self.families.get_mut(&key) {
@@ -422,6 +396,87 @@ impl Agent {
             f.pending = pending;
             f.idle = idle;
             f.tree = seen;
+        }
+    }
+
+    /// Looks again at the family's pending children alone (no walk of its tree: a walk reads
+    /// the `children` of every thread of every process in it, and a family with children that
+    /// never set up a channel — epiphany's bubblewrap helpers — was walked every 500 ms for
+    /// 10 s). A child's own children, if any, are births, which make the family walk.
+    pub(super) fn retry_pending(&mut self, key: u64) {
+        let root = self.root();
+        let join = self.joining(key);
+        let Some(f) = self.families.get_mut(&key) else {
+            return;
+        };
+        let mut pending = std::mem::take(&mut f.pending);
+        let mut idle = std::mem::take(&mut f.idle);
+        let pids: Vec<u32> = pending.keys().copied().collect();
+        for child in pids {
+            if self.known(child) || !root.join(format!("proc/{child}")).exists() {
+                pending.remove(&child);
+                continue;
+            }
+            self.consider_child(&root, child, &join, &mut pending, &mut idle);
+        }
+        if let Some(f) = self.families.get_mut(&key) {
+            f.pending = pending;
+            f.idle = idle;
+        }
+    }
+
+    /// Whether the agent knows `pid` already: tracked, dormant, or without a shim.
+    fn known(&mut self, pid: u32) -> bool {
+        self.by_pid.contains_key(&pid) || self.dormant.contains_key(&pid) || self.known_no_shim(pid)
+    }
+
+    /// What a descendant of family `key` must show to join it.
+    fn joining(&self, key: u64) -> Joining {
+        let f = &self.families[&key];
+        Joining {
+            channel: f.channel,
+            socket_hash: f.socket_hash,
+            nonces: f
+                .members
+                .iter()
+                .filter_map(|m| self.clients.get(m).map(|c| c.nonce))
+                .collect(),
+        }
+    }
+
+    /// One look at an untracked descendant of a family: a fork child whose channel is set up
+    /// joins it; an exec'd program with a shim is adopted through its anchor; anything else
+    /// is counted as a try (`pending`; `idle` after 20).
+    fn consider_child(
+        &mut self,
+        root: &std::path::Path,
+        child: u32,
+        join: &Joining,
+        pending: &mut BTreeMap<u32, u32>,
+        idle: &mut BTreeSet<u32>,
+    ) {
+        let id = self.new_id();
+        match Client::adopt(root, id, child, join.channel, None) {
+            Ok((c, maps))
+                if join.nonces.contains(&c.parent_nonce)
+                    && c.last.socket_hash == join.socket_hash =>
+            {
+                pending.remove(&child);
+                idle.remove(&child);
+                self.admit(c, &maps);
+            }
+            _ => {
+                // Not initialised yet (no hook ran in it), or an exec'd program with a
+                // channel of its own.
+                if !self.adopt_by_anchor(child, Some(join.socket_hash)) {
+                    let tries = pending.entry(child).or_insert(0);
+                    *tries += 1;
+                    if *tries > 20 {
+                        pending.remove(&child);
+                        idle.insert(child);
+                    }
+                }
+            }
         }
     }
 
@@ -465,4 +520,13 @@ impl Agent {
             }
         }
     }
+}
+
+/// What a descendant must show to join a family (see `Agent::consider_child`).
+struct Joining {
+    /// The family's channel address (a fork child's is its parent's).
+    channel: u64,
+    socket_hash: u64,
+    /// The members' nonces: a fork child's `parent_nonce` is one of them.
+    nonces: BTreeSet<u64>,
 }
