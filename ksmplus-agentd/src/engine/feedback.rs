@@ -9,6 +9,9 @@ impl Engine {
     /// fresh run look old.
     pub fn set_full_scans(&mut self, v: u64) {
         self.full_scans = v;
+        if !std::mem::take(&mut self.unstamped) {
+            return;
+        }
         for p in self.procs.values_mut() {
             for r in p.regions.values_mut() {
                 for x in r.runs.iter_mut() {

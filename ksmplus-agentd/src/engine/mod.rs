@@ -264,6 +264,9 @@ pub struct Engine {
     global: Bucket,
     rr: ClientId,
     full_scans: u64,
+    /// A run was marked since the last [`Engine::set_full_scans`] (it stamps them): without
+    /// one, that call does not walk every run of every region.
+    unstamped: bool,
     pub evictions: u64,
 }
 
@@ -281,6 +284,7 @@ impl Engine {
             next_gen: 1,
             rr: 0,
             full_scans: 0,
+            unstamped: false,
             evictions: 0,
         }
     }

@@ -329,6 +329,7 @@ impl Engine {
                         merged: false,
                         wait: unmerge_after,
                     };
+                    self.unstamped = true;
                 } else {
                     p.stats.madvise_errors += 1;
                     let x = r.runs.remove(i);
