@@ -316,10 +316,12 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         preload: shim.as_ref().map(|s| s.so.clone()).or(preload.clone()),
         agent: agent.clone(),
         policy: policy(cli.agent_min_region),
-        // Root's agents learn into the run's directory, not into root's home.
+        // Root's agents learn into the run's directory, not into root's home; `-v` so the
+        // log kept in the results' logs/ says how each process was found (it was empty).
         agent_args: vec![
             "--state".into(),
             session.tmp().join("root-learned").display().to_string(),
+            "-v".into(),
         ],
     };
     // The browsers' pages, where their user can read them (a copy of inputs/web*.html).
