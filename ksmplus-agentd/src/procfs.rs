@@ -637,11 +637,11 @@ mod tests {
         );
         let me = std::process::id();
         let pid = child.id();
-        // A pid handed out and gone (or never used in this namespace) is missing.
-        let gone = (1..64)
-            .map(|i| after + i)
-            .find(|p| !Path::new(&format!("/proc/{p}")).exists())
-            .unwrap();
+        // A pid handed out and gone is missing (a reaped child's: not reused before the pids
+        // wrap, where the next free pid could be taken by any process in the meantime).
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        dead.wait().unwrap();
+        let gone = dead.id();
         let (procs, missing) = births(root, [pid, tid, gone]);
         assert_eq!(procs, vec![(pid, me)], "the child, not the thread");
         assert_eq!(missing, vec![gone]);

@@ -359,17 +359,14 @@ impl Agent {
     /// channel joins; an exec'd descendant with a shim is adopted through its anchor.
     pub(super) fn walk_family(&mut self, key: u64, now: u64, rang: bool) {
         let root = self.root();
-        let Some(f) = self.families.get_mut(&key) else {
+        let Some(join) = self.joining(key) else {
             return;
         };
+        let f = self.families.get_mut(&key).unwrap();
         f.walk_at = now + f.walk_pace(now);
         f.walked_ms = now;
         f.dirty = false;
         self.stats.walks += 1;
-        let join = self.joining(key);
-        let Some(f) = self.families.get_mut(&key) else {
-            return;
-        };
         let mut frontier: Vec<u32> = f
             .members
             .iter()
@@ -405,10 +402,10 @@ impl Agent {
     /// 10 s). A child's own children, if any, are births, which make the family walk.
     pub(super) fn retry_pending(&mut self, key: u64) {
         let root = self.root();
-        let join = self.joining(key);
-        let Some(f) = self.families.get_mut(&key) else {
+        let Some(join) = self.joining(key) else {
             return;
         };
+        let f = self.families.get_mut(&key).unwrap();
         let mut pending = std::mem::take(&mut f.pending);
         let mut idle = std::mem::take(&mut f.idle);
         let pids: Vec<u32> = pending.keys().copied().collect();
@@ -430,10 +427,10 @@ impl Agent {
         self.by_pid.contains_key(&pid) || self.dormant.contains_key(&pid) || self.known_no_shim(pid)
     }
 
-    /// What a descendant of family `key` must show to join it.
-    fn joining(&self, key: u64) -> Joining {
-        let f = &self.families[&key];
-        Joining {
+    /// What a descendant of family `key` must show to join it (`None`: no such family).
+    fn joining(&self, key: u64) -> Option<Joining> {
+        let f = self.families.get(&key)?;
+        Some(Joining {
             channel: f.channel,
             socket_hash: f.socket_hash,
             nonces: f
@@ -441,7 +438,7 @@ impl Agent {
                 .iter()
                 .filter_map(|m| self.clients.get(m).map(|c| c.nonce))
                 .collect(),
-        }
+        })
     }
 
     /// One look at an untracked descendant of a family: a fork child whose channel is set up
