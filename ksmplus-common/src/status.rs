@@ -200,6 +200,23 @@ pub struct ProcessStatus {
     /// that is all marked reads no page (agents before session 9: 0).
     #[serde(default)]
     pub residency_queries: u64,
+    /// Of `fingerprinted_pages`: read by rounds at the floor coefficient, and by growing
+    /// candidates into runs; the rest by regions' learning schedules (agents before session
+    /// 10: 0).
+    #[serde(default)]
+    pub floor_pages: u64,
+    #[serde(default)]
+    pub grown_pages: u64,
+    /// Of `candidates`: found by rounds at the floor.
+    #[serde(default)]
+    pub floor_candidates: u64,
+    /// Of `floor_pages`: remembered pages read again because their last hash has a duplicate
+    /// now (a twin appeared elsewhere since).
+    #[serde(default)]
+    pub partner_pages: u64,
+    /// Regions that appeared in the process's maps (not moves or growth in place).
+    #[serde(default)]
+    pub regions_added: u64,
     pub marks_refused: u64,
     pub madvise_errors: u64,
 }

@@ -177,6 +177,9 @@ pub const FLOOR_SLOWDOWN: u64 = 10;
 /// At most this many doublings of the floor pause for a region whose rounds find nothing new
 /// (10 s × 2⁴ = 160 s with the default one-second round interval).
 pub const FLOOR_BACKOFF_MAX_SHIFT: u32 = 4;
+/// At most this many halvings of the random share of a floor round (10 % → 1.25 % at the
+/// default floor) for a region whose floor rounds found nothing new.
+pub const FLOOR_SAMPLE_MAX_SHIFT: u32 = 3;
 /// A run confirmed merging again and again is checked at most every this many times
 /// `unmerge_after_full_scans` full scans.
 pub const CHECK_BACKOFF_MAX: u64 = 16;

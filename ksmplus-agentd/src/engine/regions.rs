@@ -15,6 +15,7 @@ impl Engine {
         self.region_removed(id, start, pages * ps);
         let gen = self.new_gen();
         let p = self.procs.get_mut(&id).unwrap();
+        p.stats.regions_added += 1;
         p.regions.insert(start, Region::new(pages, gen, now));
     }
 

@@ -51,6 +51,9 @@ impl Engine {
                 let run_of = |idx: u64| r.piece.partition_point(|&(lo, _)| lo <= idx);
                 let runs: Vec<usize> = pages.iter().map(|a| run_of((a - region) / ps)).collect();
                 p.stats.fingerprinted_pages += hashes.len() as u64;
+                if r.coefficient <= self.cfg.sampling.floor {
+                    p.stats.floor_pages += hashes.len() as u64;
+                }
                 // Only the first candidate of a stretch of consecutive candidate samples seeds
                 // a growth (the growth covers the rest), so a dense region costs a few jobs,
                 // not one per page; a stretch broken by a unique page is found next round.
@@ -95,6 +98,9 @@ impl Engine {
                         continue;
                     }
                     p.stats.candidates += 1;
+                    if r.coefficient <= self.cfg.sampling.floor {
+                        p.stats.floor_candidates += 1;
+                    }
                     r.found = true;
                     crate::debug!("client {id}: candidate page {idx} in region {region:#x}");
                     p.grows.push_back(Grow {
@@ -122,6 +128,7 @@ impl Engine {
                 };
                 let nreg = r.pages;
                 p.stats.fingerprinted_pages += hashes.len() as u64;
+                p.stats.grown_pages += hashes.len() as u64;
                 let mut stopped = hashes.len() < pages.len();
                 for (addr, ph) in pages.iter().zip(hashes.iter()) {
                     let idx = (addr - job.region) / ps;
@@ -244,9 +251,18 @@ impl Engine {
             (from + covered_pages).min(last_page)
         };
         p.stats.resident_pages += resident;
-        // m over the whole round is ceil(R·c/100): each piece gets its share of it.
+        // m over the whole round is ceil(R·c/100): each piece gets its share of it. At the
+        // floor, each quiet round before this one halved the random share (up to
+        // FLOOR_SAMPLE_MAX_SHIFT times): what a random page can still teach there is mostly
+        // content that changed, which the round's partner pages confirm (`schedule_client`).
         let c = r.coefficient as u64;
-        let m = ((seen + resident) * c).div_ceil(100) - (seen * c).div_ceil(100);
+        let shift = if r.coefficient <= self.cfg.sampling.floor {
+            r.quiet_rounds.min(FLOOR_SAMPLE_MAX_SHIFT)
+        } else {
+            0
+        };
+        let d = 100u64 << shift;
+        let m = ((seen + resident) * c).div_ceil(d) - (seen * c).div_ceil(d);
         r.phase = Phase::Sampling {
             m,
             next: 0,

@@ -181,6 +181,40 @@ impl Engine {
                                 pages.push(s + idx * ps);
                             }
                         }
+                        // A floor round also reads again, in its first batch, every remembered
+                        // page of the piece whose last hash has a duplicate now (one that
+                        // appeared elsewhere since, or content a random sample caught
+                        // changing): a candidate if it still holds it. Random pages at the
+                        // floor rarely hit the same page twice, so without this a page whose
+                        // twin appeared later waited for luck, and the floor's random share
+                        // can shrink while a region stays quiet (`residency_reply`).
+                        if next == 0 && r.coefficient <= cfg_floor && budget > k {
+                            let index = &self.index;
+                            let mut partners: Vec<u64> = r
+                                .hashes
+                                .iter()
+                                .filter(|&(&i, h)| {
+                                    let i = u64::from(i);
+                                    !in_spans(&done, i)
+                                        && r.piece_resident(i)
+                                        && index.get(h).is_some_and(|&c| c >= 2)
+                                })
+                                .map(|(&i, _)| u64::from(i))
+                                .collect();
+                            partners.sort_unstable();
+                            let room = (budget - k) as usize;
+                            if partners.len() > room {
+                                // A window at a random place: pages that stay volatile cannot
+                                // keep the same others out round after round.
+                                let at = self.rng.below(partners.len() as u64) as usize;
+                                partners.rotate_left(at);
+                                partners.truncate(room);
+                            }
+                            p.stats.partner_pages += partners.len() as u64;
+                            pages.extend(partners.into_iter().map(|i| s + i * ps));
+                            pages.sort_unstable();
+                            pages.dedup();
+                        }
                         r.phase = Phase::Sampling {
                             m,
                             next: next + k,

@@ -144,6 +144,16 @@ impl Region {
             self.phase = Phase::Waiting { at: 0 };
         }
     }
+    /// Whether page `idx` is resident in the current piece.
+    pub(super) fn piece_resident(&self, idx: u64) -> bool {
+        let i = self.piece.partition_point(|&(lo, _)| lo <= idx);
+        if i == 0 {
+            return false;
+        }
+        let (lo, before) = self.piece[i - 1];
+        let next = self.piece.get(i).map_or(self.piece_pages, |&(_, b)| b);
+        idx < lo + (next - before)
+    }
     /// Page index of the `j`-th resident page of the current piece (`j < piece_pages`).
     pub(super) fn piece_page(&self, j: u64) -> u64 {
         let i = self.piece.partition_point(|&(_, before)| before <= j) - 1;
@@ -241,6 +251,16 @@ pub(super) struct Proc {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcCounters {
     pub fingerprinted_pages: u64,
+    /// Of them, read by rounds at the floor coefficient, and by the growth of candidates into
+    /// runs (the rest: rounds of regions still on their learning schedule).
+    pub floor_pages: u64,
+    pub grown_pages: u64,
+    /// Candidates found by rounds at the floor.
+    pub floor_candidates: u64,
+    /// Of `floor_pages`: remembered pages read again because their hash has a duplicate now.
+    pub partner_pages: u64,
+    /// Regions that appeared (new covered memory, not a move or a growth in place).
+    pub regions_added: u64,
     pub candidates: u64,
     pub runs_marked: u64,
     pub runs_unmarked: u64,

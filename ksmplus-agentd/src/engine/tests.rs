@@ -992,3 +992,89 @@ fn tick_clients_schedules_only_the_clients_named() {
     let out: Vec<ClientId> = s.eng.take_output().iter().map(|(c, _)| *c).collect();
     assert_eq!(out, vec![2], "client 1 still waits for its reply");
 }
+
+/// A region at the floor whose pages get twins elsewhere later: client 1 keeps a marked half
+/// and 2 048 unique pages; then client 3 appears holding copies of four scattered stretches of
+/// four of them. Client 3 marks its copies; client 1's very next floor round reads those 16
+/// pages again (their remembered hashes have duplicates now) and marks all four stretches.
+/// A random floor sample (≤ 10 % of the pages, one per gap) would find all four in one round
+/// with a chance below 3 %.
+#[test]
+fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
+    let mut s = Sim::new(cfg());
+    let (base, uniq) = (0x1000_0000u64, 256u64);
+    let mut pages: Vec<Option<u64>> = vec![Some(7); uniq as usize];
+    pages.extend(unique(2048, 1));
+    s.client(1, vec![(base, pages.clone())]);
+    s.client(2, vec![(0x5000_0000, vec![Some(7); 256])]);
+    s.run(3_000);
+    assert_eq!(s.eng.marked(1), vec![(base, uniq * PS)]);
+    let stretches: Vec<u64> = (0..4).map(|k| uniq + 100 + k * 500).collect();
+    let twins: Vec<Option<u64>> = stretches
+        .iter()
+        .flat_map(|&i| (i..i + 4).map(|j| pages[j as usize]))
+        .collect();
+    s.client(3, vec![(0x9000_0000, twins)]);
+    let deadline = s.now + 2_000;
+    while s.eng.marked(3).is_empty() {
+        assert!(s.now < deadline, "client 3's copies are marked");
+        s.step();
+    }
+    // Client 1's next floor round, then the growth and marks it seeds.
+    let q = s.eng.status(1).unwrap().counters.residency_queries;
+    let deadline = s.now + 60_000;
+    while s.eng.status(1).unwrap().counters.residency_queries == q {
+        assert!(s.now < deadline, "a floor round of client 1 comes");
+        s.step();
+    }
+    s.run(300);
+    let marked = s.eng.marked(1);
+    for &i in &stretches {
+        let a = base + i * PS;
+        assert!(
+            marked.iter().any(|&(s, l)| s <= a && a + 4 * PS <= s + l),
+            "stretch at page {i} marked by that round: {marked:x?}"
+        );
+    }
+    let st = s.eng.status(1).unwrap().counters;
+    assert!(st.partner_pages >= 16, "{st:?}");
+}
+
+/// While its floor rounds find nothing, a region's random share shrinks: each quiet round
+/// halves it, up to [`FLOOR_SAMPLE_MAX_SHIFT`] times (10 % → 1.25 % of the unmarked pages).
+#[test]
+fn quiet_floor_rounds_sample_ever_fewer_random_pages() {
+    let mut s = Sim::new(cfg());
+    for (id, b) in [(1, 0x1000_0000), (2, 0x5000_0000)] {
+        let mut pages: Vec<Option<u64>> = vec![Some(7); 256];
+        pages.extend(unique(4096, id));
+        s.client(id, vec![(b, pages)]);
+    }
+    s.run(3_000);
+    // Pages per floor round of client 1 (one fingerprint command each at these sizes).
+    let mut rounds = Vec::new();
+    let end = s.now + 120_000;
+    while s.now < end {
+        s.eng.tick(s.now);
+        for (id, m) in s.eng.take_output() {
+            if let (1, Command::Fingerprint { pages, .. }) = (id, &m) {
+                rounds.push(pages.len() as u64);
+            }
+            s.answer(id, m);
+        }
+        s.now += 10;
+    }
+    // (A sample that falls in the marked run is skipped: counts move by a page or two.)
+    assert!(rounds.len() >= 4, "{rounds:?}");
+    assert!(
+        rounds.windows(2).all(|w| w[1] <= w[0] + 4),
+        "never more: {rounds:?}"
+    );
+    let last = *rounds.last().unwrap();
+    assert!(rounds[0] >= 3 * last, "it shrank: {rounds:?}");
+    assert!(
+        last * 8 <= 4352 * 10 / 100 + 8,
+        "1.25 % at most: {rounds:?}"
+    );
+    assert!(last > 0, "but never nothing: {rounds:?}");
+}

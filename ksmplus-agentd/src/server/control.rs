@@ -337,6 +337,11 @@ fn status(agent: &mut Agent) -> StatusReply {
             runs_loosened: st.counters.runs_loosened,
             pages_trimmed: st.counters.pages_trimmed,
             residency_queries: st.counters.residency_queries,
+            floor_pages: st.counters.floor_pages,
+            grown_pages: st.counters.grown_pages,
+            floor_candidates: st.counters.floor_candidates,
+            partner_pages: st.counters.partner_pages,
+            regions_added: st.counters.regions_added,
             marks_refused: st.counters.marks_refused,
             madvise_errors: st.counters.madvise_errors,
         });
