@@ -136,6 +136,7 @@ impl Engine {
             r.runs = keep;
             for (lo, hi) in restart {
                 r.restart_on(lo, hi);
+                p.round_due = 0;
             }
         }
         for (start, len) in cmds {

@@ -336,6 +336,8 @@ impl Engine {
                 bucket: Bucket::new(self.cfg.limits.fingerprint_pages_per_sec, now),
                 dormant: false,
                 stats: ProcCounters::default(),
+                round_due: 0,
+                maybe_sampling: false,
             },
         );
     }
@@ -373,6 +375,9 @@ impl Engine {
                 new_start,
                 new_len,
             } => self.region_resized(id, (old_start, old_len), (new_start, new_len), now),
+        }
+        if let Some(p) = self.procs.get_mut(&id) {
+            p.regions_changed();
         }
     }
 

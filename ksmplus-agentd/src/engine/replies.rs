@@ -116,6 +116,7 @@ impl Engine {
                 }
                 if round_done {
                     r.end_round(&self.cfg, now);
+                    p.regions_changed();
                 } else if piece_done {
                     r.piece = Vec::new();
                     r.piece_pages = 0;
@@ -272,6 +273,7 @@ impl Engine {
         if m == 0 {
             if scan >= last_page {
                 r.end_round(&self.cfg, now);
+                p.regions_changed();
             }
         } else {
             r.piece = piece;

@@ -59,11 +59,26 @@ impl Engine {
             return;
         }
         p.bucket.refill(rate, now);
-        // Start due rounds, drop exhausted regions.
+        // Start due rounds, drop exhausted regions — when one can be due: a tick before
+        // `round_due` (nothing changed since the last look) finds none.
         let mut dropped = Vec::new();
-        for (s, r) in p.regions.iter_mut() {
-            if let Phase::Waiting { at } = r.phase {
+        if now < p.round_due {
+            debug_assert!(
+                p.regions
+                    .values()
+                    .all(|r| !matches!(r.phase, Phase::Waiting { at } if at <= now)),
+                "client {id}: round_due {} hides a due region",
+                p.round_due
+            );
+        } else {
+            let (mut next, mut sampling) = (u64::MAX, false);
+            for (s, r) in p.regions.iter_mut() {
+                let Phase::Waiting { at } = r.phase else {
+                    sampling |= matches!(r.phase, Phase::Sampling { .. });
+                    continue;
+                };
                 if now < at {
+                    next = next.min(at);
                     continue;
                 }
                 let growing = p.grows.iter().any(|g| g.region == *s);
@@ -85,7 +100,10 @@ impl Engine {
                     scan: r.scan_range().0,
                     seen: 0,
                 };
+                sampling = true;
             }
+            p.round_due = next;
+            p.maybe_sampling = sampling;
         }
         let mut forgotten = Vec::new();
         for s in dropped {
@@ -149,9 +167,10 @@ impl Engine {
                 work = Some(Pending::Grow { job: g, pages });
                 break;
             }
-            if work.is_none() {
-                let p = self.procs.get_mut(&id).unwrap();
+            let p = self.procs.get_mut(&id).unwrap();
+            if work.is_none() && p.maybe_sampling {
                 let ps = p.page_size;
+                let mut sampling = false;
                 for (s, r) in p.regions.iter_mut() {
                     let Phase::Sampling {
                         m,
@@ -162,6 +181,7 @@ impl Engine {
                     else {
                         continue;
                     };
+                    sampling = true;
                     if next < m {
                         // One random resident page in each gap of the piece — unless it lies
                         // in a marked run (already handed to ksmd, checked by the kernel's
@@ -239,6 +259,12 @@ impl Engine {
                     }
                     // Nothing left to ask or sample (normally ended by the last reply).
                     r.end_round(&self.cfg, now);
+                    p.round_due = 0;
+                }
+                // Only a look that found no region mid-round clears the flag (one that stopped
+                // at the region it gave work to knows nothing of those after it).
+                if !sampling {
+                    p.maybe_sampling = false;
                 }
             }
         }

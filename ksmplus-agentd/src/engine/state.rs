@@ -245,6 +245,19 @@ pub(super) struct Proc {
     pub(super) bucket: Bucket,
     pub(super) dormant: bool,
     pub(super) stats: ProcCounters,
+    /// No region starts a round before this time, and whether one may be mid-round, as the
+    /// last look at every region found (`schedule_client`). Anything that puts a region back
+    /// to waiting or adds one sets `round_due` to 0 ([`Proc::regions_changed`]), so a tick
+    /// in between looks at no region: a reply's follow-up tick used to walk them all.
+    pub(super) round_due: u64,
+    pub(super) maybe_sampling: bool,
+}
+
+impl Proc {
+    /// A region was added, split, moved or put back to waiting: the next tick looks at all.
+    pub(super) fn regions_changed(&mut self) {
+        self.round_due = 0;
+    }
 }
 
 /// Counters kept per client, reported by `status`.
