@@ -72,6 +72,7 @@ impl Engine {
         let ps = p.page_size;
         // Runs the process may still gain (by cuts that split one) below `max_marked_ranges`.
         let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
+        p.runs_full = total_runs >= max_runs;
         let mut room = max_runs.saturating_sub(total_runs);
         let mut cmds = Vec::new();
         for (s, r) in p.regions.iter_mut() {

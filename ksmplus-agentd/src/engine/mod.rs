@@ -338,6 +338,7 @@ impl Engine {
                 stats: ProcCounters::default(),
                 round_due: 0,
                 maybe_sampling: false,
+                runs_full: false,
             },
         );
     }

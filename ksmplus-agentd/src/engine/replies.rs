@@ -288,6 +288,7 @@ impl Engine {
         let rid = self.new_id();
         let p = self.procs.get_mut(&id).unwrap();
         let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
+        p.runs_full = total_runs >= max_runs;
         let ps = p.page_size;
         let Some(r) = p.regions.get_mut(&g.region).filter(|r| r.gen == g.gen) else {
             return;
@@ -297,7 +298,7 @@ impl Engine {
             "client {id}: run [{lo}, {hi}) grown in region {:#x}",
             g.region
         );
-        // A single page is not worth a VMA split unless it joins a neighbour.
+        // Runs within `coalesce_gap_pages` of it are coalesced with it.
         let near: Vec<usize> = r
             .runs
             .iter()
@@ -320,6 +321,7 @@ impl Engine {
             state: RunState::Marking(rid),
         });
         r.runs.sort_by_key(|x| x.lo);
+        p.runs_full = total_runs + 1 - near.len() as u64 >= max_runs;
         p.stats.runs_marked += 1;
         self.out.push((
             id,

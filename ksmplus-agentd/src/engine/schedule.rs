@@ -208,7 +208,7 @@ impl Engine {
                         // floor rarely hit the same page twice, so without this a page whose
                         // twin appeared later waited for luck, and the floor's random share
                         // can shrink while a region stays quiet (`residency_reply`).
-                        if next == 0 && r.coefficient <= cfg_floor && budget > k {
+                        if next == 0 && r.coefficient <= cfg_floor && budget > k && !p.runs_full {
                             let index = &self.index;
                             let mut partners: Vec<u64> = r
                                 .hashes

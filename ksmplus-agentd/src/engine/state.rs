@@ -251,6 +251,9 @@ pub(super) struct Proc {
     /// in between looks at no region: a reply's follow-up tick used to walk them all.
     pub(super) round_due: u64,
     pub(super) maybe_sampling: bool,
+    /// It had `max_marked_ranges` runs when last counted (a run grown, the feedback): a
+    /// partner page would only be grown again and refused at every floor round.
+    pub(super) runs_full: bool,
 }
 
 impl Proc {

@@ -1040,6 +1040,29 @@ fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
     assert!(st.partner_pages >= 16, "{st:?}");
 }
 
+/// A process at `max_marked_ranges` reads no partner page: each would be grown again and
+/// refused at every floor round (and keep its region at the fast floor pace).
+#[test]
+fn a_process_at_its_range_limit_reads_no_partner_pages() {
+    let mut c = cfg();
+    c.limits.max_marked_ranges = 1;
+    let mut s = Sim::new(c);
+    let base = 0x1000_0000u64;
+    let mut pages: Vec<Option<u64>> = vec![Some(7); 256];
+    pages.extend(unique(2048, 1));
+    s.client(1, vec![(base, pages.clone())]);
+    s.client(2, vec![(0x5000_0000, vec![Some(7); 256])]);
+    s.run(3_000);
+    assert_eq!(s.eng.marked(1), vec![(base, 256 * PS)]);
+    let twins: Vec<Option<u64>> = (356..372).map(|j| pages[j]).collect();
+    s.client(3, vec![(0x9000_0000, twins)]);
+    s.run(60_000);
+    let st = s.eng.status(1).unwrap().counters;
+    assert_eq!(st.partner_pages, 0, "{st:?}");
+    assert_eq!(s.eng.marked(1), vec![(base, 256 * PS)]);
+    assert!(!s.eng.marked(3).is_empty(), "the twins' side is marked");
+}
+
 /// While its floor rounds find nothing, a region's random share shrinks: each quiet round
 /// halves it, up to [`FLOOR_SAMPLE_MAX_SHIFT`] times (10 % → 1.25 % of the unmarked pages).
 #[test]
