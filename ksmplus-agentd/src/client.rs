@@ -157,9 +157,10 @@ pub fn next_maps_age(age: u64, found: bool) -> u64 {
 
 /// A settled program whose `map_gen` keeps moving (a browser's heaps map and unmap all the
 /// time) has its maps read at most this often after a read that found nothing new, twice as
-/// long after each such read, up to [`MAPS_GAP_MAX_MS`]; a read that finds something, or a
-/// young program, reads at every change. On a settled D3 the maps reads were 8 % of the
-/// agent's CPU (session 9).
+/// long after each such read, up to [`MAPS_GAP_MAX_MS`]; after a read that finds something at
+/// most this often too (a browser's reads nearly always find a heap chunk come or gone, and a
+/// chunk that lives less than half a second is not worth learning); a young program reads at
+/// every change. On a settled D3 the maps reads were 8 % of the agent's CPU (sessions 9, 10).
 pub const MAPS_GAP_MIN_MS: u64 = 500;
 pub const MAPS_GAP_MAX_MS: u64 = 8000;
 
@@ -171,11 +172,13 @@ pub fn maps_due(changed: bool, moves: u64, now: u64, read_ms: u64, gap: u64, age
     changed && gap_over || now >= read_ms + age
 }
 
-/// The least time from a maps read prompted by a `map_gen` change to the next: 0 after a read
-/// that `found` something or for a program not settled yet.
+/// The least time from a maps read prompted by a `map_gen` change to the next: 0 for a program
+/// not settled yet, [`MAPS_GAP_MIN_MS`] after a read that `found` something.
 pub fn next_maps_gap(gap: u64, found: bool, settled: bool) -> u64 {
-    if found || !settled {
+    if !settled {
         0
+    } else if found {
+        MAPS_GAP_MIN_MS
     } else {
         (gap * 2).clamp(MAPS_GAP_MIN_MS, MAPS_GAP_MAX_MS)
     }
@@ -562,8 +565,9 @@ mod tests {
             gaps.push(gap);
         }
         assert_eq!(gaps, [500, 1000, 2000, 4000, 8000, 8000]);
-        // A read that found a region: back to every change.
-        assert_eq!(next_maps_gap(gap, true, true), 0);
+        // A read that found a region: back to the shortest gap, not to every change.
+        assert_eq!(next_maps_gap(gap, true, true), MAPS_GAP_MIN_MS);
+        assert_eq!(next_maps_gap(gap, true, false), 0, "young: every change");
         let (read, age) = (10_000, MAPS_AGE_MIN_MS);
         assert!(!maps_due(true, 0, read + 7_999, read, 8000, age));
         assert!(maps_due(true, 0, read + 8000, read, 8000, age));

@@ -114,8 +114,11 @@ impl Agent {
                             c.maps_gap_ms =
                                 crate::client::next_maps_gap(c.maps_gap_ms, busy, c.settled(now));
                             let changed = changed && c.maps_gap_ms == 0;
+                            // No faster than the gap lets a change be read.
                             c.check_every_ms = if busy || changed {
                                 crate::client::CHECK_MIN_MS
+                                    .max(c.maps_gap_ms)
+                                    .min(c.max_check_ms())
                             } else {
                                 (c.check_every_ms * 2).min(c.max_check_ms())
                             };
