@@ -504,6 +504,18 @@ fn runs_coalesce_within_gap() {
     }
 }
 
+/// Clients 1 and 2 at 0x1000_0000 and 0x5000_0000: 256 pages alike (what gets marked), then
+/// `n` pages unique to each (client `id`'s page 256 + i holds `unique(n, id)[i]`).
+fn half_marked_pair(c: Config, n: u64) -> Sim {
+    let mut s = Sim::new(c);
+    for (id, base) in [(1, 0x1000_0000), (2, 0x5000_0000)] {
+        let mut pages: Vec<Option<u64>> = vec![Some(7); 256];
+        pages.extend(unique(n, id));
+        s.client(id, vec![(base, pages)]);
+    }
+    s
+}
+
 /// Two clients with the same 256 pages at 0x1000_0000 and 0x5000_0000, run until client 1's
 /// region is marked (one run).
 fn marked_pair() -> Sim {
@@ -799,12 +811,7 @@ fn floor_pause_doubles_while_rounds_find_nothing_and_resets_on_a_find() {
 #[test]
 fn a_settled_pair_of_processes_is_sampled_ever_less_often() {
     // Half duplicates (marked), half unique pages (what the floor rounds sample).
-    let mut s = Sim::new(cfg());
-    for (id, base) in [(1, 0x1000_0000), (2, 0x5000_0000)] {
-        let mut pages: Vec<Option<u64>> = vec![Some(7); 256];
-        pages.extend(unique(256, id));
-        s.client(id, vec![(base, pages)]);
-    }
+    let mut s = half_marked_pair(cfg(), 256);
     let fingerprinted = |s: &Sim| s.eng.status(1).unwrap().counters.fingerprinted_pages;
     // Converged (marked, at the floor: ten rounds of ~100 ms), then two windows of 10 s.
     s.run(1_000);
@@ -862,12 +869,7 @@ fn floor_rounds_skip_marked_pages() {
         "floor rounds ran"
     );
 
-    let mut s = Sim::new(cfg());
-    for (id, base) in [(1, 0x1000_0000), (2, 0x5000_0000)] {
-        let mut pages: Vec<Option<u64>> = vec![Some(7); 256];
-        pages.extend(unique(256, id));
-        s.client(id, vec![(base, pages)]);
-    }
+    let mut s = half_marked_pair(cfg(), 256);
     s.run(2_000);
     let m = s.eng.marked(1);
     assert_eq!(m, vec![(0x1000_0000, 256 * PS)]);
@@ -1001,18 +1003,15 @@ fn tick_clients_schedules_only_the_clients_named() {
 /// with a chance below 3 %.
 #[test]
 fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
-    let mut s = Sim::new(cfg());
+    let mut s = half_marked_pair(cfg(), 2048);
     let (base, uniq) = (0x1000_0000u64, 256u64);
-    let mut pages: Vec<Option<u64>> = vec![Some(7); uniq as usize];
-    pages.extend(unique(2048, 1));
-    s.client(1, vec![(base, pages.clone())]);
-    s.client(2, vec![(0x5000_0000, vec![Some(7); 256])]);
+    let pages = unique(2048, 1);
     s.run(3_000);
     assert_eq!(s.eng.marked(1), vec![(base, uniq * PS)]);
     let stretches: Vec<u64> = (0..4).map(|k| uniq + 100 + k * 500).collect();
     let twins: Vec<Option<u64>> = stretches
         .iter()
-        .flat_map(|&i| (i..i + 4).map(|j| pages[j as usize]))
+        .flat_map(|&i| (i..i + 4).map(|j| pages[(j - uniq) as usize]))
         .collect();
     s.client(3, vec![(0x9000_0000, twins)]);
     let deadline = s.now + 2_000;
@@ -1046,15 +1045,11 @@ fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
 fn a_process_at_its_range_limit_reads_no_partner_pages() {
     let mut c = cfg();
     c.limits.max_marked_ranges = 1;
-    let mut s = Sim::new(c);
+    let mut s = half_marked_pair(c, 2048);
     let base = 0x1000_0000u64;
-    let mut pages: Vec<Option<u64>> = vec![Some(7); 256];
-    pages.extend(unique(2048, 1));
-    s.client(1, vec![(base, pages.clone())]);
-    s.client(2, vec![(0x5000_0000, vec![Some(7); 256])]);
     s.run(3_000);
     assert_eq!(s.eng.marked(1), vec![(base, 256 * PS)]);
-    let twins: Vec<Option<u64>> = (356..372).map(|j| pages[j]).collect();
+    let twins: Vec<Option<u64>> = unique(2048, 1)[100..116].to_vec();
     s.client(3, vec![(0x9000_0000, twins)]);
     s.run(60_000);
     let st = s.eng.status(1).unwrap().counters;
@@ -1067,12 +1062,7 @@ fn a_process_at_its_range_limit_reads_no_partner_pages() {
 /// halves it, up to [`FLOOR_SAMPLE_MAX_SHIFT`] times (10 % → 1.25 % of the unmarked pages).
 #[test]
 fn quiet_floor_rounds_sample_ever_fewer_random_pages() {
-    let mut s = Sim::new(cfg());
-    for (id, b) in [(1, 0x1000_0000), (2, 0x5000_0000)] {
-        let mut pages: Vec<Option<u64>> = vec![Some(7); 256];
-        pages.extend(unique(4096, id));
-        s.client(id, vec![(b, pages)]);
-    }
+    let mut s = half_marked_pair(cfg(), 4096);
     s.run(3_000);
     // Pages per floor round of client 1 (one fingerprint command each at these sizes).
     let mut rounds = Vec::new();
