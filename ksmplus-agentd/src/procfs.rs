@@ -494,6 +494,11 @@ pub fn parse_status(text: &str) -> Status {
     s
 }
 
+/// Whether process `pid` exists (its `/proc` directory does).
+pub fn exists(root: &Path, pid: u32) -> bool {
+    root.join(format!("proc/{pid}")).exists()
+}
+
 pub fn read_status(root: &Path, pid: u32) -> io::Result<Status> {
     std::fs::read_to_string(root.join(format!("proc/{pid}/status"))).map(|t| parse_status(&t))
 }

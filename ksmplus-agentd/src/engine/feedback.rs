@@ -72,9 +72,9 @@ impl Engine {
         let ps = p.page_size;
         // Runs the process may still gain (by cuts that split one) below `max_marked_ranges`.
         let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
-        p.runs_full = total_runs >= max_runs;
         let mut room = max_runs.saturating_sub(total_runs);
         let mut cmds = Vec::new();
+        let mut restarted = false;
         for (s, r) in p.regions.iter_mut() {
             let mut keep = Vec::new();
             let mut restart = Vec::new();
@@ -137,9 +137,14 @@ impl Engine {
             r.runs = keep;
             for (lo, hi) in restart {
                 r.restart_on(lo, hi);
-                p.round_due = 0;
+                restarted = true;
             }
         }
+        if restarted {
+            p.regions_changed();
+        }
+        // Counted after the unmarks and cuts above.
+        p.runs_full = p.regions.values().map(|r| r.runs.len() as u64).sum::<u64>() >= max_runs;
         for (start, len) in cmds {
             self.next_id = self.next_id.wrapping_add(1).max(1);
             self.out.push((

@@ -288,7 +288,6 @@ impl Engine {
         let rid = self.new_id();
         let p = self.procs.get_mut(&id).unwrap();
         let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
-        p.runs_full = total_runs >= max_runs;
         let ps = p.page_size;
         let Some(r) = p.regions.get_mut(&g.region).filter(|r| r.gen == g.gen) else {
             return;
@@ -308,6 +307,7 @@ impl Engine {
             .collect();
         if near.is_empty() && total_runs >= max_runs {
             p.stats.marks_refused += 1;
+            p.runs_full = true;
             return;
         }
         for &i in near.iter().rev() {

@@ -78,7 +78,7 @@ impl Agent {
     /// Forgets untracked pids whose process exited (a reused pid must be looked at afresh).
     pub(crate) fn forget_gone(&mut self) {
         let root = self.root();
-        let alive = |pid: &u32| root.join(format!("proc/{pid}")).exists();
+        let alive = |pid: &u32| procfs::exists(&root, *pid);
         self.dormant.retain(|pid, _| alive(pid));
         self.no_shim.retain(|pid, _| alive(pid));
         self.unreadable.retain(|pid, _| alive(pid));
@@ -410,7 +410,7 @@ impl Agent {
         let mut idle = std::mem::take(&mut f.idle);
         let pids: Vec<u32> = pending.keys().copied().collect();
         for child in pids {
-            if self.known(child) || !root.join(format!("proc/{child}")).exists() {
+            if self.known(child) || !procfs::exists(&root, child) {
                 pending.remove(&child);
                 continue;
             }
