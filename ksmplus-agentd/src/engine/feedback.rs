@@ -70,6 +70,10 @@ impl Engine {
             return;
         };
         let ps = p.page_size;
+        // Sorted by start: a run's overlapping ranges are found by a binary search (a filter of
+        // all ranges per run was quadratic in the runs due, 5 % of the agent's CPU on D3).
+        let mut vmas = vmas.to_vec();
+        vmas.sort_unstable();
         // Runs the process may still gain (by cuts that split one) below `max_marked_ranges`.
         let total_runs: u64 = p.regions.values().map(|r| r.runs.len() as u64).sum();
         let mut room = max_runs.saturating_sub(total_runs);
@@ -83,9 +87,7 @@ impl Engine {
                     // The scan in progress when the run was marked does not count.
                     if x.state.check_due(scans) {
                         let (a, b) = (s + x.lo * ps, s + x.hi * ps);
-                        let over: Vec<_> = vmas.iter().filter(|v| v.0 < b && v.1 > a).collect();
-                        let ksm: u64 = over.iter().map(|v| v.2).sum();
-                        let kib: u64 = over.iter().map(|v| (v.1 - v.0) / 1024).sum();
+                        let (ksm, kib) = overlap_kib(&vmas, a, b);
                         if ksm == 0 {
                             cmds.push((a, b - a));
                             r.rejected.push((x.lo, x.hi));
@@ -160,6 +162,18 @@ impl Engine {
     }
 }
 
+/// Merged kB and total kB of the ranges of `vmas` (sorted by start, not overlapping) that
+/// overlap `[a, b)`.
+fn overlap_kib(vmas: &[(u64, u64, u64)], a: u64, b: u64) -> (u64, u64) {
+    let first = vmas.partition_point(|v| v.1 <= a);
+    vmas[first..]
+        .iter()
+        .take_while(|v| v.0 < b)
+        .fold((0, 0), |(ksm, kib), v| {
+            (ksm + v.2, kib + (v.1 - v.0) / 1024)
+        })
+}
+
 /// Cuts the page ranges `cuts` (in page order, inside the region) out of the run `rest`: the
 /// pieces left (in order, each keeping the run's state) and the ranges cut. A cut that would
 /// split the run in two takes one of `room` and is skipped when there is none; a run cut away
@@ -189,4 +203,30 @@ fn split_run(mut rest: Run, cuts: &[(u64, u64)], room: &mut u64) -> (Vec<Run>, V
         *room += 1;
     }
     (pieces, cut)
+}
+
+#[cfg(test)]
+mod unit {
+    use super::overlap_kib;
+
+    #[test]
+    fn overlap_counts_only_the_ranges_that_meet_the_run() {
+        let k = 1024;
+        let v = [
+            (0, 4 * k, 4),
+            (4 * k, 8 * k, 0),
+            (16 * k, 20 * k, 2),
+            (20 * k, 24 * k, 1),
+        ];
+        assert_eq!(overlap_kib(&v, 0, 4 * k), (4, 4));
+        assert_eq!(overlap_kib(&v, 2 * k, 17 * k), (6, 12));
+        assert_eq!(
+            overlap_kib(&v, 8 * k, 16 * k),
+            (0, 0),
+            "the gap meets nothing"
+        );
+        assert_eq!(overlap_kib(&v, 19 * k, 40 * k), (3, 8));
+        assert_eq!(overlap_kib(&v, 24 * k, 40 * k), (0, 0), "past the end");
+        assert_eq!(overlap_kib(&[], 0, 40 * k), (0, 0));
+    }
 }
