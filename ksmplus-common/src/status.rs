@@ -214,6 +214,10 @@ pub struct ProcessStatus {
     /// now (a twin appeared elsewhere since).
     #[serde(default)]
     pub partner_pages: u64,
+    /// Fingerprint index lookups of the floor rounds' search for partner pages (only pages
+    /// whose hash was stored for another page since they were read are looked up).
+    #[serde(default)]
+    pub partner_lookups: u64,
     /// Regions that appeared in the process's maps (not moves or growth in place).
     #[serde(default)]
     pub regions_added: u64,

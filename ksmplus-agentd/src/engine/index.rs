@@ -6,8 +6,8 @@ use super::*;
 
 impl Engine {
     pub(super) fn forget(&mut self, r: &Region) {
-        for h in r.hashes.values() {
-            dec(&mut self.index, *h);
+        for m in r.hashes.values() {
+            dec(&mut self.index, m.hash());
         }
         self.fingerprints -= r.hashes.len() as u64;
     }
@@ -25,19 +25,64 @@ impl Engine {
             .get_mut(&id)
             .and_then(|p| p.regions.get_mut(&region))
             .unwrap();
+        let read_at = self.dup_seq;
         let prev = match h {
-            Some(h) => r.hashes.insert(idx as u32, h),
+            Some(h) => r.hashes.insert(idx as u32, Memo::new(h, read_at)),
             None => r.hashes.remove(&(idx as u32)),
-        };
+        }
+        .map(Memo::hash);
         if let Some(old) = prev {
             dec(&mut self.index, old);
             self.fingerprints -= 1;
         }
         if let Some(h) = h {
-            *self.index.entry(h).or_insert(0) += 1;
+            let c = self.index.entry(h).or_insert(0);
+            *c += 1;
+            // A page that keeps its hash is not news; one whose new hash another page has is
+            // (for the other page, and for itself: its next read can confirm it).
+            if *c >= 2 && prev != Some(h) {
+                self.note_dup(h);
+            }
             self.fingerprints += 1;
         }
         prev
+    }
+
+    /// A hash was stored for a page while another page has it: numbered in `dup_seq`, kept in
+    /// `recent_dups` (its latest number) until that holds [`RECENT_DUPS_MAX`] hashes, when it
+    /// starts over from `recent_floor`.
+    pub(super) fn note_dup(&mut self, h: u64) {
+        if self.dup_seq == u32::MAX {
+            self.restart_dup_seq();
+        }
+        if self.recent_dups.len() >= RECENT_DUPS_MAX && !self.recent_dups.contains_key(&h) {
+            self.recent_dups.clear();
+            self.recent_floor = self.dup_seq;
+        }
+        self.dup_seq += 1;
+        self.recent_dups.insert(h, self.dup_seq);
+    }
+
+    /// The sequence ran out (after 4·10⁹ events): every page is read "before" the new floor,
+    /// so the next partner search looks each up in the index, as if nothing were known.
+    pub(super) fn restart_dup_seq(&mut self) {
+        for p in self.procs.values_mut() {
+            for r in p.regions.values_mut() {
+                for m in r.hashes.values_mut() {
+                    *m = Memo::new(m.hash(), 0);
+                }
+            }
+        }
+        self.recent_dups.clear();
+        self.dup_seq = 1;
+        self.recent_floor = 1;
+    }
+
+    /// Whether the remembered page `m` may have a twin it has not been read since: a page of
+    /// its hash was stored after it was read, or that is no longer known (read before
+    /// `recent_floor`). Only such pages need an index lookup to be partner pages.
+    pub(super) fn twin_news(recent: &HashMap<u64, u32>, floor: u32, m: Memo) -> bool {
+        m.read_at() < floor || recent.get(&m.hash()).is_some_and(|&q| q > m.read_at())
     }
 
     pub(super) fn dup(&self, h: u64) -> bool {
@@ -76,7 +121,7 @@ impl Engine {
                 .regions
                 .get_mut(&s)
                 .unwrap();
-            let hs: Vec<u64> = r.hashes.drain().map(|(_, h)| h).collect();
+            let hs: Vec<u64> = r.hashes.drain().map(|(_, m)| m.hash()).collect();
             self.fingerprints -= hs.len() as u64;
             for h in hs {
                 dec(&mut self.index, h);

@@ -154,6 +154,10 @@ pub type ClientId = u64;
 /// (200 MiB of unique pages, 51 200 fingerprints, +3 MiB of agent RSS).
 pub const BYTES_PER_FINGERPRINT: u64 = 80;
 
+/// Most hashes [`Engine`] keeps the latest duplicate event of (16 bytes each, 64 KiB): past
+/// that it forgets them all, and pages read before are looked up in the index once more.
+pub const RECENT_DUPS_MAX: usize = 4096;
+
 /// A marked run that merges keeps being scanned by ksmd page by page; a stretch of at least this
 /// many of its pages that did not merge by its check is cut out of it (unmarked). Shorter ones
 /// stay: each cut inside a run splits its VMA in three. Measured on D3/D4 (epiphany, session 8):
@@ -271,6 +275,13 @@ pub struct Engine {
     /// one, that call does not walk every run of every region.
     unstamped: bool,
     pub evictions: u64,
+    /// Numbers each time a hash is stored for a page while another page has it (index count
+    /// two or more after): a remembered page read before such an event for its hash may have
+    /// a twin now ([`state::Memo`]). Floor rounds look up only those pages in the index.
+    dup_seq: u32,
+    /// The latest `dup_seq` of each hash with an event after `recent_floor`.
+    recent_dups: HashMap<u64, u32>,
+    recent_floor: u32,
 }
 
 impl Engine {
@@ -289,6 +300,9 @@ impl Engine {
             full_scans: 0,
             unstamped: false,
             evictions: 0,
+            dup_seq: 0,
+            recent_dups: HashMap::new(),
+            recent_floor: 0,
         }
     }
 

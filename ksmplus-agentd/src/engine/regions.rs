@@ -112,7 +112,7 @@ impl Engine {
                 } else if k64 >= right_first {
                     rh.insert((k64 - right_first) as u32, h);
                 } else {
-                    forgotten.push(h);
+                    forgotten.push(h.hash());
                 }
             }
             let clip = |runs: &[Run], lo: u64, hi: u64| -> Vec<Run> {

@@ -108,7 +108,7 @@ impl Engine {
         let mut forgotten = Vec::new();
         for s in dropped {
             let r = p.regions.get_mut(&s).unwrap();
-            forgotten.extend(r.hashes.drain().map(|(_, h)| h));
+            forgotten.extend(r.hashes.drain().map(|(_, m)| m.hash()));
             p.stats.regions_dropped += 1;
         }
         let budget = limit.min(p.bucket.tokens).min(self.global.tokens);
@@ -209,18 +209,34 @@ impl Engine {
                         // twin appeared later waited for luck, and the floor's random share
                         // can shrink while a region stays quiet (`residency_reply`).
                         if next == 0 && r.coefficient <= cfg_floor && budget > k && !p.runs_full {
-                            let index = &self.index;
-                            let mut partners: Vec<u64> = r
-                                .hashes
-                                .iter()
-                                .filter(|&(&i, h)| {
-                                    let i = u64::from(i);
-                                    !in_spans(&done, i)
-                                        && r.piece_resident(i)
-                                        && index.get(h).is_some_and(|&c| c >= 2)
-                                })
-                                .map(|(&i, _)| u64::from(i))
-                                .collect();
+                            // Only pages whose hash was stored for another page since they
+                            // were read are looked up (the lookups, in an index of every
+                            // remembered hash, were most of the search's cost); one found with
+                            // no twin is not looked up again until its hash's next such event.
+                            let (index, recent) = (&self.index, &self.recent_dups);
+                            let (floor, seq) = (self.recent_floor, self.dup_seq);
+                            let mut partners = Vec::new();
+                            let mut no_twin = Vec::new();
+                            for (&i, &memo) in r.hashes.iter() {
+                                let j = u64::from(i);
+                                if !Engine::twin_news(recent, floor, memo)
+                                    || in_spans(&done, j)
+                                    || !r.piece_resident(j)
+                                {
+                                    continue;
+                                }
+                                if index.get(&memo.hash()).is_some_and(|&c| c >= 2) {
+                                    partners.push(j);
+                                } else {
+                                    no_twin.push(i);
+                                }
+                            }
+                            p.stats.partner_lookups += (partners.len() + no_twin.len()) as u64;
+                            for i in no_twin {
+                                if let Some(m) = r.hashes.get_mut(&i) {
+                                    *m = Memo::new(m.hash(), seq);
+                                }
+                            }
                             partners.sort_unstable();
                             let room = (budget - k) as usize;
                             if partners.len() > room {

@@ -50,6 +50,25 @@ pub(super) enum Phase {
     Dropped,
 }
 
+/// A remembered page: its latest hash and the index's duplicate sequence number when it was
+/// read ([`Engine::dup_seq`](super::Engine)): a page whose hash was stored for another page
+/// since then may have a twin now. Three `u32`s, so an entry of [`Region::hashes`] stays 16
+/// bytes (see [`BYTES_PER_FINGERPRINT`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Memo([u32; 3]);
+
+impl Memo {
+    pub(super) fn new(hash: u64, read_at: u32) -> Memo {
+        Memo([hash as u32, (hash >> 32) as u32, read_at])
+    }
+    pub(super) fn hash(self) -> u64 {
+        u64::from(self.0[0]) | u64::from(self.0[1]) << 32
+    }
+    pub(super) fn read_at(self) -> u32 {
+        self.0[2]
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct Region {
     pub(super) pages: u64,
@@ -58,7 +77,8 @@ pub(super) struct Region {
     pub(super) coefficient: u32,
     pub(super) rounds: u64,
     pub(super) phase: Phase,
-    pub(super) hashes: HashMap<u32, u64>,
+    /// Remembered pages by index in the region: latest hash, and when it was read.
+    pub(super) hashes: HashMap<u32, Memo>,
     pub(super) runs: Vec<Run>,
     /// Ranges unmarked for merging nothing: not marked again.
     pub(super) rejected: Vec<(u64, u64)>,
@@ -275,6 +295,9 @@ pub struct ProcCounters {
     pub floor_candidates: u64,
     /// Of `floor_pages`: remembered pages read again because their hash has a duplicate now.
     pub partner_pages: u64,
+    /// Fingerprint index lookups by the floor rounds' search for partner pages: only for
+    /// remembered pages whose hash was stored for another page since they were read.
+    pub partner_lookups: u64,
     /// Regions that appeared (new covered memory, not a move or a growth in place).
     pub regions_added: u64,
     pub candidates: u64,

@@ -997,12 +997,10 @@ fn tick_clients_schedules_only_the_clients_named() {
 
 /// A region at the floor whose pages get twins elsewhere later: client 1 keeps a marked half
 /// and 2 048 unique pages; then client 3 appears holding copies of four scattered stretches of
-/// four of them. Client 3 marks its copies; client 1's very next floor round reads those 16
-/// pages again (their remembered hashes have duplicates now) and marks all four stretches.
-/// A random floor sample (≤ 10 % of the pages, one per gap) would find all four in one round
-/// with a chance below 3 %.
-#[test]
-fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
+/// four of them. Once client 3 marked its copies, `meanwhile` runs; then comes client 1's next
+/// floor round and the growth and marks it seeds. Returns the sim and the stretches' first
+/// pages (in client 1's region at 0x1000_0000).
+fn twins_after_the_floor(meanwhile: impl FnOnce(&mut Sim)) -> (Sim, Vec<u64>) {
     let mut s = half_marked_pair(cfg(), 2048);
     let (base, uniq) = (0x1000_0000u64, 256u64);
     let pages = unique(2048, 1);
@@ -1019,7 +1017,7 @@ fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
         assert!(s.now < deadline, "client 3's copies are marked");
         s.step();
     }
-    // Client 1's next floor round, then the growth and marks it seeds.
+    meanwhile(&mut s);
     let q = s.eng.status(1).unwrap().counters.residency_queries;
     let deadline = s.now + 60_000;
     while s.eng.status(1).unwrap().counters.residency_queries == q {
@@ -1027,16 +1025,69 @@ fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
         s.step();
     }
     s.run(300);
+    (s, stretches)
+}
+
+/// Every stretch of [`twins_after_the_floor`] is marked in client 1 by the round.
+fn assert_stretches_marked(s: &Sim, stretches: &[u64]) {
     let marked = s.eng.marked(1);
-    for &i in &stretches {
-        let a = base + i * PS;
+    for &i in stretches {
+        let a = 0x1000_0000 + i * PS;
         assert!(
             marked.iter().any(|&(s, l)| s <= a && a + 4 * PS <= s + l),
             "stretch at page {i} marked by that round: {marked:x?}"
         );
     }
+}
+
+/// Client 1's very next floor round reads the 16 pages whose twins appeared again (their
+/// remembered hashes have duplicates now) and marks all four stretches. A random floor sample
+/// (≤ 10 % of the pages, one per gap) would find all four in one round with a chance below 3 %.
+#[test]
+fn a_floor_round_reads_again_the_pages_whose_twin_appeared_since() {
+    let (s, stretches) = twins_after_the_floor(|_| {});
+    assert_stretches_marked(&s, &stretches);
     let st = s.eng.status(1).unwrap().counters;
     assert!(st.partner_pages >= 16, "{st:?}");
+}
+
+/// The search for partner pages looks up in the index only the pages whose hash was stored
+/// for another page since they were read: none in quiet floor rounds, then the 16 whose twins
+/// appeared (not the 2 048 remembered pages of the region).
+#[test]
+fn floor_rounds_look_up_only_pages_whose_hash_got_a_twin() {
+    let mut quiet = None;
+    let (s, stretches) = twins_after_the_floor(|s| {
+        let c = s.eng.status(1).unwrap().counters;
+        assert!(c.floor_pages > 0, "client 1 had floor rounds: {c:?}");
+        quiet = Some(c.partner_lookups);
+    });
+    assert_eq!(quiet, Some(0), "quiet floor rounds look nothing up");
+    assert_stretches_marked(&s, &stretches);
+    let st = s.eng.status(1).unwrap().counters;
+    assert!(
+        (16..=32).contains(&st.partner_lookups),
+        "the twins' pages, not the region: {st:?}"
+    );
+}
+
+/// When the record of recent duplicates overflows, or its sequence runs out, between a twin's
+/// appearance and the floor round, pages read before are looked up again: the twins are
+/// still found.
+#[test]
+fn partner_pages_survive_the_loss_of_recent_duplicates() {
+    let (s, stretches) = twins_after_the_floor(|s| {
+        for h in 0..=RECENT_DUPS_MAX as u64 {
+            s.eng.note_dup(0xdead_0000_0000 + h);
+        }
+    });
+    assert_stretches_marked(&s, &stretches);
+    let (s, stretches) = twins_after_the_floor(|s| {
+        s.eng.dup_seq = u32::MAX;
+        s.eng.note_dup(0xdead_0000_0000);
+        assert_eq!(s.eng.dup_seq, 2);
+    });
+    assert_stretches_marked(&s, &stretches);
 }
 
 /// A process at `max_marked_ranges` reads no partner page: each would be grown again and
@@ -1090,4 +1141,34 @@ fn quiet_floor_rounds_sample_ever_fewer_random_pages() {
         "1.25 % at most: {rounds:?}"
     );
     assert!(last > 0, "but never nothing: {rounds:?}");
+}
+
+/// After the record of recent duplicates overflowed, the next floor round looks up the
+/// region's remembered pages once; those with no twin are not looked up again by the rounds
+/// after it.
+#[test]
+fn pages_looked_up_with_no_twin_are_not_looked_up_again() {
+    let mut s = half_marked_pair(cfg(), 2048);
+    s.run(3_000);
+    let floor_round = |s: &mut Sim| {
+        let q = s.eng.status(1).unwrap().counters.residency_queries;
+        let deadline = s.now + 200_000;
+        while s.eng.status(1).unwrap().counters.residency_queries == q {
+            assert!(s.now < deadline, "a floor round of client 1 comes");
+            s.step();
+        }
+        s.run(300);
+        s.eng.status(1).unwrap().counters.partner_lookups
+    };
+    let before = floor_round(&mut s);
+    for h in 0..=RECENT_DUPS_MAX as u64 {
+        s.eng.note_dup(0xdead_0000_0000 + h);
+    }
+    let once = floor_round(&mut s);
+    assert!(
+        once - before >= 1024,
+        "looked up after the overflow: {before} → {once}"
+    );
+    let again = floor_round(&mut s);
+    assert_eq!(again, once, "and not again");
 }

@@ -341,6 +341,7 @@ fn status(agent: &mut Agent) -> StatusReply {
             grown_pages: st.counters.grown_pages,
             floor_candidates: st.counters.floor_candidates,
             partner_pages: st.counters.partner_pages,
+            partner_lookups: st.counters.partner_lookups,
             regions_added: st.counters.regions_added,
             marks_refused: st.counters.marks_refused,
             madvise_errors: st.counters.madvise_errors,
