@@ -148,11 +148,17 @@ pub enum Event {
 pub type ClientId = u64;
 
 /// Upper bound of the agent's memory per remembered page fingerprint. Per page: one entry of
-/// its region's `HashMap<u32, u64>` (16 bytes + 1 control byte, at a load between 7/16 and 7/8
+/// its region's `HashMap<u32, Memo>` (16 bytes + 1 control byte, at a load between 7/16 and 7/8
 /// after growth: 19–39 bytes); per distinct hash (one per page when pages are unique): one entry
 /// of the global `HashMap<u64, u32>` (same sizes). Measured: ~60 bytes per unique page
 /// (200 MiB of unique pages, 51 200 fingerprints, +3 MiB of agent RSS).
 pub const BYTES_PER_FINGERPRINT: u64 = 80;
+
+/// Pages a growth reads first in each direction, twice as many in each next batch while the
+/// run goes on. The reads stop at the first page with no duplicate, but a batch is read whole:
+/// starting at 64, most of the pages read by the growth of a short run (most runs found once
+/// a desktop program settles) came after its end.
+pub const GROW_FIRST_BATCH: u64 = 8;
 
 /// Most hashes [`Engine`] keeps the latest duplicate event of (16 bytes each, 64 KiB): past
 /// that it forgets them all, and pages read before are looked up in the index once more.

@@ -111,7 +111,7 @@ impl Engine {
                         dir: Dir::Up,
                         up_done: false,
                         down_done: false,
-                        batch: 64,
+                        batch: GROW_FIRST_BATCH,
                     });
                 }
                 if round_done {
@@ -167,7 +167,7 @@ impl Engine {
                             job.dir = Dir::Up;
                         }
                     }
-                    job.batch = 64;
+                    job.batch = GROW_FIRST_BATCH;
                 } else {
                     job.batch = (job.batch * 2).min(MAX_FINGERPRINT_PAGES as u64);
                 }

@@ -1172,3 +1172,20 @@ fn pages_looked_up_with_no_twin_are_not_looked_up_again() {
     let again = floor_round(&mut s);
     assert_eq!(again, once, "and not again");
 }
+
+/// The growth of a short run reads little past its ends: the four 4-page stretches of
+/// [`twins_after_the_floor`] cost client 1 a first batch of [`GROW_FIRST_BATCH`] (8) pages in
+/// each direction each: 64 pages (at 64 a batch, it was 512).
+#[test]
+fn a_short_run_grows_from_small_batches() {
+    let mut before = 0;
+    let (s, stretches) = twins_after_the_floor(|s| {
+        before = s.eng.status(1).unwrap().counters.grown_pages;
+    });
+    assert_stretches_marked(&s, &stretches);
+    let grown = s.eng.status(1).unwrap().counters.grown_pages - before;
+    assert!(
+        GROW_FIRST_BATCH <= 8 && grown <= 4 * (2 * 8 + 4),
+        "{grown} pages read by the growth of four 4-page runs"
+    );
+}
