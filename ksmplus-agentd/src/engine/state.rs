@@ -57,6 +57,9 @@ pub(super) enum Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Memo([u32; 3]);
 
+// A region's map entry is what BYTES_PER_FINGERPRINT counts on.
+const _: () = assert!(std::mem::size_of::<(u32, Memo)>() == 16);
+
 impl Memo {
     pub(super) fn new(hash: u64, read_at: u32) -> Memo {
         Memo([hash as u32, (hash >> 32) as u32, read_at])
