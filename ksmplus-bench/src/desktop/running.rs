@@ -143,10 +143,22 @@ pub fn read_like_a_user(desktop: &Desktop, p: &Program, pid: u32, n: usize, from
         desktop.key(p.keys[(from + i) % p.keys.len()]);
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Rendering may lag behind the key: look a few times.
+    if changed(desktop, w, &before) {
+        return true;
+    }
+    // At the end of the document (or page) the keys change nothing: back to its start.
+    p.rewind.is_some_and(|k| {
+        desktop.key(k);
+        changed(desktop, w, &before)
+    })
+}
+
+/// Whether window `w` shows something else than `before` (a digest) now, looking a few times:
+/// rendering may lag behind a key.
+fn changed(desktop: &Desktop, w: u64, before: &Option<u64>) -> bool {
     for _ in 0..10 {
         let after = desktop.capture(w).map(|b| x11::digest(&b));
-        if after.is_some() && after != before {
+        if after.is_some() && after != *before {
             return true;
         }
         std::thread::sleep(Duration::from_millis(300));

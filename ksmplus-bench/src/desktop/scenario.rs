@@ -27,6 +27,11 @@ pub struct Program {
     pub keys: Vec<&'static str>,
     /// How many keys to press while "reading" before ksmd starts.
     pub presses: usize,
+    /// A key back to a start (the document's, the page's, a cleared terminal), pressed when a
+    /// key of the cycle changed nothing: a long run's turns reach the end of okular's PDF (14
+    /// pages), the bottom of a page, a terminal full of prompts, where the program still answers
+    /// but its window stays the same.
+    pub rewind: Option<&'static str>,
     /// Files written into the home template before the warm-up (`path` relative to `$HOME`).
     pub home_files: Vec<(&'static str, String)>,
     /// Started once under ksmplus before the measured cells, unmeasured, so the agent's learned
@@ -101,6 +106,7 @@ fn okular(i: usize, inputs: &Path, doc: usize) -> Program {
         ready: Ready::Window,
         keys: vec!["Next"],
         presses: 6,
+        rewind: Some("ctrl+Home"),
         home_files: vec![],
         learning_run: false,
     }
@@ -120,6 +126,7 @@ fn epiphany(inputs: &Path, pages: &[usize]) -> Program {
         ready: Ready::Title(s("Local page")),
         keys: vec!["Page_Down", "Page_Down", "ctrl+Page_Down"],
         presses: 8,
+        rewind: Some("ctrl+Home"),
         home_files: vec![],
         learning_run: false,
     }
@@ -199,6 +206,7 @@ fn browser(group: &'static str, mut argv: Vec<String>, web: &Path, tabs: usize) 
         // Scroll the tab, go to the next one: every tab is shown and scrolled.
         keys: vec!["Page_Down", "ctrl+Page_Down"],
         presses: 2 * tabs,
+        rewind: Some("ctrl+Home"),
         home_files: vec![],
         learning_run: false,
     }
@@ -274,6 +282,7 @@ pub fn all(inputs: &Path, web: &Path, smoke: bool) -> Vec<Scenario> {
         ready: Ready::Window,
         keys: vec!["Page_Down"],
         presses: 4,
+        rewind: Some("ctrl+Home"),
         home_files: vec![],
         learning_run: false,
     });
@@ -285,6 +294,7 @@ pub fn all(inputs: &Path, web: &Path, smoke: bool) -> Vec<Scenario> {
             ready: Ready::Window,
             keys: vec!["Return"],
             presses: 2,
+            rewind: Some("ctrl+l"),
             home_files: vec![],
             learning_run: false,
         });
@@ -315,6 +325,7 @@ pub fn all(inputs: &Path, web: &Path, smoke: bool) -> Vec<Scenario> {
                 ready: Ready::Title(s("-5.0 (")),
                 keys: vec!["1", "shift+ctrl+j"],
                 presses: 2,
+                rewind: None,
                 home_files: vec![],
                 learning_run: false,
             }],
