@@ -1018,14 +1018,20 @@ fn twins_after_the_floor(meanwhile: impl FnOnce(&mut Sim)) -> (Sim, Vec<u64>) {
         s.step();
     }
     meanwhile(&mut s);
+    next_round_of_client_1(&mut s, 60_000);
+    (s, stretches)
+}
+
+/// Runs until client 1's next round (its next residency query) comes, within `within_ms`,
+/// and 300 ms more for the growth and marks it seeds.
+fn next_round_of_client_1(s: &mut Sim, within_ms: u64) {
     let q = s.eng.status(1).unwrap().counters.residency_queries;
-    let deadline = s.now + 60_000;
+    let deadline = s.now + within_ms;
     while s.eng.status(1).unwrap().counters.residency_queries == q {
-        assert!(s.now < deadline, "a floor round of client 1 comes");
+        assert!(s.now < deadline, "a round of client 1 comes");
         s.step();
     }
     s.run(300);
-    (s, stretches)
 }
 
 /// Every stretch of [`twins_after_the_floor`] is marked in client 1 by the round.
@@ -1151,13 +1157,7 @@ fn pages_looked_up_with_no_twin_are_not_looked_up_again() {
     let mut s = half_marked_pair(cfg(), 2048);
     s.run(3_000);
     let floor_round = |s: &mut Sim| {
-        let q = s.eng.status(1).unwrap().counters.residency_queries;
-        let deadline = s.now + 200_000;
-        while s.eng.status(1).unwrap().counters.residency_queries == q {
-            assert!(s.now < deadline, "a floor round of client 1 comes");
-            s.step();
-        }
-        s.run(300);
+        next_round_of_client_1(s, 200_000);
         s.eng.status(1).unwrap().counters.partner_lookups
     };
     let before = floor_round(&mut s);
