@@ -61,14 +61,8 @@ const FORGET_EVERY_MS: u64 = 10_000;
 pub const WAKE_AFTER_MS: u64 = 20;
 pub const WAKE_AGAIN_MS: u64 = 1000;
 pub const MAX_WAKES: u32 = 5;
-/// How often a family's doorbell is read ([`Family::doorbell_pace`]) …
+/// How often a family's doorbell is read, and its process tree walked without a ring.
 pub const DOORBELL_MS: u64 = 500;
-/// … and this often once it has not rung for [`DOORBELL_QUIET_AFTER_MS`] (nothing pending):
-/// a settled program's fork child is then found up to 2 s after its first hook, and a settled
-/// desktop's agent does not wake twice a second for its doorbells (on a settled D4, eight
-/// families' reads were 6 % of the agent's CPU).
-pub const DOORBELL_QUIET_MS: u64 = 2000;
-pub const DOORBELL_QUIET_AFTER_MS: u64 = 60_000;
 /// For its first [`YOUNG_FAMILY_MS`], a family's doorbell is read every [`DOORBELL_YOUNG_MS`].
 pub const YOUNG_FAMILY_MS: u64 = 10_000;
 pub const DOORBELL_YOUNG_MS: u64 = 100;
@@ -183,20 +177,6 @@ pub struct Births {
 }
 
 impl Family {
-    /// The time from a read of the family's doorbell to the next.
-    pub fn doorbell_pace(&self, now: u64) -> u64 {
-        if now < self.born_ms + YOUNG_FAMILY_MS {
-            // A young family forks its first children now.
-            DOORBELL_YOUNG_MS
-        } else if !self.pending.is_empty()
-            || now < self.born_ms.max(self.rang_ms) + DOORBELL_QUIET_AFTER_MS
-        {
-            DOORBELL_MS
-        } else {
-            DOORBELL_QUIET_MS
-        }
-    }
-
     /// The time from a walk of the family's tree to the next one without a ring.
     pub fn walk_pace(&self, now: u64) -> u64 {
         if now < self.born_ms.max(self.rang_ms) + YOUNG_FAMILY_MS {
@@ -507,8 +487,9 @@ fn channel_fast() -> u64 {
 mod tests {
     use super::*;
 
-    fn family_born_at_1s() -> Family {
-        Family {
+    #[test]
+    fn a_family_is_walked_every_second_while_young_or_after_a_ring() {
+        let mut f = Family {
             socket_hash: 0,
             born_ms: 1_000,
             doorbell: 0,
@@ -523,12 +504,7 @@ mod tests {
             tree: BTreeSet::new(),
             dirty: true,
             walked_ms: 0,
-        }
-    }
-
-    #[test]
-    fn a_family_is_walked_every_second_while_young_or_after_a_ring() {
-        let mut f = family_born_at_1s();
+        };
         assert_eq!(f.walk_pace(1_000), FAMILY_WALK_YOUNG_MS);
         assert_eq!(f.walk_pace(1_000 + YOUNG_FAMILY_MS), FAMILY_WALK_MS);
         // A ring (a member forked: its child may exec a program that cannot say Hello).
@@ -538,27 +514,6 @@ mod tests {
             FAMILY_WALK_YOUNG_MS
         );
         assert_eq!(f.walk_pace(60_000 + YOUNG_FAMILY_MS), FAMILY_WALK_MS);
-    }
-
-    #[test]
-    fn a_quiet_familys_doorbell_is_read_less_often() {
-        let mut f = family_born_at_1s();
-        assert_eq!(f.doorbell_pace(1_000), DOORBELL_YOUNG_MS);
-        assert_eq!(f.doorbell_pace(1_000 + YOUNG_FAMILY_MS), DOORBELL_MS);
-        let quiet = 1_000 + DOORBELL_QUIET_AFTER_MS;
-        assert_eq!(f.doorbell_pace(quiet - 1), DOORBELL_MS);
-        assert_eq!(f.doorbell_pace(quiet), DOORBELL_QUIET_MS);
-        // A child still to look at again keeps the pace.
-        f.pending.insert(42, 1);
-        assert_eq!(f.doorbell_pace(quiet), DOORBELL_MS);
-        f.pending.clear();
-        // A ring brings it back for a while.
-        f.rang_ms = 100_000;
-        assert_eq!(f.doorbell_pace(100_000 + 1), DOORBELL_MS);
-        assert_eq!(
-            f.doorbell_pace(100_000 + DOORBELL_QUIET_AFTER_MS),
-            DOORBELL_QUIET_MS
-        );
     }
 
     #[test]

@@ -321,8 +321,7 @@ impl Agent {
             let mut walk = due && f.walk_at <= now;
             let retry = !f.pending.is_empty() && now >= f.doorbell_at;
             let mut rang = false;
-            let bell_due = now >= f.doorbell_at;
-            if bell_due {
+            if now >= f.doorbell_at {
                 let rings = f.members.iter().find_map(|m| {
                     let c = self.clients.get(m)?;
                     let mut b = [0u8; 8];
@@ -332,6 +331,13 @@ impl Agent {
                         .map(|()| u64::from_ne_bytes(b))
                 });
                 let f = self.families.get_mut(&key).unwrap();
+                // A young family forks its first children now: look more often.
+                f.doorbell_at = now
+                    + if now < f.born_ms + YOUNG_FAMILY_MS {
+                        DOORBELL_YOUNG_MS
+                    } else {
+                        DOORBELL_MS
+                    };
                 if let Some(r) = rings {
                     if r != f.rings_seen {
                         f.rings_seen = r;
@@ -345,10 +351,6 @@ impl Agent {
                 self.walk_family(key, now, rang);
             } else if retry {
                 self.retry_pending(key);
-            }
-            // Paced after the walk: children it left pending keep the doorbell's faster pace.
-            if let Some(f) = self.families.get_mut(&key).filter(|_| bell_due) {
-                f.doorbell_at = now + f.doorbell_pace(now);
             }
         }
     }
