@@ -327,11 +327,16 @@ fn viewer_from_wrapped_entry_runs_under_shim_tracked_and_merged() {
         viewer.prog,
         t0.elapsed().as_secs_f64()
     );
+    // A process is named after its program from its exec on, a moment before the dynamic
+    // loader maps the preloaded shim (CI once caught the third instance in between).
     for pid in &pids {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        assert!(
-            maps.contains("libksmplus.so"),
-            "pid {pid} does not run under the shim"
+        wait_until(
+            &format!("pid {pid} runs under the shim"),
+            Duration::from_secs(10),
+            || {
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+                maps.contains("libksmplus.so").then_some(())
+            },
         );
     }
 
