@@ -65,7 +65,7 @@ impl Engine {
 
     /// The sequence ran out (after 4·10⁹ events): every page is read "before" the new floor,
     /// so the next partner search looks each up in the index, as if nothing were known.
-    pub(super) fn restart_dup_seq(&mut self) {
+    fn restart_dup_seq(&mut self) {
         for p in self.procs.values_mut() {
             for r in p.regions.values_mut() {
                 for m in r.hashes.values_mut() {
@@ -76,13 +76,6 @@ impl Engine {
         self.recent_dups.clear();
         self.dup_seq = 1;
         self.recent_floor = 1;
-    }
-
-    /// Whether the remembered page `m` may have a twin it has not been read since: a page of
-    /// its hash was stored after it was read, or that is no longer known (read before
-    /// `recent_floor`). Only such pages need an index lookup to be partner pages.
-    pub(super) fn twin_news(recent: &HashMap<u64, u32>, floor: u32, m: Memo) -> bool {
-        m.read_at() < floor || recent.get(&m.hash()).is_some_and(|&q| q > m.read_at())
     }
 
     pub(super) fn dup(&self, h: u64) -> bool {
@@ -138,4 +131,12 @@ pub(super) fn dec(index: &mut HashMap<u64, u32>, h: u64) {
             index.remove(&h);
         }
     }
+}
+
+/// Whether the remembered page `m` may have a twin it has not been read since: a page of its
+/// hash was stored after it was read (`recent`: the engine's `recent_dups`), or that is no
+/// longer known (read before `floor`, the engine's `recent_floor`). Only such pages need an
+/// index lookup to be partner pages.
+pub(super) fn twin_news(recent: &HashMap<u64, u32>, floor: u32, m: Memo) -> bool {
+    m.read_at() < floor || recent.get(&m.hash()).is_some_and(|&q| q > m.read_at())
 }

@@ -219,7 +219,7 @@ impl Engine {
                             let mut no_twin = Vec::new();
                             for (&i, &memo) in r.hashes.iter() {
                                 let j = u64::from(i);
-                                if !Engine::twin_news(recent, floor, memo)
+                                if !index::twin_news(recent, floor, memo)
                                     || in_spans(&done, j)
                                     || !r.piece_resident(j)
                                 {
