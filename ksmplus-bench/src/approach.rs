@@ -79,6 +79,17 @@ pub struct Launch {
 }
 
 impl Launch {
+    /// Nothing beside the programs and nothing on them: approach `none`, the warm-up, the
+    /// desktop's control group.
+    pub fn plain() -> Launch {
+        Launch {
+            env: Vec::new(),
+            prctl_merge_any: false,
+            agent: None,
+            must_map: None,
+        }
+    }
+
     /// Puts the launcher on a process about to start: its environment, and for merge_any the
     /// `prctl` between fork and exec.
     pub fn apply(&self, cmd: &mut Command) {
@@ -194,12 +205,7 @@ pub struct Unavailable(pub String);
 impl Approach {
     /// Prepares a cell: for `ksmplus` this starts a fresh agent with its own socket and policy.
     pub fn launch(self, tools: &Tools, tmp: &Path, cell: &str) -> Result<Launch, Unavailable> {
-        let mut l = Launch {
-            env: Vec::new(),
-            prctl_merge_any: false,
-            agent: None,
-            must_map: None,
-        };
+        let mut l = Launch::plain();
         let preload = || {
             tools.preload.clone().ok_or_else(|| {
                 Unavailable("libksmplus.so not found (build: cargo build --release -p ksmplus-preload, or pass --preload)".into())

@@ -452,6 +452,7 @@ fn observe(
             agent: agent_pid,
             programs: &pids,
             program_ns: sys::live_threads_cpu_ns,
+            control: &[],
             wakeups: None,
         };
         r.steady = Some(cost::window(0.0, p.steady_secs, probes)?);

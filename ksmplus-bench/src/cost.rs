@@ -1,6 +1,7 @@
 //! The whole cost of an approach (issue 12), shared by the head-to-head and the desktop
 //! benchmarks: the steady window after convergence (ksmd's, the agent's and the programs' CPU,
-//! the agent's wake-ups), the programs' CPU beyond the `none` cell's, and the time to a
+//! the agent's wake-ups), the programs' CPU beyond a reference's (a control group read in the
+//! same window where there is one, else the `none` cell's), and the time to a
 //! fraction of the merging. The window's [`Reading`]s and [`between`] are the desktop long run's
 //! too: every figure of CPU between two moments is read and subtracted the same way.
 
@@ -40,14 +41,20 @@ impl Steady {
         n.map(|n| n as f64 / self.spent.secs.max(1e-9))
     }
 
-    /// The steady cost in % of one core, with `none` (the same workload's `none` cell's
-    /// window) as the reference for the programs' CPU.
+    /// The steady cost in % of one core. The reference for the programs' CPU is the window's
+    /// own control group when it has one (the same programs without the approach, read at the
+    /// same moments), else `none` (the same workload's `none` cell's window, minutes away:
+    /// on a machine whose speed drifts, that difference is mostly drift).
     pub fn row(&self, none: Option<&Steady>) -> SteadyRow {
         let s = &self.spent;
         let progs = self.pct(s.programs_secs);
         let ksmd = self.pct(s.ksmd_secs);
         let agent = s.agent_secs.map(|a| self.pct(a));
-        let extra = none.map(|n| extra(progs, n.pct(n.spent.programs_secs)));
+        let reference = match s.control_secs {
+            Some(c) => Some(self.pct(c)),
+            None => none.map(|n| n.pct(n.spent.programs_secs)),
+        };
+        let extra = reference.map(|r| extra(progs, r));
         SteadyRow {
             ksmd,
             agent,
@@ -69,7 +76,8 @@ pub struct SteadyRow {
     pub ksmd: f64,
     pub agent: Option<f64>,
     pub progs: f64,
-    /// The programs' CPU beyond the `none` cell's (`None` when that cell has no figure).
+    /// The programs' CPU beyond the reference's: the control group's, else the `none` cell's
+    /// (`None` when there is neither).
     pub extra: Option<f64>,
     /// ksmd + agent + extra.
     pub whole: Option<f64>,
@@ -133,6 +141,9 @@ pub struct Probes<'a> {
     /// gone).
     pub programs: &'a [u32],
     pub program_ns: fn(u32) -> Option<u64>,
+    /// The control group's processes (the same programs started beside them without the
+    /// approach, desktop `--control`), read like `programs`; empty without one.
+    pub control: &'a [u32],
     /// The agent's own wake-up counter, when the bench can read it (a status call).
     pub wakeups: Option<&'a mut dyn FnMut() -> Option<u64>>,
 }
@@ -156,6 +167,8 @@ pub struct Reading {
     pub agent_ctxsw: Option<u64>,
     /// Each process of the programs that could be read, nanoseconds.
     pub programs_ns: BTreeMap<u32, u64>,
+    /// The same for the control group; `None` without one.
+    pub control_ns: Option<BTreeMap<u32, u64>>,
     /// The agent's wake-up counter, when read.
     pub wakeups: Option<u64>,
 }
@@ -177,17 +190,20 @@ impl Reading {
         let ksmd_ns = (p.ksmd_ns)();
         let agent_ns = p.agent.map(sys::threads_cpu_ns);
         let agent_ctxsw = p.agent.map(sys::threads_ctx_switches);
-        let programs_ns = p
-            .programs
-            .iter()
-            .filter_map(|&pid| Some((pid, (p.program_ns)(pid)?)))
-            .collect();
+        let read = |pids: &[u32]| -> BTreeMap<u32, u64> {
+            pids.iter()
+                .filter_map(|&pid| Some((pid, (p.program_ns)(pid)?)))
+                .collect()
+        };
+        let programs_ns = read(p.programs);
+        let control_ns = (!p.control.is_empty()).then(|| read(p.control));
         Reading {
             at: Instant::now(),
             ksmd_ns,
             agent_ns,
             agent_ctxsw,
             programs_ns,
+            control_ns,
             wakeups: None,
         }
     }
@@ -203,6 +219,9 @@ pub struct Interval {
     pub agent_secs: Option<f64>,
     /// The processes of the programs read at both ends (their own work plus the shim's).
     pub programs_secs: f64,
+    /// The control group's processes read at both ends, where there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_secs: Option<f64>,
     /// The agent's event-loop wake-ups (`status`' `agent.wakeups`), less the one status call of
     /// the bench the interval holds, where the bench reads them (desktop).
     pub agent_wakeups: Option<u64>,
@@ -218,16 +237,23 @@ pub struct Interval {
 /// work and is left out.
 pub fn between(a: &Reading, b: &Reading) -> Interval {
     let secs = |x: u64, y: u64| y.saturating_sub(x) as f64 / 1e9;
-    let programs_ns: u64 = b
-        .programs_ns
-        .iter()
-        .filter_map(|(pid, nb)| Some(nb.saturating_sub(*a.programs_ns.get(pid)?)))
-        .sum();
+    let both_ends = |a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>| -> f64 {
+        let ns: u64 = b
+            .iter()
+            .filter_map(|(pid, nb)| Some(nb.saturating_sub(*a.get(pid)?)))
+            .sum();
+        ns as f64 / 1e9
+    };
     Interval {
         secs: b.at.saturating_duration_since(a.at).as_secs_f64(),
         ksmd_secs: secs(a.ksmd_ns, b.ksmd_ns),
         agent_secs: a.agent_ns.zip(b.agent_ns).map(|(x, y)| secs(x, y)),
-        programs_secs: programs_ns as f64 / 1e9,
+        programs_secs: both_ends(&a.programs_ns, &b.programs_ns),
+        control_secs: a
+            .control_ns
+            .as_ref()
+            .zip(b.control_ns.as_ref())
+            .map(|(x, y)| both_ends(x, y)),
         agent_wakeups: a
             .wakeups
             .zip(b.wakeups)
@@ -328,6 +354,18 @@ mod tests {
         // Without the none cell there is no extra, hence no whole.
         let r = st.row(None);
         assert_eq!((r.extra, r.whole), (None, None));
+        // A control group read in the same window is the reference, before the none cell.
+        let paired = Steady {
+            spent: Interval {
+                control_secs: Some(0.5),
+                ..st.spent.clone()
+            },
+            ..Default::default()
+        };
+        for none in [Some(&none), None] {
+            let r = paired.row(none);
+            assert!(close(r.extra.unwrap(), 0.5) && close(r.whole.unwrap(), 12.5));
+        }
     }
 
     #[test]
@@ -358,6 +396,7 @@ mod tests {
             agent_ns: Some(700_000_000),
             agent_ctxsw: Some(500),
             programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
+            control_ns: None,
             wakeups: Some(40),
         };
         let b = Reading {
@@ -368,6 +407,7 @@ mod tests {
             agent_ctxsw: Some(450),
             // 1 ran 0.1 s, 2 went back (counts 0), 3 exited, 4 appeared.
             programs_ns: [(1, 100_000_100), (2, 1_000_000_000), (4, 9_000_000_000)].into(),
+            control_ns: None,
             wakeups: Some(61),
         };
         let i = between(&a, &b);
@@ -375,6 +415,17 @@ mod tests {
         assert!(close(i.secs, 20.0) && close(i.ksmd_secs, 2.0));
         assert_eq!((i.agent_secs, i.agent_ctxsw), (Some(0.0), Some(0)));
         assert!(close(i.programs_secs, 0.1));
+        assert_eq!(i.control_secs, None);
+        // A control group is counted like the programs, on its own.
+        let with_control = |ns: [(u32, u64); 2], r: &Reading| Reading {
+            control_ns: Some(ns.into()),
+            ..r.clone()
+        };
+        let c = between(
+            &with_control([(7, 1_000), (8, 5)], &a),
+            &with_control([(7, 300_001_000), (9, 4_000_000_000)], &b),
+        );
+        assert!(close(c.control_secs.unwrap(), 0.3) && close(c.programs_secs, 0.1));
         // 21, one of them the bench's status call.
         assert_eq!(i.agent_wakeups, Some(20));
         // The same reading twice: the wake-up counter did not move, 0 and not an underflow.

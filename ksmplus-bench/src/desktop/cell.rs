@@ -5,7 +5,9 @@
 //! and then until it is ready -> pages turned as a reader would -> memory of the programs
 //! measured (`smaps_rollup`, before any merging) -> `run=1` at t0 -> sampled until the merging
 //! pages settle -> one more key per window after merging, with a screenshot (the program must
-//! still answer) -> programs and agent ended -> ksmd back to the baseline.
+//! still answer) -> programs and agent ended -> ksmd back to the baseline. With a steady
+//! window (D1-D4), each program's control twin (no approach, its own home) starts right after
+//! it and is read the same way: the reference for the programs' CPU in the same window.
 //!
 //! A scenario of the unprivileged user (the browsers, `Scenario::user`) runs its programs as
 //! that user, with their sandboxes, in a home and runtime directory the user owns; under
@@ -71,6 +73,13 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
         }
     };
     let (home, rundir) = place(ctx, user, &name)?;
+    // The control group's own home and runtime directory (a program's second instance must
+    // not share the first one's files).
+    let control = if ctx.wants_control(sc) {
+        Some(place(ctx, None, &format!("{name}-control"))?)
+    } else {
+        None
+    };
     let logs = ctx.results.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
 
@@ -82,6 +91,7 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
         &mut launch,
         &mut running,
         (&home, &rundir),
+        control.as_ref().map(|(h, r)| (h.as_path(), r.as_path())),
         &before,
         &mut r,
     );
@@ -93,8 +103,13 @@ pub fn run(ctx: &Ctx, sc: &Scenario, ap: Approach) -> Result<DeskCell, String> {
         }
         r.status = format!("error: {e}");
     }
-    let _ = std::fs::remove_dir_all(&home);
-    let _ = std::fs::remove_dir_all(&rundir);
+    for dir in [Some(&(home, rundir)), control.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir_all(&dir.0);
+        let _ = std::fs::remove_dir_all(&dir.1);
+    }
     Ok(r)
 }
 
@@ -171,12 +186,7 @@ fn end(
 /// plug-in database, KDE's service cache, fontconfig, a browser's profile — is done before the
 /// first cell. A program's `home_files` are written into its home template first.
 pub fn warm_up(ctx: &Ctx, scenarios: &[Scenario]) -> Result<(), String> {
-    let tools_none = Launch {
-        env: Vec::new(),
-        prctl_merge_any: false,
-        agent: None,
-        must_map: None,
-    };
+    let tools_none = Launch::plain();
     let logs = ctx.results.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
     let mut seen = Vec::new();

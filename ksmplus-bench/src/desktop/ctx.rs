@@ -49,12 +49,24 @@ pub struct Ctx<'a> {
     pub steady_secs: f64,
     /// How long after convergence the steady window starts.
     pub steady_after: f64,
+    /// A control group beside the programs when the cell has a steady window (`--no-control`
+    /// turns it off); see [`Ctx::wants_control`].
+    pub control: bool,
     /// The long run after ksmd's start (`--long-run`), when asked for.
     pub long_run: Option<LongCfg>,
     /// Run `ksmplusctl scan` in this cell (once per scenario), when the subcommand exists.
     pub scan: bool,
     /// The unprivileged user of the browser scenarios, when the run has any.
     pub user: Option<&'a UserSide>,
+}
+
+impl Ctx<'_> {
+    /// Whether a cell of `sc` gets a control group: only with a steady window to measure, and
+    /// only for scenarios of root — a browser's second instance would share the user's profile
+    /// and processes, so D5/D6 keep the `none` cell as their reference.
+    pub fn wants_control(&self, sc: &Scenario) -> bool {
+        self.control && self.steady_secs > 0.0 && self.long_run.is_none() && !sc.user
+    }
 }
 
 /// Waits (ksmd running) until ksmd holds no more pages than before the run.

@@ -57,6 +57,7 @@ fn read(
         agent: agent.map(|(p, _)| *p),
         programs: pids,
         program_ns: sys::process_cpu_ns,
+        control: &[],
         wakeups: Some(&mut wakeups),
     })
 }
@@ -258,6 +259,7 @@ mod tests {
             agent_ns: Some(500_000_000),
             agent_ctxsw: Some(1_000),
             programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
+            control_ns: None,
             wakeups: Some(40),
         };
         let b = Reading {
@@ -267,6 +269,7 @@ mod tests {
             agent_ctxsw: Some(1_200),
             // 3 exited, 4 appeared (its start-up is not this interval's).
             programs_ns: [(1, 100_000_100), (2, 2_400_000_000), (4, 9_000_000_000)].into(),
+            control_ns: None,
             wakeups: Some(61),
         };
         let s = cpu_sample(t0, &a, &b);

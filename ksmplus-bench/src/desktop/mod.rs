@@ -89,6 +89,13 @@ struct Cli {
     /// over several quiet rounds, so a later window shows the settled cost [default: 0]
     #[arg(long, default_value_t = 0.0)]
     steady_after: f64,
+    /// No control group. By default a cell with a steady window starts each program of a
+    /// scenario of root (D1-D4) twice: under the approach, and beside it without anything (its
+    /// own home), read the same way; the programs' extra CPU is theirs minus the control's in
+    /// the same window. Without it the reference is the `none` cell's window, minutes away:
+    /// on a machine whose speed drifts that difference is mostly drift.
+    #[arg(long)]
+    no_control: bool,
     /// Long run (issue 12): keep each cell's programs open this long from ksmd's start, with a
     /// key round every --turn-every seconds and a sample of the saving and the cost every
     /// --sample-every seconds; a time-series table per cell, `longrun-*.csv` and an SVG plot per
@@ -397,6 +404,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 30.0
             }),
         steady_after: cli.steady_after,
+        control: !cli.no_control,
         long_run: cli.long_run.map(|secs| ctx::LongCfg {
             secs,
             turn_every: cli.turn_every,

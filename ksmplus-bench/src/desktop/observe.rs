@@ -7,7 +7,7 @@ use super::longrun::Sampler;
 use super::procs::{self, exe, zombie};
 use super::results::{DeskCell, ProcResult, ProgResult, Sample};
 use super::running::{cell_procs, read_like_a_user, spawn, wait_ready, Running};
-use super::scenario::{Scenario, TRACK};
+use super::scenario::{Program, Scenario, TRACK};
 use super::user::UserSide;
 use crate::approach::{Approach, Launch};
 use crate::cost::{self, Steady};
@@ -47,20 +47,28 @@ pub fn observe(
     launch: &mut Launch,
     running: &mut Vec<Running>,
     (home, rundir): (&Path, &Path),
+    mut control: Option<(&Path, &Path)>,
     before: &BTreeSet<u32>,
     r: &mut DeskCell,
 ) -> Result<(), String> {
     let d = ctx.desktop;
     let user = user_of(ctx, sc)?;
     let logs = ctx.results.join("logs");
-    // Start the programs one after another, as a user would.
-    for p in &sc.programs {
-        let log = logs.join(format!(
-            "{}-{}-{}.log",
+    let log_of = |p: &Program, suffix: &str| {
+        logs.join(format!(
+            "{}-{}-{}{suffix}.log",
             sc.id,
             ap.name(),
             p.label.replace('#', "")
-        ));
+        ))
+    };
+    // The control group's first processes, one per program (`Ctx::wants_control`); empty
+    // when the cell has none or one of them failed to start.
+    let mut control_roots: Vec<u32> = Vec::new();
+    // Start the programs one after another, as a user would; each one's control right after
+    // it, so both share the cell's history.
+    for p in &sc.programs {
+        let log = log_of(p, "");
         let mut run = spawn(d, p, launch, home, rundir, &log, user)?;
         let res = wait_ready(d, p, &mut run, Duration::from_secs(120));
         let pid = run.child.id();
@@ -82,12 +90,36 @@ pub fn observe(
             ready_secs: Some(ready),
             ..Default::default()
         });
+        if let Some((chome, crun)) = control {
+            let mut run = spawn(
+                d,
+                p,
+                &Launch::plain(),
+                chome,
+                crun,
+                &log_of(p, "-control"),
+                None,
+            )?;
+            let res = wait_ready(d, p, &mut run, Duration::from_secs(120));
+            control_roots.push(run.child.id());
+            running.push(run);
+            if let Err(e) = res {
+                r.notes.push(format!(
+                    "control group dropped ({e}): the none cell is the reference"
+                ));
+                control = None;
+                control_roots.clear();
+            }
+        }
     }
-    // Reading: pages turned, pages scrolled, tabs switched.
+    // Reading: pages turned, pages scrolled, tabs switched; the control the same way.
     sys::sleep_checked(Duration::from_millis(500))?;
     for (i, p) in sc.programs.iter().enumerate() {
         let pid = r.programs[i].pid;
         r.programs[i].reading_changed = read_like_a_user(d, p, pid, p.presses, 0);
+        if let Some(&c) = control_roots.get(i) {
+            read_like_a_user(d, p, c, p.presses, 0);
+        }
     }
     sys::sleep_checked(Duration::from_secs(1))?;
 
@@ -202,11 +234,13 @@ pub fn observe(
     r.general_profit_delta = sys::ksm_get("general_profit") - gp0;
     if ctx.steady_secs > 0.0 && converged {
         let pids: Vec<u32> = procs_r.keys().copied().collect();
+        // The control's processes now (its programs' helpers included), like the programs'.
+        let control: Vec<u32> = procs::trees(&control_roots).into_keys().collect();
         r.steady = Some(steady_window(
             ctx,
             user,
             launch,
-            &pids,
+            (&pids, &control),
             &ksmd_ns,
             &mut r.notes,
         )?);
@@ -349,13 +383,13 @@ fn r_pids(procs_r: &BTreeMap<u32, ProcResult>) -> Vec<u32> {
 }
 
 /// The steady window: `ctx.steady_secs` with the programs open and idle, `ctx.steady_after`
-/// after convergence, measuring ksmd's, the agent's and the programs' CPU and the agent's
-/// wake-ups (its own counter, through `ksmplusctl status`, and its context switches).
+/// after convergence, measuring ksmd's, the agent's, the programs' and their control group's
+/// CPU and the agent's wake-ups (its own counter, through `ksmplusctl status`, and its context switches).
 fn steady_window(
     ctx: &Ctx,
     user: Option<&UserSide>,
     launch: &Launch,
-    pids: &[u32],
+    (pids, control): (&[u32], &[u32]),
     ksmd_ns: &dyn Fn() -> u64,
     notes: &mut Vec<String>,
 ) -> Result<Steady, String> {
@@ -372,6 +406,7 @@ fn steady_window(
             programs: pids,
             // Their threads come and go: utime + stime counts the exited ones too.
             program_ns: sys::process_cpu_ns,
+            control,
             wakeups: Some(&mut wakeups),
         },
     )

@@ -240,9 +240,11 @@ pub fn processes(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
 }
 
 /// The steady cost after convergence (issue 12): % of one core over the window, for ksmd, the
-/// agent and the programs; `extra` is the programs' CPU beyond the same scenario's `none`
-/// cell (the shim's part and any work merging causes), `whole` = ksmd + agent + extra; and
-/// `t90`, the seconds from ksmd's start to 90 % of the final merging pages.
+/// agent and the programs; `extra` is the programs' CPU beyond the reference's (the shim's
+/// part and any work merging causes): their control group's in the same window (`ref` ctl)
+/// or the same scenario's `none` cell's (`ref` none); `whole` = ksmd + agent + extra; and
+/// `t90`, the seconds from ksmd's start to 90 % of the final merging pages. A `none` cell with
+/// a control shows what the pairing itself reads as extra (two identical groups): the noise.
 pub fn steady(cells: &[DeskCell]) -> String {
     let mut s = String::new();
     let with: Vec<&DeskCell> = cells.iter().filter(|c| c.steady.is_some()).collect();
@@ -256,7 +258,7 @@ pub fn steady(cells: &[DeskCell]) -> String {
     );
     let _ = writeln!(
         s,
-        "scn  approach     t90_s   ksmd%  agent%  progs%  extra%  whole%  wakeups/s"
+        "scn  approach     t90_s   ksmd%  agent%  progs%  extra%  ref    whole%  wakeups/s"
     );
     for c in with {
         let st = c.steady.as_ref().unwrap();
@@ -264,7 +266,7 @@ pub fn steady(cells: &[DeskCell]) -> String {
         let row = st.row(none);
         let _ = writeln!(
             s,
-            "{:<4} {:<11} {:>6} {:>7.2} {:>7} {:>7.2} {:>7} {:>7} {:>10}",
+            "{:<4} {:<11} {:>6} {:>7.2} {:>7} {:>7.2} {:>7}  {:<4} {:>7} {:>10}",
             c.scenario,
             c.approach,
             opt(c.t90(), 1),
@@ -272,6 +274,11 @@ pub fn steady(cells: &[DeskCell]) -> String {
             opt(row.agent, 2),
             row.progs,
             opt(row.extra, 2),
+            match (st.spent.control_secs, row.extra) {
+                (Some(_), _) => "ctl",
+                (None, Some(_)) => "none",
+                (None, None) => "-",
+            },
             opt(row.whole, 2),
             opt(st.wakeups_per_sec(), 1),
         );
@@ -579,4 +586,67 @@ pub fn targets_text(ts: &[Target]) -> String {
         let _ = writeln!(s, "  [{v}] {}: {}", t.name, t.detail);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{Interval, Steady};
+
+    fn cell(scenario: &str, approach: &str, programs: f64, control: Option<f64>) -> DeskCell {
+        DeskCell {
+            scenario: scenario.into(),
+            approach: approach.into(),
+            status: "ok".into(),
+            steady: Some(Steady {
+                after: 20.0,
+                spent: Interval {
+                    secs: 100.0,
+                    ksmd_secs: if approach == "none" { 0.0 } else { 0.5 },
+                    programs_secs: programs,
+                    control_secs: control,
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The extra is against the control group in the same window where there is one, else
+    /// against the none cell; the table says which.
+    #[test]
+    fn steady_table_names_the_reference() {
+        let cells = [
+            cell("D1", "none", 0.4, Some(0.3)),
+            cell("D1", "ksmplus", 1.0, Some(0.9)),
+            cell("D5", "none", 2.0, None),
+            cell("D5", "ksmplus", 2.5, None),
+        ];
+        let t = steady(&cells);
+        let row = |sc: &str, ap: &str| {
+            t.lines()
+                .find(|l| l.starts_with(sc) && l.contains(ap))
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        // scn approach t90 ksmd agent progs extra ref whole wakeups
+        let k1 = row("D1", "ksmplus");
+        assert_eq!(
+            (&k1[6][..], &k1[7][..], &k1[8][..]),
+            ("0.10", "ctl", "0.60")
+        );
+        // The none cell against its own control: what the pairing reads as noise.
+        let n1 = row("D1", "none");
+        assert_eq!(
+            (&n1[6][..], &n1[7][..], &n1[8][..]),
+            ("0.10", "ctl", "0.10")
+        );
+        let k5 = row("D5", "ksmplus");
+        assert_eq!(
+            (&k5[6][..], &k5[7][..], &k5[8][..]),
+            ("0.50", "none", "1.00")
+        );
+    }
 }
