@@ -36,6 +36,23 @@ impl Steady {
         self.per_sec(self.spent.agent_wakeups)
     }
 
+    /// Pages the agent read per second over the window, where the bench read them.
+    pub fn agent_pages_per_sec(&self) -> Option<f64> {
+        self.per_sec(self.spent.agent_pages)
+    }
+
+    /// Pages ksmd looked at per second over the window.
+    pub fn ksmd_pages_per_sec(&self) -> Option<f64> {
+        self.per_sec(self.spent.ksmd_scanned)
+    }
+
+    /// ksmd's CPU per page it looked at, microseconds (`None` when it looked at none): the
+    /// price of its work on this machine at this moment.
+    pub fn ksmd_us_per_page(&self) -> Option<f64> {
+        let n = self.spent.ksmd_scanned.filter(|&n| n > 0)?;
+        Some(self.spent.ksmd_secs * 1e6 / n as f64)
+    }
+
     /// A count over the window, per second (a zero-length window counts as a nanosecond).
     fn per_sec(&self, n: Option<u64>) -> Option<f64> {
         n.map(|n| n as f64 / self.spent.secs.max(1e-9))
@@ -144,13 +161,45 @@ pub struct Probes<'a> {
     /// The control group's processes (the same programs started beside them without the
     /// approach, desktop `--control`), read like `programs`; empty without one.
     pub control: &'a [u32],
-    /// The agent's own wake-up counter, when the bench can read it (a status call).
-    pub wakeups: Option<&'a mut dyn FnMut() -> Option<u64>>,
+    /// The agent's own counters, when the bench can read them (a status call).
+    pub wakeups: Option<&'a mut dyn FnMut() -> Option<AgentCounters>>,
 }
 
 impl Probes<'_> {
-    fn wakeups(&mut self) -> Option<u64> {
+    fn wakeups(&mut self) -> Option<AgentCounters> {
         self.wakeups.as_mut().and_then(|w| w())
+    }
+}
+
+/// What the agent counts itself (`ksmplusctl status --json`): its work, whatever the machine's
+/// speed. On this machine the same work has cost 1 to 5 times the CPU from one hour to the
+/// next, so a cell's CPU alone cannot tell a change of the agent from a change of the machine.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentCounters {
+    /// Event-loop wake-ups (`agent.wakeups`).
+    pub wakeups: u64,
+    /// Pages read (fingerprinted) per process (`processes[].fingerprinted_pages`).
+    pub pages: BTreeMap<u32, u64>,
+}
+
+impl AgentCounters {
+    /// From a status reply; `None` without the wake-up counter.
+    pub fn from_status(v: &serde_json::Value) -> Option<AgentCounters> {
+        let pages = v["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    u32::try_from(p["pid"].as_u64()?).ok()?,
+                    p["fingerprinted_pages"].as_u64()?,
+                ))
+            })
+            .collect();
+        Some(AgentCounters {
+            wakeups: v["agent"]["wakeups"].as_u64()?,
+            pages,
+        })
     }
 }
 
@@ -169,8 +218,11 @@ pub struct Reading {
     pub programs_ns: BTreeMap<u32, u64>,
     /// The same for the control group; `None` without one.
     pub control_ns: Option<BTreeMap<u32, u64>>,
-    /// The agent's wake-up counter, when read.
-    pub wakeups: Option<u64>,
+    /// The agent's counters, when read.
+    pub wakeups: Option<AgentCounters>,
+    /// ksmd's `pages_scanned` (pages it looked at; those smart_scan skipped are not counted),
+    /// when the kernel has it.
+    pub ksmd_scanned: Option<u64>,
 }
 
 impl Reading {
@@ -188,6 +240,7 @@ impl Reading {
     pub fn counters(p: &Probes) -> Reading {
         // Read in this order, the instant last.
         let ksmd_ns = (p.ksmd_ns)();
+        let ksmd_scanned = u64::try_from(sys::ksm_get("pages_scanned")).ok();
         let agent_ns = p.agent.map(sys::threads_cpu_ns);
         let agent_ctxsw = p.agent.map(sys::threads_ctx_switches);
         let read = |pids: &[u32]| -> BTreeMap<u32, u64> {
@@ -205,6 +258,7 @@ impl Reading {
             programs_ns,
             control_ns,
             wakeups: None,
+            ksmd_scanned,
         }
     }
 }
@@ -228,6 +282,12 @@ pub struct Interval {
     /// Context switches (voluntary + involuntary) of all the agent's threads: its wake-ups as
     /// the kernel counts them.
     pub agent_ctxsw: Option<u64>,
+    /// Pages the agent read, in the processes it tracked at both ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_pages: Option<u64>,
+    /// Pages ksmd looked at (`pages_scanned`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ksmd_scanned: Option<u64>,
 }
 
 /// The interval from `a` to `b`. A counter that went back (a thread that exited) counts 0. A
@@ -237,32 +297,44 @@ pub struct Interval {
 /// work and is left out.
 pub fn between(a: &Reading, b: &Reading) -> Interval {
     let secs = |x: u64, y: u64| y.saturating_sub(x) as f64 / 1e9;
-    let both_ends = |a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>| -> f64 {
-        let ns: u64 = b
-            .iter()
-            .filter_map(|(pid, nb)| Some(nb.saturating_sub(*a.get(pid)?)))
-            .sum();
-        ns as f64 / 1e9
-    };
+    let ns_secs = |a, b| both_ends(a, b) as f64 / 1e9;
     Interval {
         secs: b.at.saturating_duration_since(a.at).as_secs_f64(),
         ksmd_secs: secs(a.ksmd_ns, b.ksmd_ns),
         agent_secs: a.agent_ns.zip(b.agent_ns).map(|(x, y)| secs(x, y)),
-        programs_secs: both_ends(&a.programs_ns, &b.programs_ns),
+        programs_secs: ns_secs(&a.programs_ns, &b.programs_ns),
         control_secs: a
             .control_ns
             .as_ref()
             .zip(b.control_ns.as_ref())
-            .map(|(x, y)| both_ends(x, y)),
+            .map(|(x, y)| ns_secs(x, y)),
         agent_wakeups: a
             .wakeups
-            .zip(b.wakeups)
-            .map(|(x, y)| y.saturating_sub(x + 1)),
+            .as_ref()
+            .zip(b.wakeups.as_ref())
+            .map(|(x, y)| y.wakeups.saturating_sub(x.wakeups + 1)),
+        agent_pages: a
+            .wakeups
+            .as_ref()
+            .zip(b.wakeups.as_ref())
+            .map(|(x, y)| both_ends(&x.pages, &y.pages)),
+        ksmd_scanned: a
+            .ksmd_scanned
+            .zip(b.ksmd_scanned)
+            .map(|(x, y)| y.saturating_sub(x)),
         agent_ctxsw: a
             .agent_ctxsw
             .zip(b.agent_ctxsw)
             .map(|(x, y)| y.saturating_sub(x)),
     }
+}
+
+/// How much the per-process counters `a` grew by `b`, over the processes read at both ends (a
+/// counter that went back counts 0).
+fn both_ends(a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>) -> u64 {
+    b.iter()
+        .filter_map(|(pid, nb)| Some(nb.saturating_sub(*a.get(pid)?)))
+        .sum()
 }
 
 /// The steady window: waits `after` seconds, then measures `secs` seconds.
@@ -387,6 +459,32 @@ mod tests {
         assert_eq!(t90(&[]), None);
     }
 
+    fn counters(wakeups: u64, pages: &[(u32, u64)]) -> AgentCounters {
+        AgentCounters {
+            wakeups,
+            pages: pages.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn agent_counters_from_a_status_reply() {
+        let v = serde_json::json!({
+            "agent": {"wakeups": 12},
+            "processes": [
+                {"pid": 7, "fingerprinted_pages": 300},
+                {"pid": 8},
+                {"pid": 9, "fingerprinted_pages": 5},
+            ],
+        });
+        assert_eq!(
+            AgentCounters::from_status(&v),
+            Some(counters(12, &[(7, 300), (9, 5)]))
+        );
+        // An error reply (no agent) has no counters.
+        let err = serde_json::json!({"ok": false, "error": "not running"});
+        assert_eq!(AgentCounters::from_status(&err), None);
+    }
+
     #[test]
     fn between_counts_what_was_read_at_both_ends() {
         let t = Instant::now();
@@ -397,7 +495,8 @@ mod tests {
             agent_ctxsw: Some(500),
             programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
             control_ns: None,
-            wakeups: Some(40),
+            wakeups: Some(counters(40, &[(1, 10), (5, 100)])),
+            ksmd_scanned: Some(1_000),
         };
         let b = Reading {
             at: t + Duration::from_secs(20),
@@ -408,7 +507,9 @@ mod tests {
             // 1 ran 0.1 s, 2 went back (counts 0), 3 exited, 4 appeared.
             programs_ns: [(1, 100_000_100), (2, 1_000_000_000), (4, 9_000_000_000)].into(),
             control_ns: None,
-            wakeups: Some(61),
+            // Process 5 gone, 6 new: only 1's pages count.
+            wakeups: Some(counters(61, &[(1, 25), (6, 7)])),
+            ksmd_scanned: Some(6_000),
         };
         let i = between(&a, &b);
         let close = |x: f64, y: f64| (x - y).abs() < 1e-9;
@@ -428,6 +529,7 @@ mod tests {
         assert!(close(c.control_secs.unwrap(), 0.3) && close(c.programs_secs, 0.1));
         // 21, one of them the bench's status call.
         assert_eq!(i.agent_wakeups, Some(20));
+        assert_eq!((i.agent_pages, i.ksmd_scanned), (Some(15), Some(5_000)));
         // The same reading twice: the wake-up counter did not move, 0 and not an underflow.
         let same = between(&a, &a);
         assert_eq!(same.agent_wakeups, Some(0));

@@ -19,7 +19,7 @@ use super::running::read_like_a_user;
 use super::scenario::Scenario;
 use super::user::UserSide;
 use crate::approach::Launch;
-use crate::cost::{self, Probes, Reading};
+use crate::cost::{self, AgentCounters, Probes, Reading};
 use crate::sys;
 use ksmplus_common::ksm;
 use std::collections::BTreeSet;
@@ -51,7 +51,7 @@ fn read(
     notes: &mut Vec<String>,
 ) -> Reading {
     let ksmd_ns = || ctx.ksmd_pid.and_then(sys::task_runtime_ns).unwrap_or(0);
-    let mut wakeups = || agent_status(ctx, user, &agent?.1, notes)?["agent"]["wakeups"].as_u64();
+    let mut wakeups = || AgentCounters::from_status(&agent_status(ctx, user, &agent?.1, notes)?);
     Reading::take(&mut Probes {
         ksmd_ns: &ksmd_ns,
         agent: agent.map(|(p, _)| *p),
@@ -260,7 +260,11 @@ mod tests {
             agent_ctxsw: Some(1_000),
             programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
             control_ns: None,
-            wakeups: Some(40),
+            wakeups: Some(AgentCounters {
+                wakeups: 40,
+                ..Default::default()
+            }),
+            ksmd_scanned: None,
         };
         let b = Reading {
             at: t0 + Duration::from_secs(20),
@@ -270,7 +274,11 @@ mod tests {
             // 3 exited, 4 appeared (its start-up is not this interval's).
             programs_ns: [(1, 100_000_100), (2, 2_400_000_000), (4, 9_000_000_000)].into(),
             control_ns: None,
-            wakeups: Some(61),
+            wakeups: Some(AgentCounters {
+                wakeups: 61,
+                ..Default::default()
+            }),
+            ksmd_scanned: None,
         };
         let s = cpu_sample(t0, &a, &b);
         assert_eq!((s.t, s.secs), (20.0, 10.0));

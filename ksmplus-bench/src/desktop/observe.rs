@@ -396,7 +396,7 @@ fn steady_window(
     let agent = launch.agent.as_ref().map(|a| a.pid());
     let sock = launch.agent.as_ref().map(|a| a.dir.join("agent.sock"));
     let mut wakeups =
-        || agent_status(ctx, user, sock.as_ref()?, notes)?["agent"]["wakeups"].as_u64();
+        || cost::AgentCounters::from_status(&agent_status(ctx, user, sock.as_ref()?, notes)?);
     cost::window(
         ctx.steady_after,
         ctx.steady_secs,

@@ -245,6 +245,9 @@ pub fn processes(cells: &[DeskCell], scenarios: &[Scenario]) -> String {
 /// or the same scenario's `none` cell's (`ref` none); `whole` = ksmd + agent + extra; and
 /// `t90`, the seconds from ksmd's start to 90 % of the final merging pages. A `none` cell with
 /// a control shows what the pairing itself reads as extra (two identical groups): the noise.
+/// Beside the time, the work, which the machine's speed does not change: the pages ksmd looked
+/// at per second and its CPU per page (the price of a page at that moment), and the pages the
+/// agent read per second.
 pub fn steady(cells: &[DeskCell]) -> String {
     let mut s = String::new();
     let with: Vec<&DeskCell> = cells.iter().filter(|c| c.steady.is_some()).collect();
@@ -258,7 +261,7 @@ pub fn steady(cells: &[DeskCell]) -> String {
     );
     let _ = writeln!(
         s,
-        "scn  approach     t90_s   ksmd%  agent%  progs%  extra%  ref    whole%  wakeups/s"
+        "scn  approach     t90_s   ksmd%  agent%  progs%  extra%  ref    whole%  wakeups/s  ksmd_pg/s  ksmd_us/pg  agent_pg/s"
     );
     for c in with {
         let st = c.steady.as_ref().unwrap();
@@ -266,7 +269,7 @@ pub fn steady(cells: &[DeskCell]) -> String {
         let row = st.row(none);
         let _ = writeln!(
             s,
-            "{:<4} {:<11} {:>6} {:>7.2} {:>7} {:>7.2} {:>7}  {:<4} {:>7} {:>10}",
+            "{:<4} {:<11} {:>6} {:>7.2} {:>7} {:>7.2} {:>7}  {:<4} {:>7} {:>10} {:>10} {:>11} {:>11}",
             c.scenario,
             c.approach,
             opt(c.t90(), 1),
@@ -281,6 +284,9 @@ pub fn steady(cells: &[DeskCell]) -> String {
             },
             opt(row.whole, 2),
             opt(st.wakeups_per_sec(), 1),
+            opt(st.ksmd_pages_per_sec(), 0),
+            opt(st.ksmd_us_per_page(), 2),
+            opt(st.agent_pages_per_sec(), 1),
         );
     }
     s
