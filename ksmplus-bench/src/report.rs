@@ -91,8 +91,9 @@ pub fn table(cells: &[CellResult]) -> String {
 
 /// The steady cost (issue 12), one row per cell that had a steady window, % of one core: ksmd,
 /// the agent, the programs, the programs beyond the same workload's `none` cell (`extra`),
-/// `whole` = ksmd + agent + extra, and the agent's context switches per second. Empty when no
-/// cell had a window; else ends with a blank line.
+/// `whole` = ksmd + agent + extra, the agent's context switches per second, and ksmd's work:
+/// the pages it looked at per second and its CPU per page. Empty when no cell had a window;
+/// else ends with a blank line.
 pub fn steady(cells: &[CellResult]) -> String {
     let mut s = String::new();
     let with: Vec<&CellResult> = cells.iter().filter(|c| c.steady.is_some()).collect();
@@ -106,8 +107,17 @@ pub fn steady(cells: &[CellResult]) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<3} {:<11} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}",
-        "wl", "approach", "ksmd%", "agent%", "progs%", "extra%", "whole%", "ctxsw/s"
+        "{:<3} {:<11} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>11}",
+        "wl",
+        "approach",
+        "ksmd%",
+        "agent%",
+        "progs%",
+        "extra%",
+        "whole%",
+        "ctxsw/s",
+        "ksmd_pg/s",
+        "ksmd_us/pg"
     );
     let mut prev = "";
     for c in with {
@@ -119,7 +129,7 @@ pub fn steady(cells: &[CellResult]) -> String {
         let row = st.row(None);
         let _ = writeln!(
             s,
-            "{:<3} {:<11} {:>7.2} {:>7} {:>7.2} {:>7} {:>7} {:>8}",
+            "{:<3} {:<11} {:>7.2} {:>7} {:>7.2} {:>7} {:>7} {:>8} {:>10} {:>11}",
             c.workload,
             c.approach,
             row.ksmd,
@@ -128,6 +138,8 @@ pub fn steady(cells: &[CellResult]) -> String {
             opt(c.steady_extra_pct, 2),
             opt(c.steady_whole_pct, 2),
             opt(st.ctxsw_per_sec(), 1),
+            opt(st.ksmd_pages_per_sec(), 0),
+            opt(st.ksmd_us_per_page(), 2),
         );
     }
     s.push('\n');
@@ -417,6 +429,7 @@ mod tests {
                 ksmd_secs: 0.2,
                 agent_secs: Some(0.1),
                 agent_ctxsw: Some(50),
+                ksmd_scanned: Some(100_000),
                 ..Default::default()
             },
             ..Default::default()
@@ -424,7 +437,8 @@ mod tests {
         let st = steady(&with);
         assert!(st.starts_with("steady cost: 20 s"), "{st}");
         assert!(st.contains("W2  ksmplus        1.00    0.50"), "{st}");
-        assert!(st.trim_end().ends_with("2.5"), "{st}");
+        // 2.5 context switches a second; 5 000 pages a second at 2 µs each (0.2 s of ksmd).
+        assert!(st.trim_end().ends_with("2.5       5000        2.00"), "{st}");
     }
 
     #[test]
