@@ -438,7 +438,10 @@ mod tests {
         assert!(st.starts_with("steady cost: 20 s"), "{st}");
         assert!(st.contains("W2  ksmplus        1.00    0.50"), "{st}");
         // 2.5 context switches a second; 5 000 pages a second at 2 µs each (0.2 s of ksmd).
-        assert!(st.trim_end().ends_with("2.5       5000        2.00"), "{st}");
+        assert!(
+            st.trim_end().ends_with("2.5       5000        2.00"),
+            "{st}"
+        );
     }
 
     #[test]
