@@ -453,7 +453,7 @@ fn observe(
             programs: &pids,
             program_ns: sys::live_threads_cpu_ns,
             control: &[],
-            wakeups: None,
+            agent_counters: None,
         };
         r.steady = Some(cost::window(0.0, p.steady_secs, probes)?);
     }

@@ -162,12 +162,12 @@ pub struct Probes<'a> {
     /// approach, desktop `--control`), read like `programs`; empty without one.
     pub control: &'a [u32],
     /// The agent's own counters, when the bench can read them (a status call).
-    pub wakeups: Option<&'a mut dyn FnMut() -> Option<AgentCounters>>,
+    pub agent_counters: Option<&'a mut dyn FnMut() -> Option<AgentCounters>>,
 }
 
 impl Probes<'_> {
-    fn wakeups(&mut self) -> Option<AgentCounters> {
-        self.wakeups.as_mut().and_then(|w| w())
+    fn agent_counters(&mut self) -> Option<AgentCounters> {
+        self.agent_counters.as_mut().and_then(|w| w())
     }
 }
 
@@ -219,7 +219,7 @@ pub struct Reading {
     /// The same for the control group; `None` without one.
     pub control_ns: Option<BTreeMap<u32, u64>>,
     /// The agent's counters, when read.
-    pub wakeups: Option<AgentCounters>,
+    pub agent_counters: Option<AgentCounters>,
     /// ksmd's `pages_scanned` (pages it looked at; those smart_scan skipped are not counted),
     /// when the kernel has it.
     pub ksmd_scanned: Option<u64>,
@@ -229,9 +229,9 @@ impl Reading {
     /// The agent's wake-up counter (a status call of the bench, whose CPU is then the
     /// interval's that ends here), then the counters.
     pub fn take(p: &mut Probes) -> Reading {
-        let wakeups = p.wakeups();
+        let agent_counters = p.agent_counters();
         Reading {
-            wakeups,
+            agent_counters,
             ..Reading::counters(p)
         }
     }
@@ -257,7 +257,7 @@ impl Reading {
             agent_ctxsw,
             programs_ns,
             control_ns,
-            wakeups: None,
+            agent_counters: None,
             ksmd_scanned,
         }
     }
@@ -309,14 +309,14 @@ pub fn between(a: &Reading, b: &Reading) -> Interval {
             .zip(b.control_ns.as_ref())
             .map(|(x, y)| ns_secs(x, y)),
         agent_wakeups: a
-            .wakeups
+            .agent_counters
             .as_ref()
-            .zip(b.wakeups.as_ref())
+            .zip(b.agent_counters.as_ref())
             .map(|(x, y)| y.wakeups.saturating_sub(x.wakeups + 1)),
         agent_pages: a
-            .wakeups
+            .agent_counters
             .as_ref()
-            .zip(b.wakeups.as_ref())
+            .zip(b.agent_counters.as_ref())
             .map(|(x, y)| both_ends(&x.pages, &y.pages)),
         ksmd_scanned: a
             .ksmd_scanned
@@ -345,7 +345,7 @@ pub fn window(after: f64, secs: f64, mut p: Probes) -> Result<Steady, String> {
     // The end's status call after the counters: the window's CPU and context switches hold no
     // status call of the bench (its wake-ups one, which `between` leaves out).
     let mut b = Reading::counters(&p);
-    b.wakeups = p.wakeups();
+    b.agent_counters = p.agent_counters();
     Ok(Steady {
         after,
         spent: between(&a, &b),
@@ -495,7 +495,7 @@ mod tests {
             agent_ctxsw: Some(500),
             programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
             control_ns: None,
-            wakeups: Some(counters(40, &[(1, 10), (5, 100)])),
+            agent_counters: Some(counters(40, &[(1, 10), (5, 100)])),
             ksmd_scanned: Some(1_000),
         };
         let b = Reading {
@@ -508,7 +508,7 @@ mod tests {
             programs_ns: [(1, 100_000_100), (2, 1_000_000_000), (4, 9_000_000_000)].into(),
             control_ns: None,
             // Process 5 gone, 6 new: only 1's pages count.
-            wakeups: Some(counters(61, &[(1, 25), (6, 7)])),
+            agent_counters: Some(counters(61, &[(1, 25), (6, 7)])),
             ksmd_scanned: Some(6_000),
         };
         let i = between(&a, &b);
@@ -539,7 +539,7 @@ mod tests {
             &Reading {
                 agent_ns: None,
                 agent_ctxsw: None,
-                wakeups: None,
+                agent_counters: None,
                 ..a.clone()
             },
             &b,

@@ -51,14 +51,14 @@ fn read(
     notes: &mut Vec<String>,
 ) -> Reading {
     let ksmd_ns = || ctx.ksmd_pid.and_then(sys::task_runtime_ns).unwrap_or(0);
-    let mut wakeups = || AgentCounters::from_status(&agent_status(ctx, user, &agent?.1, notes)?);
+    let mut counters = || AgentCounters::from_status(&agent_status(ctx, user, &agent?.1, notes)?);
     Reading::take(&mut Probes {
         ksmd_ns: &ksmd_ns,
         agent: agent.map(|(p, _)| *p),
         programs: pids,
         program_ns: sys::process_cpu_ns,
         control: &[],
-        wakeups: Some(&mut wakeups),
+        agent_counters: Some(&mut counters),
     })
 }
 
@@ -260,7 +260,7 @@ mod tests {
             agent_ctxsw: Some(1_000),
             programs_ns: [(1, 100), (2, 2_000_000_000), (3, 7)].into(),
             control_ns: None,
-            wakeups: Some(AgentCounters {
+            agent_counters: Some(AgentCounters {
                 wakeups: 40,
                 ..Default::default()
             }),
@@ -274,7 +274,7 @@ mod tests {
             // 3 exited, 4 appeared (its start-up is not this interval's).
             programs_ns: [(1, 100_000_100), (2, 2_400_000_000), (4, 9_000_000_000)].into(),
             control_ns: None,
-            wakeups: Some(AgentCounters {
+            agent_counters: Some(AgentCounters {
                 wakeups: 61,
                 ..Default::default()
             }),
@@ -294,7 +294,7 @@ mod tests {
         let no_agent = Reading {
             agent_ns: None,
             agent_ctxsw: None,
-            wakeups: None,
+            agent_counters: None,
             ..a.clone()
         };
         let none = cpu_sample(t0, &no_agent, &b);

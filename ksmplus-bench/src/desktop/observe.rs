@@ -91,18 +91,14 @@ pub fn observe(
             ..Default::default()
         });
         if let Some((chome, crun)) = control {
-            let mut run = spawn(
-                d,
-                p,
-                &Launch::plain(),
-                chome,
-                crun,
-                &log_of(p, "-control"),
-                None,
-            )?;
-            let res = wait_ready(d, p, &mut run, Duration::from_secs(120));
-            control_roots.push(run.child.id());
-            running.push(run);
+            let log = log_of(p, "-control");
+            // A control that cannot start costs the cell its paired reference, not its run.
+            let res = spawn(d, p, &Launch::plain(), chome, crun, &log, None).and_then(|mut run| {
+                let res = wait_ready(d, p, &mut run, Duration::from_secs(120));
+                control_roots.push(run.child.id());
+                running.push(run);
+                res
+            });
             if let Err(e) = res {
                 r.notes.push(format!(
                     "control group dropped ({e}): the none cell is the reference"
@@ -395,7 +391,7 @@ fn steady_window(
 ) -> Result<Steady, String> {
     let agent = launch.agent.as_ref().map(|a| a.pid());
     let sock = launch.agent.as_ref().map(|a| a.dir.join("agent.sock"));
-    let mut wakeups =
+    let mut counters =
         || cost::AgentCounters::from_status(&agent_status(ctx, user, sock.as_ref()?, notes)?);
     cost::window(
         ctx.steady_after,
@@ -407,7 +403,7 @@ fn steady_window(
             // Their threads come and go: utime + stime counts the exited ones too.
             program_ns: sys::process_cpu_ns,
             control,
-            wakeups: Some(&mut wakeups),
+            agent_counters: Some(&mut counters),
         },
     )
 }
