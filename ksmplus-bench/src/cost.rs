@@ -226,8 +226,8 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// The agent's wake-up counter (a status call of the bench, whose CPU is then the
-    /// interval's that ends here), then the counters.
+    /// The agent's counters (a status call of the bench, whose CPU is then the interval's that
+    /// ends here), then the CPU counters.
     pub fn take(p: &mut Probes) -> Reading {
         let agent_counters = p.agent_counters();
         Reading {
@@ -303,10 +303,12 @@ pub fn between(a: &Reading, b: &Reading) -> Interval {
         ksmd_secs: secs(a.ksmd_ns, b.ksmd_ns),
         agent_secs: a.agent_ns.zip(b.agent_ns).map(|(x, y)| secs(x, y)),
         programs_secs: ns_secs(&a.programs_ns, &b.programs_ns),
+        // A control none of whose processes was read at both ends (it died) is no reference.
         control_secs: a
             .control_ns
             .as_ref()
             .zip(b.control_ns.as_ref())
+            .filter(|(x, y)| x.keys().any(|pid| y.contains_key(pid)))
             .map(|(x, y)| ns_secs(x, y)),
         agent_wakeups: a
             .agent_counters
@@ -527,6 +529,12 @@ mod tests {
             &with_control([(7, 300_001_000), (9, 4_000_000_000)], &b),
         );
         assert!(close(c.control_secs.unwrap(), 0.3) && close(c.programs_secs, 0.1));
+        // A control whose processes all went away between the readings is no reference.
+        let gone = between(
+            &with_control([(7, 1_000), (8, 5)], &a),
+            &with_control([(9, 4_000_000_000), (10, 1)], &b),
+        );
+        assert_eq!(gone.control_secs, None);
         // 21, one of them the bench's status call.
         assert_eq!(i.agent_wakeups, Some(20));
         assert_eq!((i.agent_pages, i.ksmd_scanned), (Some(15), Some(5_000)));
