@@ -56,9 +56,14 @@ def measure(n, fill, pts, sleep_ms, settle=15, window=30):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(r)
-        child(n, fill, w)
-        os._exit(0)
+        # The child never returns into main(): its errors must not run the parent's cleanup.
+        try:
+            os.close(r)
+            child(n, fill, w)
+        except BaseException as e:
+            print(f"ksmd_price.py: marked process: {e}", file=sys.stderr)
+        finally:
+            os._exit(1)
     os.close(w)
     if os.read(r, 1) != b"r":
         sys.exit("the marked process failed")

@@ -68,15 +68,16 @@ impl Steady {
         let ksmd = self.pct(s.ksmd_secs);
         let agent = s.agent_secs.map(|a| self.pct(a));
         let reference = match s.control_secs {
-            Some(c) => Some(self.pct(c)),
-            None => none.map(|n| n.pct(n.spent.programs_secs)),
+            Some(c) => Some((Reference::Control, self.pct(c))),
+            None => none.map(|n| (Reference::NoneCell, n.pct(n.spent.programs_secs))),
         };
-        let extra = reference.map(|r| extra(progs, r));
+        let extra = reference.map(|(_, r)| extra(progs, r));
         SteadyRow {
             ksmd,
             agent,
             progs,
             extra,
+            reference: reference.map(|(which, _)| which),
             whole: extra.map(|e| whole(ksmd, agent, e)),
         }
     }
@@ -85,6 +86,25 @@ impl Steady {
 /// `cpu_secs` of CPU over `secs` as percent of one core (0 s counts as 1 ns).
 pub fn pct(cpu_secs: f64, secs: f64) -> f64 {
     100.0 * cpu_secs / secs.max(1e-9)
+}
+
+/// What the programs' CPU is compared with for their `extra`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reference {
+    /// Their control group, in the same window.
+    Control,
+    /// The same workload's `none` cell's window.
+    NoneCell,
+}
+
+impl Reference {
+    /// As the steady tables print it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reference::Control => "ctl",
+            Reference::NoneCell => "none",
+        }
+    }
 }
 
 /// One row of a steady-cost table, % of one core.
@@ -96,6 +116,8 @@ pub struct SteadyRow {
     /// The programs' CPU beyond the reference's: the control group's, else the `none` cell's
     /// (`None` when there is neither).
     pub extra: Option<f64>,
+    /// Which reference `extra` was taken against.
+    pub reference: Option<Reference>,
     /// ksmd + agent + extra.
     pub whole: Option<f64>,
 }

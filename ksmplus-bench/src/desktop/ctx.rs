@@ -65,7 +65,8 @@ impl Ctx<'_> {
     /// only for scenarios of root — a browser's second instance would share the user's profile
     /// and processes, so D5/D6 keep the `none` cell as their reference.
     pub fn wants_control(&self, sc: &Scenario) -> bool {
-        self.control && self.steady_secs > 0.0 && self.long_run.is_none() && !sc.user
+        // A long run has no steady window (its options conflict).
+        self.control && self.steady_secs > 0.0 && !sc.user
     }
 }
 

@@ -277,11 +277,7 @@ pub fn steady(cells: &[DeskCell]) -> String {
             opt(row.agent, 2),
             row.progs,
             opt(row.extra, 2),
-            match (st.spent.control_secs, row.extra) {
-                (Some(_), _) => "ctl",
-                (None, Some(_)) => "none",
-                (None, None) => "-",
-            },
+            row.reference.map_or("-", |r| r.label()),
             opt(row.whole, 2),
             opt(st.wakeups_per_sec(), 1),
             opt(st.ksmd_pages_per_sec(), 0),
